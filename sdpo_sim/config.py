@@ -1,0 +1,178 @@
+"""``MethodConfig``: one validated description of a method, shared by the toy world and LLM recipes.
+
+Names follow TRL where TRL has one (``num_generations``, ``temperature``, ``loss_type``,
+``epsilon``, ``scale_rewards``). The learning rate is *not* part of it: it does not transfer
+between worlds and is tuned per world.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import yaml
+
+from .losses import CONTROLLERS, LOSS_TYPES, SCALES, SUPPORTS
+
+METHODS = ("reinforce", "grpo", "sdpo", "hybrid")
+TEACHER_KINDS = ("live", "ema", "frozen", "trust_region")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"MethodConfig.{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+
+
+def _number(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        lo_s = f"({lo}" if lo_open else f"[{lo}"
+        raise ValueError(f"MethodConfig.{name}={value!r} must be a number in {lo_s}, {hi}]")
+
+
+@dataclass
+class MethodConfig:
+    """A method's settings (DESIGN.md §5). Construct with :meth:`from_dict` from plain mappings."""
+
+    method: str = "sdpo"
+    # -- distillation (sdpo, hybrid) --
+    alpha: float = 1.0  # divergence index: 0 forward KL, 1 reverse KL, between generalised JSD
+    support: str = "full"  # full | topk | sampled
+    topk: Optional[int] = None  # K for support="topk" (official SDPO: 100)
+    add_tail: bool = True  # keep top-k's leftover mass as one bucket
+    is_clip: float = 2.0  # truncation of the importance ratio when rollouts are reused
+    teacher: str = "ema"  # live | ema | frozen | trust_region
+    teacher_rate: float = 0.05  # EMA rate (ema) or mixing rate toward the student (trust_region)
+    # -- hybrid --
+    controller: str = "constant"  # constant | divergence | entropy
+    alpha_mix: float = 0.5  # constant value, or starting value of the entropy controller
+    divergence_tau: float = 0.1  # threshold τ of sigmoid((D̄ − τ)/(τ/3))
+    entropy_target: Optional[float] = None  # H* (nats per token) for controller="entropy"
+    entropy_gain: float = 0.5  # step of the entropy controller per nat of error
+    # -- policy gradient (reinforce, grpo, hybrid) --
+    num_generations: int = 8  # group size: completions per prompt
+    scale_rewards: str = "group"  # group | batch | none
+    loss_type: str = "token_mean"  # token_mean | sequence_mean | dr_grpo
+    epsilon: float = 0.2  # PPO-style ratio clip when rollouts are reused
+    temperature: float = 1.0  # sampling temperature
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "MethodConfig":
+        """Check every field; raise ``ValueError`` naming the first bad one and what is allowed."""
+        _choice("method", self.method, METHODS)
+        _number("alpha", self.alpha, 0.0, 1.0)
+        _choice("support", self.support, SUPPORTS)
+        if self.support == "topk":
+            if not isinstance(self.topk, int) or isinstance(self.topk, bool) or self.topk < 1:
+                raise ValueError(f"MethodConfig.topk={self.topk!r} must be a positive integer when support='topk'")
+        elif self.topk is not None and (not isinstance(self.topk, int) or self.topk < 1):
+            raise ValueError(f"MethodConfig.topk={self.topk!r} must be a positive integer or null")
+        if self.support == "sampled" and self.alpha != 1.0:
+            raise ValueError(f"MethodConfig.support='sampled' needs alpha=1.0 (reverse KL), got alpha={self.alpha!r}")
+        if not isinstance(self.add_tail, bool):
+            raise ValueError(f"MethodConfig.add_tail={self.add_tail!r} must be true or false")
+        _number("is_clip", self.is_clip, 0.0, lo_open=True)
+        _choice("teacher", self.teacher, TEACHER_KINDS)
+        _number("teacher_rate", self.teacher_rate, 0.0, 1.0)
+        _choice("controller", self.controller, CONTROLLERS)
+        _number("alpha_mix", self.alpha_mix, 0.0, 1.0)
+        _number("divergence_tau", self.divergence_tau, 0.0, lo_open=True)
+        if self.entropy_target is not None:
+            _number("entropy_target", self.entropy_target, 0.0)
+        if self.method == "hybrid" and self.controller == "entropy" and self.entropy_target is None:
+            raise ValueError("MethodConfig.entropy_target must be set (nats per token) when controller='entropy'")
+        _number("entropy_gain", self.entropy_gain, 0.0)
+        if not isinstance(self.num_generations, int) or isinstance(self.num_generations, bool) or self.num_generations < 1:
+            raise ValueError(f"MethodConfig.num_generations={self.num_generations!r} must be a positive integer")
+        if self.method in ("grpo", "sdpo", "hybrid") and self.num_generations < 2:
+            raise ValueError(f"MethodConfig.num_generations must be ≥ 2 for method={self.method!r} (groups need siblings)")
+        _choice("scale_rewards", self.scale_rewards, SCALES)
+        _choice("loss_type", self.loss_type, LOSS_TYPES)
+        _number("epsilon", self.epsilon, 0.0)
+        _number("temperature", self.temperature, 0.0, lo_open=True)
+        return self
+
+    # ----- construction and serialisation -----
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MethodConfig":
+        """Build from a plain mapping; unknown keys are refused by name."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a method config must be a mapping of field names to values, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown MethodConfig field(s) {', '.join(map(repr, unknown))}; known fields: {', '.join(cls.field_names())}")
+        values = dict(data)
+        for name in ("alpha", "is_clip", "teacher_rate", "alpha_mix", "divergence_tau", "entropy_gain", "epsilon", "temperature"):
+            if isinstance(values.get(name), int) and not isinstance(values.get(name), bool):
+                values[name] = float(values[name])  # YAML's `1` is a float field's 1.0
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "MethodConfig":
+        """A validated copy with some fields changed."""
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "MethodConfig":
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+    @classmethod
+    def from_json(cls, text: str) -> "MethodConfig":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "MethodConfig":
+        """Read a ``.yaml``/``.yml``/``.json`` file; a file with a top-level ``method:`` mapping (a recipe) works too."""
+        path = Path(path)
+        if path.suffix not in (".yaml", ".yml", ".json"):
+            raise ValueError(f"{path}: config files must end in .yaml, .yml or .json")
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if isinstance(data, Mapping) and isinstance(data.get("method"), Mapping):
+            data = data["method"]
+        try:
+            return cls.from_dict(data or {})
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write atomically as YAML or JSON (by suffix)."""
+        path = Path(path)
+        text = self.to_json() if path.suffix == ".json" else self.to_yaml()
+        atomic_write_text(path, text)
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,130 @@
+"""SDPO loss from hidden states and the LM-head weight, chunk by chunk (``[N, V]`` never exists).
+
+Forward computes, for each chunk of ``chunk_size`` tokens, the student and teacher logits, the
+per-token loss of :func:`sdpo_token_loss`, and the gradient of the chunk's loss with respect to its
+logits; that gradient is pushed at once into ``dL/dh = g·W`` and ``dL/dW += gᵀ·h`` and the chunk's
+logits are freed. Backward only scales the stored gradients by the incoming gradient. Peak extra
+memory is a few ``[chunk_size, V]`` buffers plus one ``[V, H]`` gradient, independent of ``N``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .distill import sdpo_token_loss
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk so one ``[chunk, V]`` fp32 buffer is about 16 MiB (at least 8 rows)."""
+    return max(8, (1 << 22) // max(1, vocab_size))
+
+
+class _FusedLinearSDPO(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, weight, teacher_hidden, teacher_weight, mask, tokens, token_weights, opts):
+        alpha, support, topk, add_tail, chunk_size = opts
+        n_sel = mask.sum().clamp(min=1).to(torch.float32)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(student_hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+        w = weight.detach()
+        tw = w if teacher_weight is None else teacher_weight.detach()
+        for start in range(0, student_hidden.shape[0], chunk_size):
+            sl = slice(start, start + chunk_size)
+            m = mask[sl]
+            if not bool(m.any()):
+                continue
+            h = student_hidden[sl].detach()
+            with torch.enable_grad():
+                logits = (h @ w.T).float().requires_grad_(True)
+                with torch.no_grad():
+                    t_logits = (teacher_hidden[sl].detach() @ tw.T).float()
+                per_tok = sdpo_token_loss(
+                    logits, t_logits, alpha=alpha, support=support, topk=topk, add_tail=add_tail,
+                    tokens=None if tokens is None else tokens[sl],
+                )
+                scale = m.to(per_tok.dtype) if token_weights is None else m.to(per_tok.dtype) * token_weights[sl].float()
+                chunk_loss = (per_tok * scale).sum() / n_sel
+                (g,) = torch.autograd.grad(chunk_loss, logits)
+            total += chunk_loss.detach()
+            g = g.to(h.dtype)
+            if need_h:
+                grad_h[sl] = g @ w
+            if need_w:
+                grad_w += (g.T @ h).float()
+            del logits, t_logits, per_tok, g
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * grad_out
+        gw = None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype)
+        return gh, gw, None, None, None, None, None, None
+
+
+def fused_linear_sdpo_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    teacher_weight: Optional[torch.Tensor] = None,
+    alpha: float = 1.0,
+    support: str = "full",
+    topk: Optional[int] = None,
+    add_tail: bool = True,
+    chunk_size: Optional[int] = None,
+    tokens: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Mean SDPO token loss over the tokens selected by ``mask``, from hidden states.
+
+    Equals ``(sdpo_token_loss(h_s @ Wᵀ, h_t @ W_tᵀ, ...) * mask * token_weights).sum() / mask.sum()``
+    with exact gradients for ``student_hidden`` and ``weight``; the teacher gets none.
+
+    Args:
+        student_hidden: ``[N, H]`` student final hidden states.
+        teacher_hidden: ``[N, H]`` teacher final hidden states (same tokens, teacher context).
+        weight: ``[V, H]`` LM-head weight of the student.
+        mask: ``[N]`` bool/0-1, tokens that count.
+        teacher_weight: ``[V, H]`` teacher LM head (default: ``weight``, detached).
+        alpha, support, topk, add_tail: as :func:`sdpo_token_loss`.
+        chunk_size: tokens per chunk (default: :func:`default_chunk_size`).
+        tokens: ``[N]`` sampled token ids (``support="sampled"``).
+        token_weights: ``[N]`` detached per-token weights, e.g. truncated importance ratios.
+    Returns:
+        scalar loss.
+    """
+    if student_hidden.dim() != 2 or teacher_hidden.shape != student_hidden.shape:
+        raise ValueError(
+            f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden {tuple(teacher_hidden.shape)} must both be [N, H]"
+        )
+    n, hdim = student_hidden.shape
+    if weight.dim() != 2 or weight.shape[1] != hdim:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}; it must be [V, H={hdim}]")
+    if teacher_weight is not None and teacher_weight.shape != weight.shape:
+        raise ValueError(f"teacher_weight has shape {tuple(teacher_weight.shape)}; it must equal weight's {tuple(weight.shape)}")
+    if mask.shape != (n,):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; it must be [N={n}]")
+    for name, t in (("tokens", tokens), ("token_weights", token_weights)):
+        if t is not None and t.shape != (n,):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; it must be [N={n}]")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight.shape[0])
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
+    # Validate option combinations once, on a tiny slice, so errors name the argument before any work.
+    sdpo_token_loss(
+        torch.zeros(1, weight.shape[0]), torch.zeros(1, weight.shape[0]), alpha=alpha, support=support,
+        topk=topk, add_tail=add_tail, tokens=None if tokens is None else tokens[:1].cpu(),
+    )
+    return _FusedLinearSDPO.apply(
+        student_hidden, weight, teacher_hidden, teacher_weight, mask.bool(), tokens, token_weights,
+        (alpha, support, topk, add_tail, chunk_size),
+    )
