@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import yaml
+
+from .io import atomic_write_text
 
 from .losses import CONTROLLERS, LOSS_TYPES, SCALES, SUPPORTS
 
@@ -48,7 +48,7 @@ class MethodConfig:
     topk: Optional[int] = None  # K for support="topk" (official SDPO: 100)
     add_tail: bool = True  # keep top-k's leftover mass as one bucket
     is_clip: float = 2.0  # truncation of the importance ratio when rollouts are reused
-    teacher: str = "ema"  # live | ema | frozen | trust_region
+    teacher_kind: str = "ema"  # live | ema | frozen | trust_region (how the teacher follows the student)
     teacher_rate: float = 0.05  # EMA rate (ema) or mixing rate toward the student (trust_region)
     # -- hybrid --
     controller: str = "constant"  # constant | divergence | entropy
@@ -81,7 +81,7 @@ class MethodConfig:
         if not isinstance(self.add_tail, bool):
             raise ValueError(f"MethodConfig.add_tail={self.add_tail!r} must be true or false")
         _number("is_clip", self.is_clip, 0.0, lo_open=True)
-        _choice("teacher", self.teacher, TEACHER_KINDS)
+        _choice("teacher_kind", self.teacher_kind, TEACHER_KINDS)
         _number("teacher_rate", self.teacher_rate, 0.0, 1.0)
         _choice("controller", self.controller, CONTROLLERS)
         _number("alpha_mix", self.alpha_mix, 0.0, 1.0)
@@ -161,18 +161,3 @@ class MethodConfig:
         path = Path(path)
         text = self.to_json() if path.suffix == ".json" else self.to_yaml()
         atomic_write_text(path, text)
-
-
-def atomic_write_text(path: Union[str, Path], text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
