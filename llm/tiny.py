@@ -1,0 +1,143 @@
+"""A tiny Qwen3-style causal LM and a character-level tokenizer, built locally (no hub access).
+
+``build_tiny(out_dir)`` writes a directory that ``AutoModelForCausalLM.from_pretrained(out_dir)`` and
+``AutoTokenizer.from_pretrained(out_dir)`` load offline. ``sdpo-llm make-tiny`` (:func:`main`) also
+pretrains it briefly (``llm.tiny_pretrain``) so that it can use feedback in its context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import string
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+# Every printable ASCII character except the vertical tab/form feed; one token per character.
+CHARACTERS = tuple(dict.fromkeys(c for c in string.printable if c not in "\x0b\x0c\r"))
+
+
+def build_char_tokenizer():
+    """A ``PreTrainedTokenizerFast`` with one token per character and pad/bos/eos/unk specials.
+
+    Decoding concatenates characters (no spaces are inserted between tokens).
+    """
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
+    # A BPE model without merges and without a pre-tokenizer splits any text into its characters.
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK, fuse_unk=False))
+    core.add_special_tokens(list(SPECIAL_TOKENS))
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+        clean_up_tokenization_spaces=False,
+        model_max_length=1024,
+    )
+
+
+def build_tiny_model(
+    tokenizer,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: Optional[int] = None,
+    max_positions: int = 512,
+    seed: int = 0,
+):
+    """A randomly initialised ``Qwen3ForCausalLM`` sized for ``tokenizer`` (tied embeddings)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    for name, value in (("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads),
+                        ("num_kv_heads", num_kv_heads), ("max_positions", max_positions)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError(
+            f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}, "
+            f"and num_heads by num_kv_heads={num_kv_heads}"
+        )
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 3 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def save_pretrained_dir(model, tokenizer, out_dir: Union[str, Path]) -> Path:
+    """Save model (safetensors) and tokenizer into ``out_dir``; return it."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_tiny(
+    out_dir: Union[str, Path],
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: Optional[int] = None,
+    max_positions: int = 512,
+    seed: int = 0,
+) -> Path:
+    """Build a tiny random Qwen3 causal LM + character tokenizer and save both into ``out_dir``."""
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(
+        tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, max_positions=max_positions, seed=seed,
+    )
+    return save_pretrained_dir(model, tokenizer, out_dir)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``sdpo-llm make-tiny --out DIR [--pretrain-steps N]``: build (and briefly pretrain) a tiny model."""
+    parser = argparse.ArgumentParser(prog="sdpo-llm make-tiny", description=main.__doc__)
+    parser.add_argument("--out", default="outputs/tiny-model", help="output directory")
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="supervised steps teaching the model to use feedback in context "
+                             "(default: llm.tiny_pretrain's default; 0 = random weights)")
+    parser.add_argument("--task", default="word-constraints", help="built-in task the pretraining data comes from")
+    args = parser.parse_args(argv)
+    if args.pretrain_steps is not None and args.pretrain_steps < 0:
+        parser.error(f"--pretrain-steps={args.pretrain_steps} must be >= 0")
+    out = build_tiny(args.out, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed)
+    if args.pretrain_steps != 0:
+        from .tiny_pretrain import DEFAULT_STEPS, pretrain_dir
+
+        steps = DEFAULT_STEPS if args.pretrain_steps is None else args.pretrain_steps
+        pretrain_dir(out, task=args.task, steps=steps, seed=args.seed)
+    print(f"tiny model written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
