@@ -115,6 +115,19 @@ def build_tiny(
     return save_pretrained_dir(model, tokenizer, out_dir)
 
 
+def build_tiny_reward_model(
+    out_dir: Union[str, Path], *, hidden_size: int = 32, num_layers: int = 1, num_labels: int = 1, seed: int = 0
+) -> Path:
+    """A tiny random ``Qwen3ForSequenceClassification`` (a stand-in reward model) + tokenizer in ``out_dir``."""
+    from transformers import Qwen3ForSequenceClassification
+
+    tokenizer = build_char_tokenizer()
+    config = build_tiny_model(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed).config
+    config.num_labels = num_labels
+    torch.manual_seed(seed)
+    return save_pretrained_dir(Qwen3ForSequenceClassification(config), tokenizer, out_dir)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``sdpo-llm make-tiny --out DIR [--pretrain-steps N]``: build (and briefly pretrain) a tiny model."""
     parser = argparse.ArgumentParser(prog="sdpo-llm make-tiny", description=main.__doc__)
