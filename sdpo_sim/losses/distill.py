@@ -16,10 +16,16 @@ from ._checks import check_choice, check_same_shape, check_unit_interval
 SUPPORTS = ("full", "topk", "sampled")
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Compute dtype for losses: bf16/fp16 are upcast to fp32; fp32 and fp64 are kept (never downcast)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(p‖q) = Σ_v p_v (log p_v − log q_v) over the last axis; 0·log 0 taken as 0."""
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    # The where sits inside the product so that masked (−inf) tokens give zero gradient, not NaN.
+    return (p * torch.where(p > 0, logp - logq, torch.zeros_like(p))).sum(-1)
 
 
 def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -40,8 +46,10 @@ def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: fl
         return _kl(teacher_logp, student_logp)
     if alpha == 1.0:
         return _kl(student_logp, teacher_logp)
+    # log m = log((1−α)·p_s + α·p_t); −inf (masked) entries are clamped so that m's gradient stays finite.
+    lo = torch.finfo(student_logp.dtype).min
     log_m = torch.logsumexp(
-        torch.stack([student_logp + math.log(1.0 - alpha), teacher_logp + math.log(alpha)]), dim=0
+        torch.stack([student_logp.clamp(min=lo) + math.log(1.0 - alpha), teacher_logp.clamp(min=lo) + math.log(alpha)]), dim=0
     )
     return (1.0 - alpha) * _kl(student_logp, log_m) + alpha * _kl(teacher_logp, log_m)
 
@@ -97,8 +105,8 @@ def sdpo_token_loss(
     check_choice("support", support, SUPPORTS)
     check_unit_interval("alpha", alpha)
     check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
-    s_logp = F.log_softmax(student_logits.float(), dim=-1)
-    t_logp = F.log_softmax(teacher_logits.detach().float(), dim=-1)
+    s_logp = F.log_softmax(upcast(student_logits), dim=-1)
+    t_logp = F.log_softmax(upcast(teacher_logits.detach()), dim=-1)
     vocab = s_logp.shape[-1]
     if support == "full":
         return divergence(s_logp, t_logp, alpha)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .distill import sdpo_token_loss
+from .distill import sdpo_token_loss, upcast
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -25,11 +25,12 @@ class _FusedLinearSDPO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, weight, teacher_hidden, teacher_weight, mask, tokens, token_weights, opts):
         alpha, support, topk, add_tail, chunk_size = opts
-        n_sel = mask.sum().clamp(min=1).to(torch.float32)
+        acc_dtype = torch.promote_types(student_hidden.dtype, torch.float32)  # fp64 stays fp64, bf16 → fp32
+        n_sel = mask.sum().clamp(min=1).to(acc_dtype)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(student_hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        total = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
+        grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=acc_dtype, device=student_hidden.device)
         w = weight.detach()
         tw = w if teacher_weight is None else teacher_weight.detach()
         for start in range(0, student_hidden.shape[0], chunk_size):
@@ -39,14 +40,14 @@ class _FusedLinearSDPO(torch.autograd.Function):
                 continue
             h = student_hidden[sl].detach()
             with torch.enable_grad():
-                logits = (h @ w.T).float().requires_grad_(True)
+                logits = upcast(h @ w.T).requires_grad_(True)
                 with torch.no_grad():
-                    t_logits = (teacher_hidden[sl].detach() @ tw.T).float()
+                    t_logits = upcast(teacher_hidden[sl].detach() @ tw.T)
                 per_tok = sdpo_token_loss(
                     logits, t_logits, alpha=alpha, support=support, topk=topk, add_tail=add_tail,
                     tokens=None if tokens is None else tokens[sl],
                 )
-                scale = m.to(per_tok.dtype) if token_weights is None else m.to(per_tok.dtype) * token_weights[sl].float()
+                scale = m.to(per_tok.dtype) if token_weights is None else m.to(per_tok.dtype) * token_weights[sl].to(per_tok.dtype)
                 chunk_loss = (per_tok * scale).sum() / n_sel
                 (g,) = torch.autograd.grad(chunk_loss, logits)
             total += chunk_loss.detach()
@@ -54,7 +55,7 @@ class _FusedLinearSDPO(torch.autograd.Function):
             if need_h:
                 grad_h[sl] = g @ w
             if need_w:
-                grad_w += (g.T @ h).float()
+                grad_w += (g.T @ h).to(acc_dtype)
             del logits, t_logits, per_tok, g
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
