@@ -1,0 +1,156 @@
+"""Exact quantities of any autoregressive policy over an enumerable sequence space (DESIGN.md §3).
+
+A policy is given by ``seq_logprobs [..., V**T]``, the log-probability of every sequence in
+``itertools.product`` order (leading axes, e.g. ``[runs]``, are carried through). Everything is
+computed by enumeration, never by sampling. Prefix tables are built level by level: the prefix
+``y_≤k`` of length ``k`` has flat index ``idx(y) // V^(T−k)``, and its mass is a logsumexp over the
+next token's axis, so each level costs one pass over ``V**k`` entries.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .world import sequence_index
+
+
+def _sizes(num_sequences: int, seq_len: int) -> int:
+    """Vocabulary size ``V`` from ``V**T`` and ``T``; refuse inconsistent tables."""
+    vocab = round(num_sequences ** (1.0 / seq_len))
+    if vocab**seq_len != num_sequences:
+        raise ValueError(f"a table of {num_sequences} sequences is not V**T for seq_len={seq_len}")
+    return vocab
+
+
+def prefix_logprobs(seq_logprobs: torch.Tensor, vocab_size: int, seq_len: int) -> list[torch.Tensor]:
+    """``log P(y_≤k)`` for k = 0..T: a list of ``[..., V**k]`` tables (k=0 is ``[..., 1]`` of zeros up to rounding)."""
+    levels = [seq_logprobs]
+    for _ in range(seq_len):
+        last = levels[-1]
+        levels.append(last.view(*last.shape[:-1], -1, vocab_size).logsumexp(-1))
+    return levels[::-1]
+
+
+def _conditionals(levels: list[torch.Tensor], vocab_size: int) -> list[torch.Tensor]:
+    """``π(v | y_<t)`` for t = 0..T−1 as ``[..., V**t, V]`` tables (uniform on zero-mass prefixes)."""
+    out = []
+    for k in range(len(levels) - 1):
+        child = levels[k + 1].view(*levels[k].shape, vocab_size)
+        out.append(torch.softmax(child, dim=-1).nan_to_num(1.0 / vocab_size))
+    return out
+
+
+def prefix_values(rewards: torch.Tensor, seq_logprobs: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
+    """``Q(y_≤k) = E_π[R | y_≤k]`` for k = 0..T as ``[..., V**k]`` tables; ``Q_0 = J``, ``Q_T = R``.
+
+    ``Q(y_≤k) = Σ_{y ⊒ y_≤k} π(y)R(y) / Σ_{y ⊒ y_≤k} π(y)``, summed one level at a time; a prefix of
+    zero mass (unreachable) gets the plain mean of its children.
+    """
+    vocab = _sizes(seq_logprobs.shape[-1], seq_len)
+    if rewards.shape[-1] != seq_logprobs.shape[-1]:
+        raise ValueError(f"rewards has {rewards.shape[-1]} entries but seq_logprobs has {seq_logprobs.shape[-1]}")
+    mass = seq_logprobs.exp()
+    weighted = mass * rewards.to(seq_logprobs.dtype)
+    values = [rewards.to(seq_logprobs.dtype).expand_as(seq_logprobs)]
+    for _ in range(seq_len):
+        shape = (*mass.shape[:-1], -1, vocab)
+        mass, weighted = mass.view(shape).sum(-1), weighted.view(shape).sum(-1)
+        fallback = values[-1].reshape(shape).mean(-1)
+        values.append(torch.where(mass > 0, weighted / mass.clamp(min=torch.finfo(mass.dtype).tiny), fallback))
+    return values[::-1]
+
+
+def action_values(rewards: torch.Tensor, seq_logprobs: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+    """Exact advantage of every alternative at every prefix of the given sequences.
+
+    ``A*_t(v; y) = Q(y_<t, v) − V(y_<t)`` with ``V(y_<t) = Q(y_<t)``.
+
+    Args:
+        rewards: ``[V**T]`` reward table.
+        seq_logprobs: ``[..., V**T]`` log-probability of every sequence.
+        sequences: ``[..., N, T]`` LongTensor.
+    Returns:
+        ``[..., N, T, V]``.
+    """
+    seq_len = sequences.shape[-1]
+    vocab = _sizes(seq_logprobs.shape[-1], seq_len)
+    values = prefix_values(rewards, seq_logprobs, seq_len)
+    index = sequence_index(sequences, vocab)  # [..., N]
+    out = []
+    for t in range(seq_len):
+        prefix = index // vocab ** (seq_len - t)  # flat index of y_<t, [..., N]
+        q_next = values[t + 1].view(*values[t].shape, vocab)  # [..., V**t, V]
+        q_here = q_next.gather(-2, prefix.unsqueeze(-1).expand(*prefix.shape, vocab))  # [..., N, V]
+        v_here = values[t].gather(-1, prefix)  # [..., N]
+        out.append(q_here - v_here.unsqueeze(-1))
+    return torch.stack(out, dim=-2)
+
+
+def advantages(rewards: torch.Tensor, seq_logprobs: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
+    """Exact per-token advantage ``A*_t(y) = Q(y_≤t) − V(y_<t)`` of sequences ``[..., N, T]`` → ``[..., N, T]``.
+
+    Telescopes: ``Σ_t A*_t(y) = R(y) − J``; ``E_π[A*_t] = 0``. Works for any autoregressive policy.
+    """
+    return action_values(rewards, seq_logprobs, sequences).gather(-1, sequences.unsqueeze(-1)).squeeze(-1)
+
+
+def expected_reward(rewards: torch.Tensor, seq_logprobs: torch.Tensor) -> torch.Tensor:
+    """``J = Σ_y π(y)·R(y)``, ``[...]``."""
+    return (seq_logprobs.exp() * rewards.to(seq_logprobs.dtype)).sum(-1)
+
+
+def sequence_entropy(seq_logprobs: torch.Tensor) -> torch.Tensor:
+    """``H(Y) = −Σ_y π(y) log π(y)`` in nats, ``[...]``."""
+    p = seq_logprobs.exp()
+    return -(torch.where(p > 0, p * seq_logprobs, torch.zeros_like(p))).sum(-1)
+
+
+def position_entropies(seq_logprobs: torch.Tensor, vocab_size: int, seq_len: int) -> torch.Tensor:
+    """``E_{y_<t}[H(π(· | y_<t))]`` for each position t, ``[..., T]`` (nats)."""
+    levels = prefix_logprobs(seq_logprobs, vocab_size, seq_len)
+    cond = _conditionals(levels, vocab_size)
+    out = []
+    for t in range(seq_len):
+        h = -(torch.where(cond[t] > 0, cond[t] * cond[t].log(), torch.zeros_like(cond[t]))).sum(-1)
+        out.append((levels[t].exp() * h).sum(-1))
+    return torch.stack(out, dim=-1)
+
+
+def token_entropy(seq_logprobs: torch.Tensor, vocab_size: int, seq_len: int) -> torch.Tensor:
+    """Mean per-position conditional entropy ``(1/T)·Σ_t E[H(π(·|y_<t))]`` in nats (max ln V), ``[...]``.
+
+    By the chain rule this equals ``H(Y)/T``; it is computed from the conditionals all the same.
+    """
+    return position_entropies(seq_logprobs, vocab_size, seq_len).mean(-1)
+
+
+def kl_divergence(seq_logprobs_p: torch.Tensor, seq_logprobs_q: torch.Tensor) -> torch.Tensor:
+    """``KL(p‖q) = Σ_y p(y)(log p(y) − log q(y))`` in nats, ``[...]``."""
+    p = seq_logprobs_p.exp()
+    return torch.where(p > 0, p * (seq_logprobs_p - seq_logprobs_q), torch.zeros_like(p)).sum(-1)
+
+
+def reward_gradient(
+    rewards: torch.Tensor, params: torch.Tensor, seq_logprobs_fn: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Exact ``∇_θ J(θ)`` by differentiating ``J = Σ_y exp(log π_θ(y))·R(y)`` through the enumeration.
+
+    ``seq_logprobs_fn(params)`` must return ``[..., V**T]``; the gradient has ``params``' shape
+    (independent runs stay independent because their ``J`` values are summed).
+    """
+    theta = params.detach().requires_grad_(True)
+    with torch.enable_grad():
+        total = expected_reward(rewards, seq_logprobs_fn(theta)).sum()
+        (grad,) = torch.autograd.grad(total, theta)
+    return grad
+
+
+def credit_scale(rewards: torch.Tensor, seq_len: int) -> float:
+    """RMS of the counterfactual contributions ``c_t(v; y) = R(y|y_t:=v) − mean_v' R(y|y_t:=v')`` over all y, t, v."""
+    vocab = _sizes(rewards.shape[-1], seq_len)
+    table = rewards.double().view(*(vocab,) * seq_len)
+    var = sum(table.var(dim=t, unbiased=False).mean() for t in range(seq_len)) / seq_len
+    return math.sqrt(float(var))
