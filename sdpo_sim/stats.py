@@ -1,0 +1,178 @@
+"""Statistics over seeds: bootstrap CIs, paired differences, budgets, AUC, entropy at matched reward.
+
+Everything here works on the tidy tables a sweep writes (``sdpo_sim.sweep``): ``history`` has one
+row per (run, seed, evaluation step); :func:`per_seed_metrics` reduces it to one row per
+(run, seed) — the *unit* every confidence interval resamples.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence, Union
+
+import numpy as np
+import pandas as pd
+
+CI_LEVEL = 0.95
+N_BOOT = 4000
+BUDGETS: tuple[Union[int, str], ...] = (10, 30, 100, "last")
+UNIT = ("run_id", "seed")  # one training run of one seed
+PAIR_ON = ("task_seed", "seed")  # paired comparisons match these
+
+
+def bootstrap_ci(values: Iterable[float], *, level: float = CI_LEVEL, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and percentile-bootstrap CI of the mean: ``(mean, lo, hi)``; NaN bounds when n < 2.
+
+    Non-finite values are dropped. ``x̄*_b = mean(x[i_b])``, ``i_b ~ U{0..n−1}^n``; bounds are the
+    ``(1±level)/2`` quantiles of ``x̄*``.
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"level={level!r} must lie in (0, 1)")
+    x = np.asarray(list(values), dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    boot = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    return mean, float(lo), float(hi)
+
+
+def summarize(frame: pd.DataFrame, value: str, by: Sequence[str] = (), **kwargs) -> pd.DataFrame:
+    """Mean, 95% bootstrap CI and count of ``value`` per group of ``by`` (one row per group)."""
+    _require(frame, [value, *by], "summarize")
+    rows = []
+    groups = frame.groupby(list(by), dropna=False, sort=True) if by else [((), frame)]
+    for key, part in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        mean, lo, hi = bootstrap_ci(part[value], **kwargs)
+        rows.append({**dict(zip(by, key)), "mean": mean, "ci_lo": lo, "ci_hi": hi, "n": int(np.isfinite(part[value].astype(float)).sum())})
+    return pd.DataFrame(rows, columns=[*by, "mean", "ci_lo", "ci_hi", "n"])
+
+
+def paired_difference(
+    frame: pd.DataFrame,
+    value: str,
+    column: str,
+    a: object,
+    b: object,
+    *,
+    by: Sequence[str] = (),
+    on: Sequence[str] = PAIR_ON,
+    **kwargs,
+) -> pd.DataFrame:
+    """``value[column=a] − value[column=b]`` matched on ``on`` (shared task seeds and seeds), per ``by``.
+
+    Rows of either side that have no partner are dropped (``n`` counts pairs). If a side has several
+    rows for one key (e.g. other conditions not in ``by``), they are averaged first.
+    """
+    _require(frame, [value, column, *by, *on], "paired_difference")
+    keys = [*by, *on]
+    side_a = frame[frame[column] == a].groupby(keys, dropna=False)[value].mean()
+    side_b = frame[frame[column] == b].groupby(keys, dropna=False)[value].mean()
+    diff = (side_a - side_b).dropna().rename("diff").reset_index()
+    out = summarize(diff, "diff", by, **kwargs) if len(diff) else pd.DataFrame(columns=[*by, "mean", "ci_lo", "ci_hi", "n"])
+    out.insert(len(by), "comparison", f"{column}: {a} − {b}")
+    return out
+
+
+def auc(steps: Sequence[float], values: Sequence[float]) -> float:
+    """Normalised area under a curve: ``(1/(s_last − s_0)) ∫ value d step`` (trapezoid) — a mean reward over the budget."""
+    s = np.asarray(steps, dtype=float)
+    v = np.asarray(values, dtype=float)
+    order = np.argsort(s)
+    s, v = s[order], v[order]
+    if s.size == 1 or s[-1] == s[0]:
+        return float(v.mean())
+    return float(np.sum((v[1:] + v[:-1]) / 2 * np.diff(s)) / (s[-1] - s[0]))
+
+
+def value_at_budget(steps: Sequence[float], values: Sequence[float], budget: Union[int, str]) -> float:
+    """Value at the last evaluation step ≤ ``budget`` ("last": the final step); NaN if budget exceeds the run."""
+    s = np.asarray(steps, dtype=float)
+    v = np.asarray(values, dtype=float)
+    if budget == "last":
+        return float(v[np.argmax(s)])
+    if not isinstance(budget, (int, np.integer)) or budget < 0:
+        raise ValueError(f"budget={budget!r} must be a non-negative integer step or 'last'")
+    if budget > s.max():
+        return float("nan")
+    return float(v[s <= budget][np.argmax(s[s <= budget])])
+
+
+def first_crossing(steps: Sequence[float], values: Sequence[float], level: float, other: Sequence[float]) -> float:
+    """``other`` linearly interpolated at the first step where ``values`` reaches ``level``; NaN if never."""
+    s = np.asarray(steps, dtype=float)
+    v = np.asarray(values, dtype=float)
+    o = np.asarray(other, dtype=float)
+    order = np.argsort(s)
+    s, v, o = s[order], v[order], o[order]
+    hit = np.nonzero(v >= level)[0]
+    if hit.size == 0:
+        return float("nan")
+    i = int(hit[0])
+    if i == 0:
+        return float(o[0])
+    w = (level - v[i - 1]) / (v[i] - v[i - 1])  # v[i-1] < level <= v[i]
+    return float(o[i - 1] + w * (o[i] - o[i - 1]))
+
+
+def per_seed_metrics(history: pd.DataFrame, budgets: Sequence[Union[int, str]] = BUDGETS, keep: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """One row per (run, seed): budgets, AUC, initial/final entropy, entropy drop, mean credit correlation.
+
+    Args:
+        history: tidy ``[runs × seeds × eval steps]`` rows with at least ``run_id, seed, step, reward, entropy``.
+        keep: extra columns constant within a run to carry over (default: every column that is).
+    Columns: ``reward_at_<b>`` for each budget, ``final_reward``, ``auc``, ``entropy_initial``,
+    ``entropy`` (final), ``entropy_drop`` (``1 − H_final/H_0``), ``credit_corr`` (mean Pearson over
+    evaluation steps), ``credit_corr_within``, ``grad_cos``, ``alpha_mix`` (means over steps), ``kl_init`` (final).
+    """
+    _require(history, [*UNIT, "step", "reward", "entropy"], "per_seed_metrics")
+    if keep is None:
+        constant = history.groupby("run_id", sort=False).nunique(dropna=False).max() <= 1
+        keep = [c for c in history.columns if constant.get(c, False) and c not in (*UNIT, "step")]
+    rows = []
+    for (run_id, seed), g in history.groupby(list(UNIT), sort=False):
+        g = g.sort_values("step")
+        s, r, h = g["step"].to_numpy(), g["reward"].to_numpy(), g["entropy"].to_numpy()
+        row = {"run_id": run_id, "seed": seed, **{c: g[c].iloc[0] for c in keep}}
+        for b in budgets:
+            row[f"reward_at_{b}"] = value_at_budget(s, r, b)
+        row["final_reward"] = float(r[-1])
+        row["initial_reward"] = float(r[0])
+        row["auc"] = auc(s, r)
+        row["entropy_initial"] = float(h[0])
+        row["entropy"] = float(h[-1])
+        row["entropy_drop"] = float(1 - h[-1] / h[0]) if h[0] > 0 else float("nan")
+        for name, col in (("credit_corr", "credit_pearson"), ("credit_corr_within", "credit_pearson_within"), ("grad_cos", "grad_cos"), ("alpha_mix", "alpha_mix")):
+            row[name] = float(np.nanmean(g[col].to_numpy(dtype=float))) if col in g and g[col].notna().any() else float("nan")
+        row["kl_init"] = float(g["kl_init"].iloc[-1]) if "kl_init" in g else float("nan")
+        row["last_step"] = int(s[-1])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def entropy_at_matched_reward(history: pd.DataFrame, levels: Sequence[float], by: Sequence[str] = ("method",), **kwargs) -> pd.DataFrame:
+    """Per-token entropy at the first step each (run, seed) reaches reward ``level``; mean and CI per ``by`` × level.
+
+    Runs that never reach a level are excluded from that level and counted in ``n_missing``: a method
+    that never learned keeps maximal entropy, so comparing it at equal *steps* would flatter it.
+    """
+    _require(history, [*UNIT, "step", "reward", "entropy", *by], "entropy_at_matched_reward")
+    rows = []
+    for (run_id, seed), g in history.groupby(list(UNIT), sort=False):
+        for level in levels:
+            rows.append({**{c: g[c].iloc[0] for c in by}, "level": float(level),
+                         "entropy": first_crossing(g["step"], g["reward"], level, g["entropy"])})
+    frame = pd.DataFrame(rows)
+    out = summarize(frame, "entropy", [*by, "level"], **kwargs)
+    missing = frame.assign(miss=frame["entropy"].isna()).groupby([*by, "level"], dropna=False)["miss"].sum().reset_index(name="n_missing")
+    return out.merge(missing, on=[*by, "level"], how="left")
+
+
+def _require(frame: pd.DataFrame, columns: Iterable[str], where: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{where}: the table has no column(s) {', '.join(map(repr, missing))}; it has {', '.join(map(str, frame.columns))}")

@@ -1,0 +1,172 @@
+"""Fair learning rates: per-method lr chosen on tuning seeds disjoint from the evaluation seeds.
+
+A sweep spec's ``tuning`` block::
+
+    tuning:
+      lr: [0.03, 0.1, 0.3]     # candidates
+      seeds: 4                 # tuning seeds seed_start .. seed_start+seeds-1 ...
+      seed_start: 1000         # ... must not overlap any evaluation run's seeds
+      criterion: auc           # auc (mean exact reward over the step budget) | final (final exact reward)
+      per: [method]            # one lr per value of these fields (averaged over all other conditions)
+      where: {noise: 0.0}      # optional: tune only on grid points matching these values
+      blocks: [main]           # optional: tune only on these blocks' points
+      steps: 100               # optional: a shorter budget for tuning
+
+Rule (recorded in ``tuning.json``): for each group of ``per``, the candidate with the highest mean
+criterion over all tuning runs and seeds of that group; ties go to the smaller lr.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import pandas as pd
+
+from .io import atomic_write_text
+
+CRITERIA = ("auc", "final")
+TUNING_KEYS = ("lr", "seeds", "seed_start", "criterion", "per", "where", "blocks", "steps")
+
+
+@dataclass
+class TuningSpec:
+    lr: list
+    seeds: int = 4
+    seed_start: int = 1000
+    criterion: str = "auc"
+    per: list = field(default_factory=lambda: ["method"])
+    where: dict = field(default_factory=dict)
+    blocks: Optional[list] = None
+    steps: Optional[int] = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], known_fields: Sequence[str]) -> "TuningSpec":
+        bad = sorted(set(data) - set(TUNING_KEYS))
+        if bad:
+            raise ValueError(f"tuning: unknown key(s) {', '.join(map(repr, bad))}; allowed: {', '.join(TUNING_KEYS)}")
+        lr = data.get("lr")
+        if not isinstance(lr, list) or not lr or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in lr):
+            raise ValueError(f"tuning.lr must be a non-empty list of positive numbers, got {lr!r}")
+        for key in ("seeds", "seed_start"):
+            v = data.get(key, getattr(cls, key))
+            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "seeds" else 0):
+                raise ValueError(f"tuning.{key}={v!r} must be a {'positive' if key == 'seeds' else 'non-negative'} integer")
+        criterion = data.get("criterion", "auc")
+        if criterion not in CRITERIA:
+            raise ValueError(f"tuning.criterion={criterion!r} is not allowed; choose one of {', '.join(map(repr, CRITERIA))}")
+        per = data.get("per", ["method"])
+        per = [per] if isinstance(per, str) else per
+        if not isinstance(per, list) or not per or any(p not in known_fields for p in per) or "lr" in per:
+            raise ValueError(f"tuning.per={per!r} must be a non-empty list of config fields other than lr (known: {', '.join(known_fields)})")
+        where = data.get("where") or {}
+        if not isinstance(where, Mapping) or any(k not in known_fields for k in where):
+            raise ValueError(f"tuning.where={where!r} must map config fields to values")
+        blocks = data.get("blocks")
+        if blocks is not None and (not isinstance(blocks, list) or not blocks):
+            raise ValueError(f"tuning.blocks={blocks!r} must be a non-empty list of block names")
+        steps = data.get("steps")
+        if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+            raise ValueError(f"tuning.steps={steps!r} must be a positive integer")
+        return cls([float(x) for x in lr], data.get("seeds", 4), data.get("seed_start", 1000), criterion, list(per), dict(where), blocks, steps)
+
+    @property
+    def rule(self) -> str:
+        seeds = f"{self.seed_start}..{self.seed_start + self.seeds - 1}"
+        return f"lr in {self.lr} maximising mean {self.criterion} per {'×'.join(self.per)} on tuning seeds {seeds}" + (f" at {self.steps} steps" if self.steps else "")
+
+    def selects(self, block: str, point: Mapping[str, Any]) -> bool:
+        """Whether a grid point is one the tuning runs on."""
+        if self.blocks is not None and block not in self.blocks:
+            return False
+        return all(point.get(k) == v for k, v in self.where.items())
+
+    def tuning_point(self, point: Mapping[str, Any], lr: float) -> dict:
+        changes = {"lr": lr, "seeds": self.seeds, "seed_start": self.seed_start}
+        if self.steps is not None:
+            changes["steps"] = self.steps
+        return {**point, **changes}
+
+    def plan(self, points: Sequence[tuple[str, dict]], config_fn) -> list:
+        from .sweep import validate_points
+
+        chosen = [(b, p) for b, p in points if self.selects(b, p)]
+        if not chosen:
+            raise ValueError(f"tuning: no grid point matches where={self.where} blocks={self.blocks}")
+        return validate_points([("tuning", self.tuning_point(p, lr)) for _, p in chosen for lr in self.lr], config_fn)
+
+    def check_against(self, spec, points: Sequence[tuple[str, dict]], config_fn) -> None:
+        """Refuse lr in the grid, block names that do not exist, and seed ranges that overlap."""
+        names = {b.name for b in spec.blocks}
+        if self.blocks is not None and set(self.blocks) - names:
+            raise ValueError(f"tuning.blocks names unknown block(s) {sorted(set(self.blocks) - names)}; blocks: {sorted(names)}")
+        for b in spec.blocks:
+            if "lr" in b.grid or any("lr" in c for c in b.cases):
+                raise ValueError(f"block {b.name!r}: lr is chosen by tuning; remove it from the grid/cases (or drop the tuning block)")
+        tune_seeds = set(range(self.seed_start, self.seed_start + self.seeds))
+        for block, p in points:
+            full = config_fn(p)
+            eval_seeds = set(range(full["seed_start"], full["seed_start"] + full["seeds"]))
+            if tune_seeds & eval_seeds:
+                raise ValueError(f"tuning.seed_start={self.seed_start}: tuning seeds {min(tune_seeds)}..{max(tune_seeds)} overlap the evaluation seeds "
+                                 f"{min(eval_seeds)}..{max(eval_seeds)} of block {block!r}; they must be disjoint")
+        self.plan(points, config_fn)
+
+
+def select(per_seed: pd.DataFrame, tspec: TuningSpec) -> tuple[pd.DataFrame, dict]:
+    """Score every (group, lr) and pick the best lr per group. Returns (score table, {group key: lr})."""
+    from .stats import summarize
+
+    value = "auc" if tspec.criterion == "auc" else "final_reward"
+    scores = summarize(per_seed, value, [*tspec.per, "lr"])
+    chosen = {}
+    for key, part in scores.groupby(tspec.per, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        best = part.sort_values(["mean", "lr"], ascending=[False, True]).iloc[0]
+        chosen[key] = float(best["lr"])
+    scores["selected"] = [chosen.get(tuple(r[p] for p in tspec.per)) == r["lr"] for _, r in scores.iterrows()]
+    return scores, chosen
+
+
+def tune(spec, tspec: TuningSpec, out: Path, *, config_fn, run_fn, workers: int, backend: str, progress: bool):
+    """Run the tuning grid, choose the lrs, write ``tuning.json``/``.csv``; return (record, evaluation plan)."""
+    from .stats import per_seed_metrics
+    from .sweep import check_compatible, collect, execute, expand, validate_points, write_table
+
+    points = expand(spec)
+    tuning_plan = tspec.plan(points, config_fn)
+    counts = execute(tuning_plan, out / "runs", run_fn=run_fn, workers=workers, backend=backend, progress=progress, desc="tuning")
+    if counts["failed"]:
+        raise RuntimeError(f"{len(counts['failed'])} tuning run(s) failed, e.g. {counts['failed'][0]['error']} (see {out}/runs/{counts['failed'][0]['run_id']}.json)")
+    history, _ = collect(tuning_plan, out / "runs")
+    per_seed = per_seed_metrics(history)
+    scores, chosen = select(per_seed, tspec)
+    eval_points = []
+    for block, p in points:
+        key = tuple(config_fn(p)[k] for k in tspec.per)
+        if key not in chosen:
+            raise ValueError(f"tuning: no tuning runs for {dict(zip(tspec.per, key))} (block {block!r}); widen tuning.where/blocks")
+        eval_points.append((block, {**p, "lr": chosen[key]}))
+    planned = validate_points(eval_points, config_fn)
+    record = {
+        "rule": tspec.rule,
+        "criterion": tspec.criterion,
+        "per": tspec.per,
+        "tuning_seeds": [tspec.seed_start, tspec.seed_start + tspec.seeds - 1],
+        "selected": [{**dict(zip(tspec.per, k)), "lr": v} for k, v in sorted(chosen.items(), key=lambda kv: str(kv[0]))],
+        "scores": json.loads(scores.to_json(orient="records")),
+    }
+    atomic_write_text(out / "tuning.json", json.dumps(record, indent=1))
+    write_table(scores, out / "tuning")
+    (out / "tuning.parquet").unlink(missing_ok=True)  # the CSV and JSON are the record; keep the directory lean
+    return record, planned
+
+
+def selected_lr(record: Mapping[str, Any], **group: Any) -> Optional[float]:
+    """The lr a tuning record chose for a group, e.g. ``selected_lr(rec, method="sdpo")``."""
+    for row in record.get("selected", []):
+        if all(row.get(k) == v for k, v in group.items()):
+            return float(row["lr"])
+    return None

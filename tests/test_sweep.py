@@ -1,0 +1,152 @@
+"""Sweep machinery on a fake run function: validation, tables, resume, conflicts, failures, workers, tuning."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from sdpo_sim.sweep import Spec, plan, run_sweep
+from sweep_fakes import fake_config, fake_run
+
+SPEC = {"name": "t", "base": {"steps": 10, "seeds": 2}, "grid": {"method": ["reinforce", "sdpo"], "noise": [0.0, 0.1]}}
+
+
+def sweep(spec, out, **kw):
+    return run_sweep(Spec.from_dict(spec), out, config_fn=fake_config, run_fn=fake_run, progress=False, **kw)
+
+
+@pytest.fixture
+def runlog(tmp_path, monkeypatch):
+    path = tmp_path / "runs.log"
+    monkeypatch.setenv("FAKE_RUN_LOG", str(path))
+    return lambda: path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.parametrize("bad, needle", [
+    ({**SPEC, "gird": {}}, "gird"),
+    ({**SPEC, "grid": {"noise": []}}, "grid.noise"),
+    ({**SPEC, "grid": {"nois": [0.1]}}, "nois"),
+    ({**SPEC, "base": {"stepz": 3}}, "stepz"),
+    ({**SPEC, "grid": {"method": ["reinforce", "ppo"]}}, "method='ppo'"),
+    ({**SPEC, "grid": {"method": ["sdpo"]}, "cases": [{"noise": -1.0}]}, "noise=-1.0"),
+    ({**SPEC, "cases": [{"noise": 0.3}]}, "'noise' set by both grid and cases"),
+    ({**SPEC, "tuning": {"lr": [0.1], "seed_start": 1}}, "overlap"),
+    ({**SPEC, "grid": {"lr": [0.1]}, "tuning": {"lr": [0.1], "seed_start": 100}}, "lr is chosen by tuning"),
+    ({**SPEC, "tuning": {"lr": [], "seed_start": 100}}, "tuning.lr"),
+    ({**SPEC, "tuning": {"lr": [0.1], "seed_start": 100, "criterion": "best"}}, "tuning.criterion"),
+    ([1, 2], "must be a mapping"),
+])
+def test_bad_specs_are_refused_before_any_run_naming_the_field(tmp_path, runlog, bad, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        sweep(bad, tmp_path / "out")
+    assert runlog() == [] and not (tmp_path / "out" / "runs").exists()
+
+
+def test_yaml_is_read_with_a_safe_loader(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\ngrid: {method: [sdpo]}\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        Spec.load(path)
+
+
+def test_grid_cases_and_blocks_expand_and_deduplicate():
+    spec = Spec.from_dict({"base": {"steps": 10}, "blocks": [
+        {"name": "a", "grid": {"method": ["reinforce", "sdpo"], "seed_start": [0, 10]}},
+        {"name": "b", "grid": {"noise": [0.0, 0.2]}, "cases": [{"method": "sdpo"}, {"method": "reinforce", "lr": 0.3}]},
+    ]})
+    planned = plan(spec, fake_config)
+    assert len(planned) == 4 + 4 - 1  # (sdpo, noise 0, seed 0) is in both blocks
+    shared = [p for p in planned if len(p.blocks) == 2]
+    assert len(shared) == 1 and shared[0].config["method"] == "sdpo" and shared[0].config["noise"] == 0.0
+
+
+def test_tables_carry_version_commit_and_full_config(tmp_path, runlog):
+    res = sweep(SPEC, tmp_path / "out")
+    assert res.failed == [] and len(runlog()) == 4
+    for stem in ("history", "summary", "seeds"):
+        for ext in ("parquet", "csv"):
+            assert (tmp_path / "out" / f"{stem}.{ext}").is_file()
+    hist = pd.read_parquet(tmp_path / "out" / "history.parquet")
+    assert len(hist) == 4 * 2 * 3  # runs × seeds × eval steps (0, 5, 10)
+    for col in ("package_version", "git_commit", "config", "method", "noise", "lr", "steps", "seed", "step", "reward", "block", "run_id"):
+        assert col in hist.columns, col
+    assert json.loads(hist["config"].iloc[0])["steps"] == 10
+    summ = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert len(summ) == 4 and set(summ.status) == {"ok"} and "final_reward" in summ
+    assert len(res.seeds) == 8 and {"auc", "reward_at_10", "reward_at_last", "entropy_drop"} <= set(res.seeds.columns)
+
+
+def test_restart_skips_finished_runs_and_redoes_only_missing_ones(tmp_path, runlog):
+    out = tmp_path / "out"
+    sweep(SPEC, out)
+    first = sorted(runlog())
+    res = sweep(SPEC, out)
+    assert sorted(runlog()) == first and res.counts["skipped"] == 4
+    victim = sorted((out / "runs").glob("*.json"))[0]  # as if the sweep was killed before this run finished
+    victim.unlink()
+    res = sweep(SPEC, out)
+    assert len(runlog()) == 5 and res.counts["ok"] == 1 and len(res.summary) == 4
+
+
+def test_conflicting_spec_is_refused_but_extending_the_grid_resumes(tmp_path, runlog):
+    out = tmp_path / "out"
+    sweep(SPEC, out)
+    with pytest.raises(ValueError, match=r"changed top-level key\(s\): base.*conflicts with the existing results"):
+        sweep({**SPEC, "base": {"steps": 20, "seeds": 2}}, out)
+    res = sweep({**SPEC, "grid": {**SPEC["grid"], "noise": [0.0, 0.1, 0.2]}}, out)
+    assert res.counts == {"total": 6, "skipped": 4, "ok": 2, "failed": []}
+
+
+def test_a_crashed_run_is_recorded_and_the_sweep_goes_on(tmp_path, runlog):
+    spec = {**SPEC, "grid": {"noise": [0.0, 0.1]}, "cases": [{"method": "reinforce"}, {"method": "sdpo"}, {"fail": True, "method": "sdpo", "lr": 0.2}]}
+    res = sweep(spec, tmp_path / "out")
+    assert len(res.failed) == 2 and "boom" in res.failed[0]["error"]  # 2 noise values × the failing case
+    assert "FAILED" in res.report()
+    summ = res.summary
+    assert (summ.status == "failed").sum() == 2 and summ.loc[summ.status == "failed", "error"].str.contains("RuntimeError").all()
+    assert (summ.status == "ok").sum() == 4 and res.history["run_id"].nunique() == 4
+    rec = json.loads(next(p for p in (tmp_path / "out" / "runs").glob("*.json") if "boom" in p.read_text()).read_text())
+    assert "Traceback" in rec["traceback"]
+    sweep(spec, tmp_path / "out")  # failed runs are retried on restart, finished ones are not
+    assert len(runlog()) == 6 + 2
+
+
+def test_parallel_workers_give_the_same_tables_as_serial(tmp_path):
+    serial = sweep(SPEC, tmp_path / "serial", backend="serial")
+    parallel = sweep(SPEC, tmp_path / "parallel", workers=2)
+    cols = ["run_id", "seed", "step", "reward"]
+    pd.testing.assert_frame_equal(serial.history[cols].sort_values(cols).reset_index(drop=True), parallel.history[cols].sort_values(cols).reset_index(drop=True))
+
+
+def test_ray_backend_without_ray_says_how_to_install(tmp_path):
+    try:
+        import ray  # noqa: F401
+        pytest.skip("ray is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match=r"sdpo-lab\[ray\]"):
+        sweep(SPEC, tmp_path / "out", backend="ray")
+
+
+def test_tuning_picks_the_best_lr_per_method_on_disjoint_seeds(tmp_path, runlog):
+    spec = {**SPEC, "tuning": {"lr": [0.03, 0.1, 0.3, 1.0], "seeds": 2, "seed_start": 100, "criterion": "auc", "where": {"noise": 0.0}}}
+    res = sweep(spec, tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "tuning.json").read_text())
+    assert {r["method"]: r["lr"] for r in record["selected"]} == {"reinforce": 0.3, "sdpo": 0.1}
+    assert record["tuning_seeds"] == [100, 101] and "auc" in record["rule"]
+    assert dict(res.summary.groupby("method")["lr"].first()) == {"reinforce": 0.3, "sdpo": 0.1}
+    assert set(res.history["seed"]) == {0, 1} and res.summary["lr_selected_by"].str.contains("tuning seeds 100..101").all()
+    tuning_calls = [line for line in runlog() if line.split()[2] == "100"]
+    assert len(tuning_calls) == 2 * 4  # methods × lrs, on noise 0 only
+    n = len(runlog())
+    sweep(spec, tmp_path / "out")
+    assert len(runlog()) == n  # tuning and evaluation both resume
+
+
+def test_spec_file_round_trip(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(SPEC))
+    assert len(plan(Spec.load(path), fake_config)) == 4
