@@ -1,0 +1,131 @@
+"""Shared by every ``benchmarks/bench_*.py``: the results-file format, peak-RSS measurement, timing.
+
+Results file ``benchmarks/results/<name>.json`` (read by ``benchmarks/run_all.py``)::
+
+    {
+      "name": "fused_loss",                      # file stem
+      "title": "SDPO loss: fused vs full-logit", # one line for RESULTS.md
+      "settings": {...},                         # sizes, dtype, threads, repeats: whatever defines the run
+      "figures": [                               # one row per headline figure
+        {"figure": "peak memory: ours fused vs TRL full-logit",
+         "value": 210.0, "baseline": 4100.0, "unit": "MiB",   # ours and the peer/baseline, same run
+         "ratio": 0.051,                                       # value / baseline
+         "target": "<= 0.125", "met": true,                    # target on the ratio (null if none)
+         "note": "why a target is missed, or anything a reader must know"}
+      ],
+      "raw": {...},                              # per-variant measurements
+      "created": "2026-11-22T04:00:00Z", "wall_time_s": 95.1
+    }
+
+``value``/``baseline``/``ratio``/``target``/``met`` may be null for purely informative figures
+(e.g. a wall time with no peer). Other helpers' files only need ``title`` and ``figures``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))  # so that `sdpo_sim` imports even when run from a plain checkout
+
+from sdpo_sim.io import atomic_write_text  # noqa: E402
+
+
+def figure(
+    figure: str, value: Optional[float], baseline: Optional[float], unit: str, *,
+    target_ratio: Optional[float] = None, higher_is_better: bool = False, note: str = "",
+) -> dict[str, Any]:
+    """One results row; ``ratio = value / baseline``, ``met`` compares it with ``target_ratio``.
+
+    ``higher_is_better=False``: target is ``ratio <= target_ratio`` (memory, time);
+    ``True``: ``ratio >= target_ratio`` (throughput).
+    """
+    ratio = None if value is None or not baseline else value / baseline
+    met, target = None, None
+    if target_ratio is not None:
+        target = f"{'>=' if higher_is_better else '<='} {target_ratio:g}"
+        if ratio is not None:
+            met = ratio >= target_ratio if higher_is_better else ratio <= target_ratio
+    return {"figure": figure, "value": value, "baseline": baseline, "unit": unit, "ratio": ratio,
+            "target": target, "met": met, "note": note}
+
+
+def write_results(name: str, title: str, figures: list[dict], settings: dict, raw: Any, wall_time_s: float,
+                  results_dir: Path = RESULTS_DIR) -> Path:
+    """Write ``results_dir/<name>.json`` atomically; returns its path."""
+    payload = {
+        "name": name, "title": title, "settings": settings, "figures": figures, "raw": raw,
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "wall_time_s": round(wall_time_s, 2),
+    }
+    path = Path(results_dir) / f"{name}.json"
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- memory
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakRSS:
+    """Peak resident memory growth of *this process* above a baseline taken at :meth:`start`.
+
+    Linux: writing ``5`` to ``/proc/self/clear_refs`` resets the kernel's high-water mark (VmHWM) to
+    the current RSS, so ``VmHWM − VmRSS(at start)`` is the exact peak growth of the measured work,
+    whatever was allocated (torch, glibc, Python). Elsewhere it falls back to ``ru_maxrss`` growth,
+    which is only right when the measured work exceeds every earlier peak (``method`` says which).
+    """
+
+    def start(self) -> "PeakRSS":
+        self.method = "VmHWM after clear_refs"
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base_kib = _status_kib("VmRSS")
+            if self.base_kib is None or _status_kib("VmHWM") is None:
+                raise OSError("no /proc/self/status")
+        except OSError:
+            self.method = "ru_maxrss growth (upper bound unknown)"
+            self.base_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return self
+
+    def growth_mib(self) -> float:
+        peak = _status_kib("VmHWM") if self.method.startswith("VmHWM") else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return (peak - self.base_kib) / 1024.0
+
+
+# ------------------------------------------------------------------------------------------- timing
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str, Any]:
+    """Median (and all) wall-clock seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "times_s": [round(t, 4) for t in times]}
+
+
+def load_average() -> Optional[list[float]]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
