@@ -133,19 +133,24 @@ def kl_divergence(seq_logprobs_p: torch.Tensor, seq_logprobs_q: torch.Tensor) ->
     return torch.where(p > 0, p * (seq_logprobs_p - seq_logprobs_q), torch.zeros_like(p)).sum(-1)
 
 
+def reward_and_gradient(
+    rewards: torch.Tensor, params: torch.Tensor, seq_logprobs_fn: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(J [...], ∇_θ J, seq_logprobs [..., V**T])`` by differentiating ``J = Σ_y exp(log π_θ(y))·R(y)``
+    through the enumeration (runs stay independent: their ``J`` values are summed)."""
+    theta = params.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logp = seq_logprobs_fn(theta)
+        J = expected_reward(rewards, logp)
+        (grad,) = torch.autograd.grad(J.sum(), theta)
+    return J.detach(), grad, logp.detach()
+
+
 def reward_gradient(
     rewards: torch.Tensor, params: torch.Tensor, seq_logprobs_fn: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
-    """Exact ``∇_θ J(θ)`` by differentiating ``J = Σ_y exp(log π_θ(y))·R(y)`` through the enumeration.
-
-    ``seq_logprobs_fn(params)`` must return ``[..., V**T]``; the gradient has ``params``' shape
-    (independent runs stay independent because their ``J`` values are summed).
-    """
-    theta = params.detach().requires_grad_(True)
-    with torch.enable_grad():
-        total = expected_reward(rewards, seq_logprobs_fn(theta)).sum()
-        (grad,) = torch.autograd.grad(total, theta)
-    return grad
+    """Exact ``∇_θ J(θ)``, shaped like ``params``; ``seq_logprobs_fn(params)`` returns ``[..., V**T]``."""
+    return reward_and_gradient(rewards, params, seq_logprobs_fn)[1]
 
 
 def credit_scale(rewards: torch.Tensor, seq_len: int) -> float:

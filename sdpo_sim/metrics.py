@@ -1,0 +1,76 @@
+"""Per-run metrics of the toy world: correlations of credit with ``A*`` and exact policy quantities.
+
+All correlation helpers reduce the last axes of ``[runs, ...]`` tensors to ``[runs]``; a constant
+input gives NaN (the correlation is undefined), never a made-up number.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import exact
+from .policies import TabularPolicy
+from .world import Task
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pooled Pearson correlation per run: ``[runs, ...]`` × ``[runs, ...]`` → ``[runs]``."""
+    x, y = x.flatten(1).double(), y.flatten(1).double()
+    x, y = x - x.mean(1, keepdim=True), y - y.mean(1, keepdim=True)
+    denom = x.norm(dim=1) * y.norm(dim=1)
+    return torch.where(denom > 1e-12, (x * y).sum(1) / denom.clamp(min=1e-300), torch.full_like(denom, float("nan")))
+
+
+def ranks(x: torch.Tensor) -> torch.Tensor:
+    """Average ranks (ties share their mean rank) along the last axis of ``[runs, N]``."""
+    sorted_x, order = x.sort(-1)
+    new_group = torch.ones_like(sorted_x, dtype=torch.long)
+    new_group[:, 1:] = (sorted_x[:, 1:] != sorted_x[:, :-1]).long()
+    group = new_group.cumsum(-1) - 1  # tie-group id in sorted order
+    position = torch.arange(x.shape[-1], dtype=torch.float64).expand_as(sorted_x)
+    total = torch.zeros_like(position).scatter_add_(-1, group, position)
+    count = torch.zeros_like(position).scatter_add_(-1, group, torch.ones_like(position))
+    mean_rank = (total / count.clamp(min=1)).gather(-1, group)
+    return torch.empty_like(mean_rank).scatter_(-1, order, mean_rank)
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pooled Spearman rank correlation per run, ``[runs]``."""
+    return pearson(ranks(x.flatten(1).double()), ranks(y.flatten(1).double()))
+
+
+def pearson_within(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pearson after removing each completion's mean (``[runs, B, T]`` → ``[runs]``): does the credit
+    rank the tokens *of one completion* correctly? NaN for credit that is constant within completions."""
+    return pearson(x - x.mean(-1, keepdim=True), y - y.mean(-1, keepdim=True))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity per run of two ``[runs, ...]`` tensors, ``[runs]``."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    denom = a.norm(dim=1) * b.norm(dim=1)
+    return torch.where(denom > 0, (a * b).sum(1) / denom.clamp(min=1e-300), torch.full_like(denom, float("nan")))
+
+
+def exact_state(
+    task: Task, policy: TabularPolicy, theta: torch.Tensor, theta_init: torch.Tensor, sequences: torch.Tensor,
+    *, chunk: int = 16,
+) -> dict[str, torch.Tensor]:
+    """Exact quantities of the current policies, computed ``chunk`` runs at a time (float64).
+
+    Returns ``reward, entropy (per token), seq_entropy, kl_init`` as ``[runs]``, ``grad_J`` shaped
+    like ``theta`` and ``advantages`` ``[runs, B, T]`` (``A*`` of the given sampled sequences).
+    """
+    V, T = task.vocab_size, task.seq_len
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("reward", "entropy", "seq_entropy", "kl_init", "grad_J", "advantages")}
+    for lo in range(0, theta.shape[0], chunk):
+        th = theta[lo : lo + chunk].detach().double()
+        J, grad, logp = exact.reward_and_gradient(task.rewards, th, policy.seq_logprobs)
+        h_seq = exact.sequence_entropy(logp)
+        parts["reward"].append(J)
+        parts["seq_entropy"].append(h_seq)
+        parts["entropy"].append(h_seq / T)  # chain rule: mean conditional entropy = H(Y)/T (tested)
+        parts["kl_init"].append(exact.kl_divergence(logp, policy.seq_logprobs(theta_init[lo : lo + chunk].double())))
+        parts["grad_J"].append(grad)
+        parts["advantages"].append(exact.advantages(task.rewards, logp, sequences[lo : lo + chunk]))
+    return {k: torch.cat(v) for k, v in parts.items()}

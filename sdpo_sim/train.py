@@ -1,0 +1,296 @@
+"""One vectorised training loop for every method of the toy world (DESIGN.md §3).
+
+Read :func:`run` to see a method work: sample a group → judge → feedback → teacher logits → the
+shared loss from :mod:`sdpo_sim.losses` → Adam update, for ``cfg.seeds`` independent runs at once
+(tensors ``[runs, B, T, V]``), with exact metrics at evaluation steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import exact, metrics, rng
+from .config import MethodConfig
+from .feedback import CHANNELS, Judge
+from .losses import AlphaController, aggregate, divergence, group_advantages, hybrid_loss, policy_gradient_token_loss, sdpo_token_loss
+from .policies import POLICIES, TabularPolicy
+from .teachers import TEACHERS, BayesTeacher, DemoTeacher, OracleTeacher, SeedPaperTeacher, SelfKnowledge
+from .world import Task, check_size
+
+OPTIMIZERS = ("adam", "sgd")
+# Adam learning rates used when ``lr`` is not given. Chosen on tuning seeds 1000–1007 of task seed 0
+# (disjoint from evaluation seeds 0..), continuous feedback, noise 0, by the largest area under the
+# exact-reward curve over 300 steps among {0.01, 0.03, 0.1, 0.3} (benchmarks/pilot_default_lr.py).
+DEFAULT_LR = {"reinforce": 0.1, "grpo": 0.1, "sdpo": 0.1, "hybrid": 0.1}
+HISTORY_COLUMNS = (
+    "seed", "step", "reward", "entropy", "seq_entropy", "kl_init", "divergence", "alpha_mix",
+    "credit_pearson", "credit_spearman", "credit_pearson_within", "grad_cos", "batch_reward",
+)
+
+
+def _fail(name: str, value: Any, rule: str) -> None:
+    raise ValueError(f"RunConfig.{name}={value!r} {rule}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass
+class RunConfig:
+    """Everything a toy-world run needs; :meth:`from_dict` takes a flat mapping (RunConfig and
+    MethodConfig fields side by side)."""
+
+    method: MethodConfig = field(default_factory=MethodConfig)
+    feedback: str = "continuous"  # binary | ordinal | continuous | critique | demo
+    teacher: str = "bayes"  # bayes | demo | oracle | null | seed-paper
+    noise: float = 0.0  # σ of the reward noise before quantisation
+    hint_noise: float = 0.0  # σ_h of critique hint noise
+    rho: float = 0.5  # self-knowledge fidelity
+    beta: float = 1.0  # teacher sharpness
+    lr: Optional[float] = None  # None: DEFAULT_LR[method.method]
+    optimizer: str = "adam"
+    steps: int = 300
+    seeds: int = 8
+    seed_start: int = 0
+    task_seed: int = 0
+    vocab_size: int = 8
+    seq_len: int = 6
+    policy: str = "markov"
+    batch_size: int = 32
+    eval_every: int = 10
+    threshold: Optional[float] = None  # τ of binary feedback; None: median reward under the initial policy
+
+    def __post_init__(self) -> None:
+        if isinstance(self.method, Mapping):
+            self.method = MethodConfig.from_dict(self.method)
+        if not isinstance(self.method, MethodConfig):
+            _fail("method", self.method, "must be a MethodConfig")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.method.method]
+        self.validate()
+
+    def validate(self) -> "RunConfig":
+        for name, allowed in (("feedback", CHANNELS), ("teacher", TEACHERS), ("optimizer", OPTIMIZERS), ("policy", POLICIES)):
+            value = getattr(self, name)
+            if value not in allowed:
+                _fail(name, value, f"is not allowed; choose one of {', '.join(map(repr, allowed))}")
+        for name in ("noise", "hint_noise"):
+            if not _is_num(getattr(self, name)) or getattr(self, name) < 0:
+                _fail(name, getattr(self, name), "must be a finite number ≥ 0")
+        if not _is_num(self.rho) or not 0 <= self.rho <= 1:
+            _fail("rho", self.rho, "must be a number in [0, 1]")
+        for name in ("beta", "lr"):
+            if not _is_num(getattr(self, name)) or getattr(self, name) <= 0:
+                _fail(name, getattr(self, name), "must be a finite number > 0")
+        for name, lo in (("steps", 0), ("seeds", 1), ("seed_start", 0), ("task_seed", 0), ("batch_size", 1), ("eval_every", 1)):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < lo:
+                _fail(name, getattr(self, name), f"must be an integer ≥ {lo}")
+        check_size(self.vocab_size, self.seq_len)
+        if self.batch_size % self.method.num_generations:
+            _fail("batch_size", self.batch_size, f"must be a multiple of num_generations={self.method.num_generations}")
+        if self.threshold is not None and not _is_num(self.threshold):
+            _fail("threshold", self.threshold, "must be a finite number or null")
+        if self.teacher == "demo" and self.feedback != "demo":
+            _fail("teacher", self.teacher, f"needs feedback='demo' (a sibling demonstration), got feedback={self.feedback!r}")
+        if self.method.method in ("sdpo", "hybrid") and self.method.num_generations < 2:
+            _fail("teacher", self.teacher, "needs num_generations ≥ 2: its expected score comes from the siblings")
+        if self.method.support == "topk" and self.method.topk > self.vocab_size:
+            _fail("method.topk", self.method.topk, f"must be ≤ vocab_size={self.vocab_size}")
+        return self
+
+    @classmethod
+    def run_field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.name != "method")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+        """Flat mapping (``{"method": "sdpo", "alpha": 0.5, "noise": 0.1}``) or nested ``method: {...}``."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a run config must be a mapping, got {type(data).__name__}")
+        run_keys, method_keys = set(cls.run_field_names()), set(MethodConfig.field_names())
+        unknown = sorted(set(data) - run_keys - method_keys)
+        if unknown:
+            raise ValueError(
+                f"unknown RunConfig field(s) {', '.join(map(repr, unknown))}; known fields: "
+                f"{', '.join(cls.run_field_names())} and MethodConfig's {', '.join(MethodConfig.field_names())}"
+            )
+        method = {k: v for k, v in data.items() if k in method_keys and k != "method"}
+        if isinstance(data.get("method"), Mapping):
+            method = {**dict(data["method"]), **method}
+        elif "method" in data:
+            method["method"] = data["method"]
+        values = {k: v for k, v in data.items() if k in run_keys}
+        for name in ("noise", "hint_noise", "rho", "beta", "lr", "threshold"):
+            if _is_int(values.get(name)):
+                values[name] = float(values[name])
+        return cls(method=MethodConfig.from_dict(method), **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat and JSON-able; round-trips through :meth:`from_dict`."""
+        return {**self.method.to_dict(), **{k: getattr(self, k) for k in self.run_field_names()}}
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+
+@dataclass
+class RunResult:
+    config: RunConfig
+    history: pd.DataFrame  # one row per (seed, evaluation step), columns HISTORY_COLUMNS
+
+    def summary(self) -> dict[str, Any]:
+        """The object ``sdpo-sim run --json`` prints (NaN becomes None)."""
+        h = self.history
+        last = h[h.step == h.step.max()].sort_values("seed")
+        per_seed = [
+            {"seed": int(seed), "final_reward": _num(row.reward), "credit_corr": _num(h[h.seed == seed].credit_pearson.mean()),
+             "entropy": _num(row.entropy)}
+            for seed, row in zip(last.seed, last.itertuples())
+        ]
+        return {
+            "final_reward": _num(last.reward.mean()),
+            "final_reward_ci95": _num(ci95(last.reward.to_numpy())),
+            "credit_corr": _num(h.credit_pearson.mean()),  # pandas' mean skips NaN
+            "entropy": _num(last.entropy.mean()),
+            "per_seed": per_seed,
+            "config": self.config.to_dict(),
+        }
+
+
+def _num(x: float) -> Optional[float]:
+    return None if x is None or not math.isfinite(float(x)) else float(x)
+
+
+def ci95(values) -> float:
+    """Half-width of the Student-t 95% confidence interval of the mean (NaN for one value)."""
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    return float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
+
+
+def initial_median_reward(task: Task, policy: TabularPolicy, theta: torch.Tensor) -> float:
+    """Median of R(y) under the initial policy (the default binary threshold τ)."""
+    p = policy.seq_logprobs(theta[:1].double())[0].exp()
+    order = task.rewards.argsort()
+    cdf = p[order].cumsum(0)
+    return float(task.rewards[order][torch.searchsorted(cdf, torch.tensor(0.5, dtype=cdf.dtype))])
+
+
+def _per_run(token_loss: torch.Tensor, mask: Optional[torch.Tensor], loss_type: str) -> torch.Tensor:
+    """``aggregate`` applied to each run separately: ``[runs, B, T]`` → ``[runs]``."""
+    if mask is None:
+        mask = torch.ones_like(token_loss)
+    return torch.func.vmap(lambda loss, m: aggregate(loss, m, loss_type))(token_loss, mask.to(token_loss.dtype))
+
+
+def _token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[y_t]``: ``[..., T, V]``, ``[..., T]`` → ``[..., T]``."""
+    return torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def run(cfg: RunConfig, *, progress: bool = False) -> RunResult:
+    """Train ``cfg.seeds`` independent runs at once and return their exact learning curves."""
+    m = cfg.method
+    R, B, T, V = cfg.seeds, cfg.batch_size, cfg.seq_len, cfg.vocab_size
+    seeds = torch.arange(cfg.seed_start, cfg.seed_start + R)
+    task = Task(cfg.task_seed, V, T)
+    policy = TabularPolicy(cfg.policy, V, T, m.temperature)
+    theta = policy.init_params(R).requires_grad_(True)
+    theta_init = theta.detach().clone()
+    teacher_theta = theta.detach().clone()  # ema / frozen / trust-region reference
+    opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)([theta], lr=cfg.lr)
+
+    threshold = cfg.threshold if cfg.threshold is not None else initial_median_reward(task, policy, theta_init)
+    judge = Judge(task, threshold)
+    knowledge = SelfKnowledge(judge, cfg.rho, seed=cfg.task_seed)
+    teacher = {"bayes": BayesTeacher, "null": BayesTeacher, "demo": DemoTeacher, "oracle": OracleTeacher}.get(cfg.teacher)
+    teacher = teacher(cfg.beta) if teacher else SeedPaperTeacher(task.q, cfg.beta)
+    distil = m.method in ("sdpo", "hybrid")
+    use_pg = m.method in ("reinforce", "grpo", "hybrid")
+    controller = AlphaController(m.controller, m.alpha_mix, m.divergence_tau, m.entropy_target, m.entropy_gain) if m.method == "hybrid" else None
+
+    rows = []
+    for step in tqdm(range(cfg.steps + 1), disable=not progress, desc=f"{m.method}/{cfg.teacher}", unit="step"):
+        evaluate = step % cfg.eval_every == 0 or step == cfg.steps
+        # 1. sample a group of completions per run
+        seqs = policy.sample(theta, rng.uniform(seeds, rng.SAMPLE, step, (B, T)))  # [R, B, T]
+        logits = policy.logits(theta, seqs)  # [R, B, T, V]
+        logp = _token_logp(logits, seqs)  # [R, B, T]
+        # 2. the judge's feedback about each completion
+        fb = judge(seqs, cfg.feedback, group_size=m.num_generations, noise=cfg.noise, hint_noise=cfg.hint_noise, seeds=seeds, step=step)
+        exact_now = metrics.exact_state(task, policy, theta, theta_init, seqs) if evaluate else None
+        # 3. policy-gradient term: REINFORCE (batch-mean baseline) or GRPO (group-normalised)
+        if use_pg:
+            if m.method == "grpo":
+                adv = group_advantages(fb.score, m.num_generations, m.scale_rewards)
+            else:
+                adv = group_advantages(fb.score, B, "none")  # r − batch mean
+            pg_loss = _per_run(policy_gradient_token_loss(logp, adv, epsilon=m.epsilon), None, m.loss_type)
+            credit = adv.unsqueeze(-1).expand(-1, -1, T)
+        # 4. self-teacher logits and the distillation term
+        if distil:
+            base = {"live": lambda: logits.detach(), "ema": lambda: policy.logits(teacher_theta, seqs),
+                    "frozen": lambda: policy.logits(theta_init, seqs),
+                    "trust_region": lambda: (1 - m.teacher_rate) * policy.logits(theta_init, seqs) + m.teacher_rate * logits.detach()}[m.teacher_kind]()
+            if cfg.teacher == "oracle":  # the only teacher given A*
+                a_star = exact.action_values(task.rewards, policy.seq_logprobs(theta.detach().double()), seqs)
+                out = teacher(base, seqs, fb, knowledge, true_advantages=a_star)
+            elif cfg.teacher == "null":  # control: the feedback of a different, random rollout of the batch
+                shift = 1 + (rng.uniform(seeds, rng.NULL_PICK, step, (B,)) * (B - 1)).long()
+                out = teacher(base, seqs, fb.take((torch.arange(B) + shift) % B), knowledge)
+            else:
+                out = teacher(base, seqs, fb, knowledge)
+            mask = out.mask.unsqueeze(-1).expand(-1, -1, T)
+            sd_tok = sdpo_token_loss(logits, out.logits, alpha=m.alpha, support=m.support, topk=m.topk, add_tail=m.add_tail, tokens=seqs)
+            sd_loss = _per_run(sd_tok, mask, m.loss_type)
+            with torch.no_grad():
+                s_logp, t_logp = torch.log_softmax(logits, -1), torch.log_softmax(out.logits.float(), -1)
+                div = (divergence(s_logp, t_logp, m.alpha) * mask).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
+                sd_credit = (t_logp.gather(-1, seqs.unsqueeze(-1)).squeeze(-1) - logp.detach()) * mask
+        # 5. combine: pure terms or the hybrid mixture with its alpha controller
+        alpha_mix = torch.full((R,), float("nan"))
+        if m.method == "hybrid":
+            with torch.no_grad():
+                entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1).mean((1, 2))
+            alpha_mix = controller.update(divergence=div, entropy=entropy)
+            loss = hybrid_loss(sd_loss, pg_loss, alpha_mix).sum()
+            credit = alpha_mix.view(-1, 1, 1) * sd_credit + (1 - alpha_mix.view(-1, 1, 1)) * credit
+        elif distil:
+            loss, credit = sd_loss.sum(), sd_credit
+        else:
+            loss = pg_loss.sum()
+        # 6. update (runs are independent: each run's parameters only see its own loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if evaluate:
+            a_star = exact_now["advantages"]
+            rows.append({
+                "seed": seeds, "step": torch.full((R,), step), "reward": exact_now["reward"], "entropy": exact_now["entropy"],
+                "seq_entropy": exact_now["seq_entropy"], "kl_init": exact_now["kl_init"],
+                "divergence": div if distil else torch.full((R,), float("nan")), "alpha_mix": alpha_mix,
+                "credit_pearson": metrics.pearson(credit, a_star), "credit_spearman": metrics.spearman(credit, a_star),
+                "credit_pearson_within": metrics.pearson_within(credit, a_star),
+                "grad_cos": metrics.cosine(-theta.grad, exact_now["grad_J"]), "batch_reward": task.reward(seqs).mean(1),
+            })
+        if step < cfg.steps:
+            opt.step()
+            with torch.no_grad():
+                teacher_theta += m.teacher_rate * (theta - teacher_theta)  # EMA teacher: θ_T ← θ_T + rate·(θ − θ_T)
+    history = pd.DataFrame({k: torch.cat([r[k].detach().double() if k not in ("seed", "step") else r[k] for r in rows]).numpy()
+                            for k in HISTORY_COLUMNS})
+    history = history.sort_values(["seed", "step"], kind="stable").reset_index(drop=True)
+    return RunResult(cfg, history)
