@@ -1,0 +1,7 @@
+"""``python -m llm`` (and ``accelerate launch -m llm train ...``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""The self-teacher's weights: live, EMA, frozen or trust-region (``MethodConfig.teacher_kind``).
+
+The teacher is the student's own network with different weights for the *trainable* parameters
+(all of them for full fine-tuning, only the adapters with LoRA). Those weights are kept as one copy,
+shard by shard: each process holds exactly the local pieces of the parameters it owns (a DTensor's
+local shard under FSDP2, ``ds_tensor`` under DeepSpeed ZeRO-3, the whole tensor otherwise). A teacher
+forward swaps them into the student in place, runs without gradient, and swaps back, so the teacher
+needs no second model object and follows any sharding of the student.
+
+- ``live``: the current student (no copy).
+- ``ema``: ``θ_T ← (1 − r)·θ_T + r·θ`` after each optimiser step (official SDPO: r = 0.05, 0.01 with rich feedback).
+- ``frozen``: the initial weights.
+- ``trust_region``: teacher logits ``(1 − r)·ℓ(θ_0) + r·ℓ(θ)``: a geometric mixture of the initial and the live
+  teacher, which keeps it within a trust region of the initial one (two teacher forwards per step).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from sdpo_sim.config import TEACHER_KINDS
+
+
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The part of ``param`` this process holds: a DTensor's local shard, a ZeRO-3 partition, or itself."""
+    if hasattr(param, "ds_tensor"):  # DeepSpeed ZeRO-3 partitioned parameter
+        return param.ds_tensor
+    to_local = getattr(param, "to_local", None)  # torch.distributed.tensor.DTensor (FSDP2)
+    data = param.data
+    return to_local() if callable(to_local) and hasattr(data, "placements") else data
+
+
+def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+class Teacher:
+    """Teacher weights of one kind, stored as local shards of the student's trainable parameters."""
+
+    def __init__(self, kind: str, rate: float, model: nn.Module):
+        if kind not in TEACHER_KINDS:
+            raise ValueError(f"teacher kind={kind!r} is not allowed; choose one of {', '.join(map(repr, TEACHER_KINDS))}")
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"teacher rate={rate!r} must be in [0, 1]")
+        self.kind, self.rate = kind, float(rate)
+        self.names = [n for n, _ in trainable_named_parameters(model)]
+        with torch.no_grad():
+            self.weights: dict[str, torch.Tensor] = (
+                {} if kind == "live" else {n: local_tensor(p).detach().clone() for n, p in trainable_named_parameters(model)}
+            )
+
+    @property
+    def has_copy(self) -> bool:
+        return bool(self.weights)
+
+    def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        params = dict(trainable_named_parameters(model))
+        missing = [n for n in self.names if n not in params]
+        if missing:
+            raise ValueError(f"teacher weights name parameter(s) the model does not train: {missing[:3]}")
+        return params
+
+    @contextmanager
+    def swapped_in(self, model: nn.Module) -> Iterator[None]:
+        """Within the block, the model's trainable parameters hold the stored teacher weights."""
+        params = self._params(model)
+
+        def swap() -> None:
+            with torch.no_grad():
+                for n, w in self.weights.items():
+                    local = local_tensor(params[n])
+                    tmp = local.clone()
+                    local.copy_(w)
+                    w.copy_(tmp)
+
+        swap()
+        try:
+            yield
+        finally:
+            swap()
+
+    @torch.no_grad()
+    def outputs(self, model: nn.Module, forward: Callable[[], Any]) -> list[tuple[float, Any]]:
+        """Teacher outputs of ``forward()`` (a closure running ``model`` on the teacher inputs) with their weights.
+
+        The teacher's logits are ``Σ_k c_k·ℓ_k`` over the returned ``(c_k, out_k)``: one term ``(1, ·)`` for
+        live/ema/frozen, and ``[(1 − r, ·@θ_0), (r, ·@θ)]`` for ``trust_region``.
+        """
+        if self.kind == "live":
+            return [(1.0, forward())]
+        with self.swapped_in(model):
+            stored = forward()
+        if self.kind == "trust_region":
+            return [(1.0 - self.rate, stored), (self.rate, forward())]
+        return [(1.0, stored)]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """After an optimiser step: EMA moves toward the student; the other kinds keep their weights."""
+        if self.kind != "ema":
+            return
+        params = self._params(model)
+        for n, w in self.weights.items():
+            w.lerp_(local_tensor(params[n]).to(w.dtype), self.rate)  # θ_T ← θ_T + r·(θ − θ_T)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "rate": self.rate, "weights": {n: w.clone() for n, w in self.weights.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["kind"] != self.kind:
+            raise ValueError(f"checkpoint teacher kind {state['kind']!r} differs from the recipe's {self.kind!r}")
+        if set(state["weights"]) != set(self.weights):
+            raise ValueError("checkpoint teacher weights do not match the model's trainable parameters")
+        with torch.no_grad():
+            for n, w in state["weights"].items():
+                self.weights[n].copy_(w)
+
+
+def make_teacher(kind: str, rate: float, model: nn.Module) -> Teacher:
+    """A :class:`Teacher` for ``model`` (call after the model is wrapped/sharded, before training)."""
+    return Teacher(kind, rate, model)
