@@ -1,0 +1,219 @@
+"""Publication figures from a sweep's tidy tables (seaborn; PNG + SVG into ``figures/``).
+
+Each ``fig_*`` function takes the tables, picks the rows it needs and returns a matplotlib figure,
+or ``None`` when the sweep lacks the variation it shows (e.g. no rho grid → no rho figure). Rows
+that differ in a condition the figure does not show are held at that condition's most common value
+(lowest on ties): e.g. learning curves are drawn at the lowest noise level of the sweep.
+Bands and error bars are 95% bootstrap CIs over (task seed, seed) units.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from .io import atomic_write  # noqa: E402
+
+# conditions a figure either shows or holds fixed (arm = method, with the hybrid controller)
+FACTORS = ("arm", "feedback", "noise", "rho", "teacher", "beta", "hint_noise", "policy", "alpha", "support", "teacher_kind",
+           "optimizer", "vocab_size", "seq_len", "steps", "batch_size", "num_generations")
+FEEDBACK_ORDER = ("binary", "ordinal", "continuous", "critique", "demo")
+ARM_ORDER = ("reinforce", "grpo", "sdpo", "hybrid-constant", "hybrid-divergence", "hybrid-entropy")
+LABELS = {
+    "reward": "exact expected reward J (0–1)",
+    "final_reward": "final exact reward J (0–1)",
+    "entropy": "per-token entropy (nats)",
+    "step": "training step",
+    "credit_corr": "credit correlation with A* (Pearson r)",
+    "noise": "feedback noise σ (reward units)",
+    "alpha_mix": "alpha_mix (weight on SDPO)",
+    "rho": "teacher self-knowledge ρ",
+}
+CI = ("ci", 95)
+
+
+def with_arm(frame: pd.DataFrame) -> pd.DataFrame:
+    """Add ``arm``: the method, and for hybrid its controller (``hybrid-divergence``)."""
+    if frame.empty or "method" not in frame:
+        return frame
+    arm = frame["method"].astype(str)
+    if "controller" in frame:
+        arm = arm.where(frame["method"] != "hybrid", "hybrid-" + frame["controller"].astype(str))
+    return frame.assign(arm=arm)
+
+
+def hold_fixed(frame: pd.DataFrame, show: Sequence[str]) -> pd.DataFrame:
+    """Keep rows at the most common value (lowest on ties) of every factor not in ``show``."""
+    for col in FACTORS:
+        if col in show or col not in frame or frame[col].nunique(dropna=False) <= 1:
+            continue
+        counts = frame[col].value_counts(dropna=False)
+        best = sorted(counts[counts == counts.max()].index, key=lambda v: (str(type(v)), v))[0]
+        frame = frame[frame[col] == best]
+    return frame
+
+
+def _order(values: Sequence, preferred: Sequence) -> list:
+    present = list(dict.fromkeys(values))
+    return [v for v in preferred if v in present] + sorted(v for v in present if v not in preferred)
+
+
+def _varies(frame: pd.DataFrame, col: str) -> bool:
+    return col in frame and frame[col].nunique() > 1
+
+
+def _finish(grid, title: str, x: str, y: str) -> plt.Figure:
+    grid.set_axis_labels(LABELS.get(x, x), LABELS.get(y, y))
+    grid.figure.suptitle(title, y=1.02)
+    return grid.figure
+
+
+def fig_learning_curves(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[plt.Figure]:
+    """Reward vs step per feedback type, one line per method (mean and 95% CI over seeds)."""
+    h = hold_fixed(with_arm(history), ["arm", "feedback"])
+    if h.empty or "feedback" not in h:
+        return None
+    g = sns.relplot(data=h, x="step", y="reward", hue="arm", hue_order=_order(h.arm, ARM_ORDER), col="feedback",
+                    col_order=_order(h.feedback, FEEDBACK_ORDER), kind="line", errorbar=CI, height=3, aspect=1.1, col_wrap=min(4, h.feedback.nunique()),
+                    facet_kws={"sharey": True})
+    return _finish(g, f"Learning curves (noise σ={_fixed(h, 'noise')}, {len(h.groupby(['task_seed', 'seed']))} task×seed units)", "step", "reward")
+
+
+def fig_credit_correlation(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[plt.Figure]:
+    """Credit correlation with the exact advantage, by feedback type × noise, per method."""
+    s = hold_fixed(with_arm(seeds), ["arm", "feedback", "noise"])
+    if s.empty or not s["credit_corr"].notna().any():
+        return None
+    g = sns.catplot(data=s, x="noise" if _varies(s, "noise") else "feedback", y="credit_corr", hue="feedback" if _varies(s, "noise") else "arm",
+                    col="arm" if _varies(s, "noise") else None, kind="point", errorbar=CI, dodge=0.3, height=3, aspect=1.1,
+                    hue_order=_order(s.feedback, FEEDBACK_ORDER) if _varies(s, "noise") else _order(s.arm, ARM_ORDER),
+                    col_order=_order(s.arm, ARM_ORDER) if _varies(s, "noise") else None)
+    for ax in g.axes.flat:
+        ax.axhline(0.70, color="grey", ls=":", lw=1)
+        ax.axhline(0.0, color="black", lw=0.5)
+    return _finish(g, "Credit correlation with the exact advantage A* (dotted: the study's 0.70)", "noise" if _varies(s, "noise") else "feedback", "credit_corr")
+
+
+def fig_entropy_reward(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[plt.Figure]:
+    """Entropy–reward frontier: the mean (reward, entropy) trajectory of each method, per feedback type."""
+    h = hold_fixed(with_arm(history), ["arm", "feedback"])
+    if h.empty:
+        return None
+    traj = h.groupby(["feedback", "arm", "step"], as_index=False)[["reward", "entropy"]].mean()
+    g = sns.relplot(data=traj, x="reward", y="entropy", hue="arm", hue_order=_order(traj.arm, ARM_ORDER), col="feedback",
+                    col_order=_order(traj.feedback, FEEDBACK_ORDER), kind="line", sort=False, marker="o", markersize=3, height=3, aspect=1.1,
+                    col_wrap=min(4, traj.feedback.nunique()))
+    if "vocab_size" in h:
+        for ax in g.axes.flat:
+            ax.axhline(math.log(int(h["vocab_size"].iloc[0])), color="grey", ls=":", lw=1)
+    return _finish(g, "Entropy–reward frontier (each line starts at step 0; dotted: maximal entropy ln V)", "reward", "entropy")
+
+
+def fig_noise_robustness(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[plt.Figure]:
+    """Final reward vs feedback noise, per feedback type and method."""
+    s = hold_fixed(with_arm(seeds), ["arm", "feedback", "noise"])
+    if s.empty or not _varies(s, "noise"):
+        return None
+    g = sns.catplot(data=s, x="noise", y="final_reward", hue="arm", hue_order=_order(s.arm, ARM_ORDER), col="feedback",
+                    col_order=_order(s.feedback, FEEDBACK_ORDER), kind="point", errorbar=CI, dodge=0.3, height=3, aspect=1.1,
+                    col_wrap=min(4, s.feedback.nunique()))
+    return _finish(g, "Noise robustness: final reward vs feedback noise", "noise", "final_reward")
+
+
+def fig_hybrid_alpha(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[plt.Figure]:
+    """alpha_mix trajectories of the hybrid controllers."""
+    h = with_arm(history)
+    if h.empty or "method" not in h:
+        return None
+    h = hold_fixed(h[h["method"] == "hybrid"], ["arm", "feedback"])
+    if h.empty or not h["alpha_mix"].notna().any():
+        return None
+    g = sns.relplot(data=h, x="step", y="alpha_mix", hue="arm", hue_order=_order(h.arm, ARM_ORDER), col="feedback",
+                    col_order=_order(h.feedback, FEEDBACK_ORDER), kind="line", errorbar=CI, height=3, aspect=1.1,
+                    col_wrap=min(4, h.feedback.nunique()))
+    for ax in g.axes.flat:
+        ax.set_ylim(-0.02, 1.02)
+    return _finish(g, "Hybrid: alpha_mix over training", "step", "alpha_mix")
+
+
+def fig_rho_sensitivity(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[plt.Figure]:
+    """Final reward and credit correlation vs the teacher's self-knowledge rho, per feedback type."""
+    s = with_arm(seeds)
+    if "arm" in s and (s["arm"] == "sdpo").any():
+        s = s[s["arm"] == "sdpo"]  # the teacher's self-knowledge matters most where it is used alone
+    s = hold_fixed(s, ["rho", "feedback"])
+    if s.empty or not _varies(s, "rho"):
+        return None
+    long = s.melt(id_vars=["rho", "feedback"], value_vars=["final_reward", "credit_corr"], var_name="metric", value_name="value")
+    long["metric"] = long["metric"].map({"final_reward": LABELS["final_reward"], "credit_corr": LABELS["credit_corr"]})
+    g = sns.catplot(data=long, x="rho", y="value", hue="feedback", hue_order=_order(long.feedback, FEEDBACK_ORDER), col="metric",
+                    kind="point", errorbar=CI, dodge=0.3, height=3, aspect=1.2, sharey=False)
+    g.set_titles("{col_name}")
+    g.set_axis_labels(LABELS["rho"], "")
+    g.figure.suptitle(f"Sensitivity to the teacher's self-knowledge ρ ({s['arm'].iloc[0]})", y=1.02)
+    return g.figure
+
+
+FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame], Optional[plt.Figure]]] = {
+    "learning_curves": fig_learning_curves,
+    "credit_correlation": fig_credit_correlation,
+    "entropy_reward": fig_entropy_reward,
+    "noise_robustness": fig_noise_robustness,
+    "hybrid_alpha": fig_hybrid_alpha,
+    "rho_sensitivity": fig_rho_sensitivity,
+}
+
+
+def save_figure(fig: plt.Figure, stem: Path) -> list[Path]:
+    """Write ``stem.png`` (150 dpi) and ``stem.svg`` atomically, with stable SVG ids and no timestamps."""
+    paths = []
+    for ext in ("png", "svg"):
+        path = stem.with_suffix(f".{ext}")
+        metadata = {"Date": None} if ext == "svg" else {"Software": None}
+        atomic_write(path, lambda tmp, ext=ext, md=metadata: fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight", metadata=md))
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def write_figures(tables: Union[dict, Sequence[dict]], out: Union[str, Path] = "figures", *, names: Optional[Sequence[str]] = None,
+                  prefix: str = "") -> dict[str, list[Path]]:
+    """Draw every figure the tables support; returns ``{name: [png, svg]}`` (skipped figures absent).
+
+    ``tables``: a sweep's tables (``{"history": ..., "seeds": ...}``) or several, concatenated.
+    """
+    if isinstance(tables, dict):
+        tables = [tables]
+    history = pd.concat([t["history"] for t in tables if not t["history"].empty], ignore_index=True) if any(not t["history"].empty for t in tables) else pd.DataFrame()
+    seeds = pd.concat([t["seeds"] for t in tables if not t["seeds"].empty], ignore_index=True) if any(not t["seeds"].empty for t in tables) else pd.DataFrame()
+    if history.empty:
+        raise ValueError("no finished runs to plot (the history table is empty)")
+    history = history.drop_duplicates(["run_id", "seed", "step"])  # a run shared by two blocks counts once
+    seeds = seeds.drop_duplicates(["run_id", "seed"]) if not seeds.empty else seeds
+    names = list(FIGURES) if names is None else list(names)
+    unknown = sorted(set(names) - set(FIGURES))
+    if unknown:
+        raise ValueError(f"unknown figure(s) {unknown}; choose from {', '.join(FIGURES)}")
+    out = Path(out)
+    written = {}
+    with sns.axes_style("whitegrid"), plt.rc_context({"svg.hashsalt": "sdpo-lab", "figure.max_open_warning": 0}):
+        for name in names:
+            fig = FIGURES[name](history, seeds)
+            if fig is not None:
+                written[name] = save_figure(fig, out / f"{prefix}{name}")
+    return written
+
+
+def _fixed(frame: pd.DataFrame, col: str) -> str:
+    if col not in frame:
+        return "n/a"
+    values = sorted(frame[col].dropna().unique())
+    return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
