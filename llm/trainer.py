@@ -387,7 +387,7 @@ class Trainer:
 
             terms = self.teacher.outputs(self.unwrapped, teacher_forward)
             teacher_out = sum(c * out for c, (out, _) in terms) / temp
-            teacher_head = terms[0][1]
+            teacher_head = terms[0][1][1]  # the teacher's own LM head when it has stored weights (fused path)
         student_out = completion_outputs(self.model, batch.input_ids, batch.attention_mask, T, hidden=self.fused) / temp
         comp_mask = batch.completion_mask
         ent, div, ratio = token_stats(student_out.detach(), None if teacher_out is None else teacher_out.detach(),
