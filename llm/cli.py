@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -32,7 +33,7 @@ def cmd_train(args) -> int:
     except NonFiniteLossError as err:
         print(f"sdpo-llm train: stopped: {err}", file=sys.stderr)
         return 3
-    if rows:
+    if rows and int(os.environ.get("RANK", "0")) == 0:
         last = rows[-1]
         print(f"done: step {last['step']}  reward {last['reward']:.3f}  entropy {last['entropy']:.3f}  "
               f"metrics in {recipe.training.output_dir}/metrics.jsonl")

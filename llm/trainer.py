@@ -243,7 +243,8 @@ class Trainer:
             self.judge = load_judge(recipe.task.judge)
         else:
             self.judge = self.task.judge
-        self.acc = accelerator if accelerator is not None else Accelerator()
+        # cpu=True when there is no GPU: a torchrun/gloo launch on CPU then becomes accelerate's MULTI_CPU
+        self.acc = accelerator if accelerator is not None else Accelerator(cpu=not torch.cuda.is_available())
         world = self.acc.num_processes
         if self.cfg.prompts_per_step % world:
             raise ValueError(f"training.prompts_per_step={self.cfg.prompts_per_step} must be divisible by the number of processes ({world})")
