@@ -291,6 +291,36 @@ def _init_worker(threads: int) -> None:
         pass
 
 
+class WorkerPool:
+    """Spawned worker processes, started on first use and shared by the tuning and evaluation phases."""
+
+    def __init__(self, workers: int) -> None:
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"workers={workers!r} must be a positive integer")
+        self.workers = workers
+        self._pool: Optional[cf.ProcessPoolExecutor] = None
+
+    def get(self) -> cf.ProcessPoolExecutor:
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init_worker, initargs=(1,))
+        return self._pool
+
+    def reset(self) -> None:
+        """Drop a broken pool (a worker died); the next :meth:`get` starts a fresh one."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
 def execute(
     planned: Sequence[Planned],
     runs_dir: Path,
@@ -300,16 +330,17 @@ def execute(
     backend: str = "process",
     progress: bool = True,
     desc: str = "runs",
+    pool: Optional[WorkerPool] = None,
 ) -> dict:
     """Run every planned config not yet finished; returns counts and failures.
 
     ``backend``: ``process`` (``workers`` spawned processes; ``workers=1`` runs in this process),
     ``serial`` (in this process), ``ray`` (a Ray cluster; needs the ``ray`` extra and a filesystem
-    shared by the workers).
+    shared by the workers). ``pool`` lets several calls share the worker processes.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not allowed; choose one of {', '.join(map(repr, BACKENDS))}")
-    if not isinstance(workers, int) or workers < 1:
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers={workers!r} must be a positive integer")
     runs_dir.mkdir(parents=True, exist_ok=True)
     pending = [p for p in planned if not is_done(runs_dir, p.run_id)]
@@ -331,20 +362,27 @@ def execute(
         for p in pending:
             record(execute_one(run_fn, p.run_id, p.config, str(runs_dir), meta))
     else:
-        threads = 1
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = {pool.submit(execute_one, run_fn, p.run_id, p.config, str(runs_dir), meta): p for p in pending}
+        own = pool is None
+        pool = WorkerPool(workers) if own else pool
+        try:
+            futures = {pool.get().submit(execute_one, run_fn, p.run_id, p.config, str(runs_dir), meta): p for p in pending}
+            broken = False
             for fut in cf.as_completed(futures):
                 p = futures[fut]
                 try:
                     record(fut.result())
                 except Exception as err:  # the worker process itself died (e.g. killed, out of memory)
-                    res = {"run_id": p.run_id, "status": "failed", "error": f"worker process failed: {type(err).__name__}: {err}"}
-                    rec = {"run_id": p.run_id, "config": p.config, **meta, "status": "failed", "summary": None, "error": res["error"]}
+                    broken = True
+                    error = f"worker process failed: {type(err).__name__}: {err}"
                     if not is_done(runs_dir, p.run_id):
+                        rec = {"run_id": p.run_id, "config": p.config, **meta, "status": "failed", "summary": None, "error": error}
                         atomic_write_text(_paths(runs_dir, p.run_id)[0], json.dumps(rec, indent=1, default=str))
-                    record(res)
+                    record({"run_id": p.run_id, "status": "failed", "error": error})
+            if broken:
+                pool.reset()
+        finally:
+            if own:
+                pool.__exit__(None, None, None)
     bar.close()
     return outcome
 
@@ -505,14 +543,16 @@ def run_sweep(
         check_compatible(out, spec, {p.run_id for p in planned})
         atomic_write_text(out / "spec.yaml", yaml.safe_dump(spec.raw, sort_keys=False))
     else:
-        from .tuning import TuningSpec, tune
+        from .tuning import TuningSpec, exempt_blocks, tune
 
         tspec = TuningSpec.from_dict(spec.tuning, _known_fields(config_fn))
-        wanted = {p.run_id for p in tspec.plan(expand(spec), config_fn)} | {loose_id(p.config, ["lr"]) for p in planned}
+        wanted = {p.run_id for p in tspec.plan(expand(spec), config_fn, exempt_blocks(spec))} | {p.run_id for p in planned} | {loose_id(p.config, ["lr"]) for p in planned}
         check_compatible(out, spec, wanted, ignore=["lr"])  # refuse before running anything
         atomic_write_text(out / "spec.yaml", yaml.safe_dump(spec.raw, sort_keys=False))
-        tuning_record, planned = tune(spec, tspec, out, config_fn=config_fn, run_fn=run_fn, workers=workers, backend=backend, progress=progress)
-    counts = execute(planned, out / "runs", run_fn=run_fn, workers=workers, backend=backend, progress=progress, desc=f"{spec.name}")
+    with WorkerPool(workers) as pool:
+        if spec.tuning is not None:
+            tuning_record, planned = tune(spec, tspec, out, config_fn=config_fn, run_fn=run_fn, workers=workers, backend=backend, progress=progress, pool=pool)
+        counts = execute(planned, out / "runs", run_fn=run_fn, workers=workers, backend=backend, progress=progress, desc=f"{spec.name}", pool=pool)
     history, summary = collect(planned, out / "runs")
     rule = tuning_record["rule"] if tuning_record is not None else "given in the spec"
     for frame in (summary, history):

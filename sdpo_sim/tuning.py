@@ -12,7 +12,8 @@ A sweep spec's ``tuning`` block::
       blocks: [main]           # optional: tune only on these blocks' points
       steps: 100               # optional: a shorter budget for tuning
 
-Rule (recorded in ``tuning.json``): for each group of ``per``, the candidate with the highest mean
+A block whose own ``base`` fixes ``lr`` (e.g. a replica of a published setting) keeps it and is
+not tuned on. Rule (recorded in ``tuning.json``): for each group of ``per``, the candidate with the highest mean
 criterion over all tuning runs and seeds of that group; ties go to the smaller lr.
 """
 
@@ -89,10 +90,10 @@ class TuningSpec:
             changes["steps"] = self.steps
         return {**point, **changes}
 
-    def plan(self, points: Sequence[tuple[str, dict]], config_fn) -> list:
+    def plan(self, points: Sequence[tuple[str, dict]], config_fn, exempt: Sequence[str] = ()) -> list:
         from .sweep import validate_points
 
-        chosen = [(b, p) for b, p in points if self.selects(b, p)]
+        chosen = [(b, p) for b, p in points if b not in exempt and self.selects(b, p)]
         if not chosen:
             raise ValueError(f"tuning: no grid point matches where={self.where} blocks={self.blocks}")
         return validate_points([("tuning", self.tuning_point(p, lr)) for _, p in chosen for lr in self.lr], config_fn)
@@ -100,19 +101,29 @@ class TuningSpec:
     def check_against(self, spec, points: Sequence[tuple[str, dict]], config_fn) -> None:
         """Refuse lr in the grid, block names that do not exist, and seed ranges that overlap."""
         names = {b.name for b in spec.blocks}
+        if "lr" in spec.base:
+            raise ValueError("base.lr is set but the tuning block chooses lr; remove one (a block's own base may fix lr to opt out of tuning)")
         if self.blocks is not None and set(self.blocks) - names:
             raise ValueError(f"tuning.blocks names unknown block(s) {sorted(set(self.blocks) - names)}; blocks: {sorted(names)}")
+        exempt = exempt_blocks(spec)
         for b in spec.blocks:
             if "lr" in b.grid or any("lr" in c for c in b.cases):
                 raise ValueError(f"block {b.name!r}: lr is chosen by tuning; remove it from the grid/cases (or drop the tuning block)")
         tune_seeds = set(range(self.seed_start, self.seed_start + self.seeds))
         for block, p in points:
+            if block in exempt:
+                continue
             full = config_fn(p)
             eval_seeds = set(range(full["seed_start"], full["seed_start"] + full["seeds"]))
             if tune_seeds & eval_seeds:
                 raise ValueError(f"tuning.seed_start={self.seed_start}: tuning seeds {min(tune_seeds)}..{max(tune_seeds)} overlap the evaluation seeds "
                                  f"{min(eval_seeds)}..{max(eval_seeds)} of block {block!r}; they must be disjoint")
-        self.plan(points, config_fn)
+        self.plan(points, config_fn, exempt)
+
+
+def exempt_blocks(spec) -> set:
+    """Blocks whose own base fixes lr: they keep it and are not tuned on."""
+    return {b.name for b in spec.blocks if "lr" in b.base}
 
 
 def select(per_seed: pd.DataFrame, tspec: TuningSpec) -> tuple[pd.DataFrame, dict]:
@@ -130,14 +141,15 @@ def select(per_seed: pd.DataFrame, tspec: TuningSpec) -> tuple[pd.DataFrame, dic
     return scores, chosen
 
 
-def tune(spec, tspec: TuningSpec, out: Path, *, config_fn, run_fn, workers: int, backend: str, progress: bool):
+def tune(spec, tspec: TuningSpec, out: Path, *, config_fn, run_fn, workers: int, backend: str, progress: bool, pool=None):
     """Run the tuning grid, choose the lrs, write ``tuning.json``/``.csv``; return (record, evaluation plan)."""
     from .stats import per_seed_metrics
     from .sweep import check_compatible, collect, execute, expand, validate_points, write_table
 
     points = expand(spec)
-    tuning_plan = tspec.plan(points, config_fn)
-    counts = execute(tuning_plan, out / "runs", run_fn=run_fn, workers=workers, backend=backend, progress=progress, desc="tuning")
+    exempt = exempt_blocks(spec)
+    tuning_plan = tspec.plan(points, config_fn, exempt)
+    counts = execute(tuning_plan, out / "runs", run_fn=run_fn, workers=workers, backend=backend, progress=progress, desc="tuning", pool=pool)
     if counts["failed"]:
         raise RuntimeError(f"{len(counts['failed'])} tuning run(s) failed, e.g. {counts['failed'][0]['error']} (see {out}/runs/{counts['failed'][0]['run_id']}.json)")
     history, _ = collect(tuning_plan, out / "runs")
@@ -145,6 +157,9 @@ def tune(spec, tspec: TuningSpec, out: Path, *, config_fn, run_fn, workers: int,
     scores, chosen = select(per_seed, tspec)
     eval_points = []
     for block, p in points:
+        if block in exempt:
+            eval_points.append((block, p))
+            continue
         key = tuple(config_fn(p)[k] for k in tspec.per)
         if key not in chosen:
             raise ValueError(f"tuning: no tuning runs for {dict(zip(tspec.per, key))} (block {block!r}); widen tuning.where/blocks")

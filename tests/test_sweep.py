@@ -150,3 +150,15 @@ def test_spec_file_round_trip(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(SPEC))
     assert len(plan(Spec.load(path), fake_config)) == 4
+
+
+def test_a_block_that_fixes_lr_keeps_it_and_is_not_tuned_on(tmp_path, runlog):
+    spec = {"base": {"steps": 10, "seeds": 2}, "tuning": {"lr": [0.1, 0.3], "seeds": 1, "seed_start": 50},
+            "blocks": [{"name": "tuned", "grid": {"method": ["reinforce", "sdpo"]}},
+                       {"name": "replica", "base": {"lr": 0.02, "method": "sdpo", "noise": 0.1}}]}
+    res = sweep(spec, tmp_path / "out")
+    lrs = res.summary.set_index("block")["lr"]
+    assert lrs["replica"] == 0.02 and set(res.summary[res.summary.block == "tuned"]["lr"]) == {0.1, 0.3}
+    assert len([line for line in runlog() if line.split()[2] == "50"]) == 2 * 2  # replica's points are not tuned on
+    with pytest.raises(ValueError, match="base.lr"):
+        sweep({**spec, "base": {"lr": 0.1}}, tmp_path / "other")
