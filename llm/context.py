@@ -120,8 +120,9 @@ def teacher_context_ids(
 ) -> list[int]:
     """Token ids of the teacher context, at most ``spec.max_context_tokens`` long.
 
-    When too long, the demonstration loses its end first, then the feedback its end, then the prompt
-    its beginning; a last left-truncation guarantees the budget. The completion is not part of this
+    When too long, the demonstration loses its end first (or goes entirely, template included, if
+    nothing would be left), then the feedback likewise, then the prompt its beginning; a last
+    left-truncation guarantees the budget. The completion is not part of this
     and is never cut.
     """
     budget = spec.max_context_tokens
@@ -132,8 +133,11 @@ def teacher_context_ids(
         if excess <= 0:
             return ids
         if parts[name]:
-            cut = _keep_tail if name == "prompt" else _keep_head
-            parts[name] = cut(tokenizer, parts[name], excess)
+            if name != "prompt" and excess >= len(_ids(tokenizer, parts[name])):
+                parts[name] = None  # nothing would be left: drop the part with its template
+            else:
+                cut = _keep_tail if name == "prompt" else _keep_head
+                parts[name] = cut(tokenizer, parts[name], excess)
     ids = _ids(tokenizer, format_prompt(tokenizer, render_reprompt(parts["prompt"], parts["demo"], parts["feedback"], spec)))
     return ids[-budget:]
 
