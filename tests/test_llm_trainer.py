@@ -1,0 +1,198 @@
+"""The trainer on a locally built tiny model: fused == unfused, resume == uninterrupted, a raising judge,
+non-finite losses, every method and teacher kind, the teacher's weight bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from llm.feedback import Judgement
+from llm.tasks import get_task
+from llm.teacher import Teacher
+from llm.tiny import build_tiny
+from llm.trainer import NonFiniteLossError, Trainer
+from tests.llm_helpers import tiny_recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny-model"), hidden_size=32, num_layers=1, seed=1)
+
+
+def _params(trainer):
+    return {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
+
+
+def _loss_and_grads(trainer, batch, fused: bool):
+    trainer.fused = fused
+    loss, _ = trainer.compute_loss(batch)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.unwrapped.named_parameters() if p.grad is not None}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads
+
+
+@pytest.mark.parametrize("overrides", [
+    {"method__support": "full", "method__loss_type": "token_mean"},
+    {"method__support": "topk", "method__topk": 7, "method__loss_type": "sequence_mean", "method__teacher_kind": "live"},
+    {"method__method": "hybrid", "method__support": "sampled", "method__loss_type": "dr_grpo", "method__teacher_kind": "frozen"},
+])
+def test_fused_loss_equals_unfused_inside_the_trainer(tiny_dir, tmp_path, overrides):
+    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, **overrides))
+    trainer.optimizer.step = lambda: None  # noqa: E731 — only gradients are compared
+    trainer.step(0)  # move the student away from the teacher so the loss is not zero
+    with torch.no_grad():  # and make student and teacher differ clearly
+        for p in trainer.unwrapped.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch, info = trainer.rollout(1)
+    assert info["distilled"] > 0
+    loss_u, grads_u = _loss_and_grads(trainer, batch, fused=False)
+    loss_f, grads_f = _loss_and_grads(trainer, batch, fused=True)
+    assert abs(loss_u) > 1e-4 and math.isclose(loss_u, loss_f, rel_tol=1e-5)
+    assert grads_u.keys() == grads_f.keys() and grads_u
+    for name in grads_u:
+        torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def _rows(out_dir):
+    rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dir, tmp_path):
+    common = dict(training__steps=4, training__save_every=2, method__method="hybrid", method__controller="entropy",
+                  method__entropy_target=4.0, method__teacher_kind="ema", method__teacher_rate=0.2, training__learning_rate=3e-3)
+    straight = Trainer(tiny_recipe(tiny_dir, tmp_path / "straight", **common))
+    straight.train()
+    first = Trainer(tiny_recipe(tiny_dir, tmp_path / "split", **{**common, "training__steps": 2}))
+    first.train()
+    resumed = Trainer(tiny_recipe(tiny_dir, tmp_path / "split", **common))
+    resumed.train(resume=True)
+    assert resumed.start_step == 2
+    a, b = _params(straight), _params(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    for n, w in straight.teacher.weights.items():
+        assert torch.equal(w, resumed.teacher.weights[n])
+    assert _rows(tmp_path / "straight") == _rows(tmp_path / "split")
+    assert any(not torch.equal(a[n], p) for n, p in _params(Trainer(tiny_recipe(tiny_dir, tmp_path / "fresh"))).items())
+    state = torch.load(tmp_path / "split" / "checkpoints" / "step-000004" / "rank-0.pt", weights_only=True)
+    assert {"model", "optimizer", "teacher", "rng"} <= set(state)
+
+
+def test_a_raising_judge_costs_only_that_sample_its_feedback(tiny_dir, tmp_path, caplog):
+    task = get_task("word-constraints")
+    calls = {"n": 0}
+
+    def flaky(prompt, completion):
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            raise RuntimeError("judge service timed out")
+        return task.judge(prompt, completion)
+
+    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, training__steps=2, method__method="hybrid"), judge=flaky)
+    batch, info = trainer.rollout(0)
+    failed = batch.judged == 0
+    assert info["judge_failures"] == int(failed.sum()) == 2
+    assert "judge service timed out" in caplog.text
+    ok = [s for s, f in zip(info["texts"], failed.tolist()) if not f]
+    assert len(ok) == info["completions"] - 2 and torch.isfinite(batch.advantages).all()
+    rows = trainer.train()
+    assert len(rows) == 2 and all(r["judge_failures"] >= 1 for r in rows) and all(math.isfinite(r["loss"]) for r in rows)
+
+
+def test_failed_judge_gets_no_feedback_context(tiny_dir, tmp_path):
+    def never(prompt, completion):
+        raise ValueError("no verdict")
+
+    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, method__method="sdpo"), judge=never)
+    batch, info = trainer.rollout(0)
+    assert info["judge_failures"] == info["completions"]
+    assert float(batch.distill_mask.sum()) == 0  # no feedback and no successful sibling: no distillation loss
+    loss, _ = trainer.compute_loss(batch)
+    assert float(loss.detach()) == 0.0
+
+
+def test_nonfinite_loss_is_skipped_counted_and_stops_the_run(tiny_dir, tmp_path):
+    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path / "skip", training__steps=3))
+    real = trainer.compute_loss
+    calls = {"n": 0}
+
+    def once_nan(batch):
+        loss, stats = real(batch)
+        calls["n"] += 1
+        return (loss * float("nan"), stats) if calls["n"] == 1 else (loss, stats)
+
+    trainer.compute_loss = once_nan
+    before = _params(trainer)
+    trainer.step(0)
+    assert trainer.nonfinite_steps == 1 and all(torch.equal(before[n], p) for n, p in _params(trainer).items())
+    metrics = trainer.step(1)
+    assert metrics["nonfinite_steps"] == 1 and trainer.nonfinite_run == 0
+    assert any(not torch.equal(before[n], p) for n, p in _params(trainer).items())
+
+    stuck = Trainer(tiny_recipe(tiny_dir, tmp_path / "stop", training__steps=10, training__max_consecutive_nonfinite=2))
+    real_stuck = stuck.compute_loss
+    stuck.compute_loss = lambda batch: (lambda ls: (ls[0] * float("inf"), ls[1]))(real_stuck(batch))
+    with pytest.raises(NonFiniteLossError, match="max_consecutive_nonfinite=2"):
+        stuck.train()
+    assert (tmp_path / "stop" / "checkpoints" / "step-000002" / "state.pt").is_file()
+    rows = _rows(tmp_path / "stop")
+    assert [r["nonfinite_steps"] for r in rows] == [1, 2]
+
+
+@pytest.mark.parametrize("overrides", [
+    {"method__method": "grpo"},
+    {"method__method": "reinforce", "method__num_generations": 1},
+    {"method__method": "hybrid", "method__controller": "divergence", "method__teacher_kind": "trust_region"},
+    {"method__method": "sdpo", "task__feedback": "none", "training__updates_per_batch": 2, "training__heatmap_every": 1},
+])
+def test_every_method_and_teacher_kind_trains(tiny_dir, tmp_path, overrides):
+    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, **overrides))
+    before = _params(trainer)
+    rows = trainer.train()
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and 0 <= r["reward"] <= 1 for r in rows)
+    assert any(not torch.equal(before[n], p) for n, p in _params(trainer).items())
+    method = trainer.method.method
+    assert all(math.isnan(r["divergence"]) for r in rows) == (method in ("grpo", "reinforce"))
+    if method == "hybrid":
+        assert all(0 <= r["alpha_mix"] <= 1 for r in rows)
+    if overrides.get("training__heatmap_every") and any(r["distill_fraction"] > 0 for r in rows):
+        assert list((tmp_path / "heatmaps").glob("*.html"))
+
+
+def test_vllm_backend_without_vllm_is_a_clear_error(tiny_dir, tmp_path):
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vllm is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match="vllm.*not installed"):
+        Trainer(tiny_recipe(tiny_dir, tmp_path, generation__backend="vllm"))
+
+
+def test_teacher_kinds_bookkeeping():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ema = Teacher("ema", 0.25, model)
+    frozen = Teacher("frozen", 0.25, model)
+    region = Teacher("trust_region", 0.25, model)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.weights["weight"], start["weight"] + 0.25)  # θ_T ← θ_T + r·(θ − θ_T)
+    frozen.update(model)
+    assert torch.equal(frozen.weights["weight"], start["weight"])
+    x = torch.randn(4, 3)
+    (c, out), = frozen.outputs(model, lambda: model(x))
+    torch.testing.assert_close(out, x @ start["weight"].T + start["bias"])
+    assert torch.equal(model.weight, start["weight"] + 1.0)  # swapped back
+    terms = region.outputs(model, lambda: model(x))
+    assert [c for c, _ in terms] == [0.75, 0.25]
+    torch.testing.assert_close(terms[1][1], model(x))
+    with pytest.raises(ValueError, match="teacher kind"):
+        Teacher("oracle", 0.1, model)
