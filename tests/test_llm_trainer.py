@@ -14,7 +14,7 @@ from llm.tasks import get_task
 from llm.teacher import Teacher
 from llm.tiny import build_tiny
 from llm.trainer import NonFiniteLossError, Trainer
-from tests.llm_helpers import tiny_recipe
+from llm_helpers import tiny_recipe
 
 
 @pytest.fixture(scope="module")
