@@ -481,11 +481,12 @@ def plan(spec: Spec, config_fn: ConfigFn = toy_config) -> list[Planned]:
     points = expand(spec)
     if not points:
         raise ValueError("the spec expands to no runs")
+    planned = validate_points(points, config_fn)
     if spec.tuning is not None:
         from .tuning import TuningSpec
 
         TuningSpec.from_dict(spec.tuning, _known_fields(config_fn)).check_against(spec, points, config_fn)
-    return validate_points(points, config_fn)
+    return planned
 
 
 def check_compatible(out: Path, spec: Spec, wanted: set, *, ignore: Sequence[str] = ()) -> None:

@@ -93,7 +93,7 @@ class TuningSpec:
     def plan(self, points: Sequence[tuple[str, dict]], config_fn, exempt: Sequence[str] = ()) -> list:
         from .sweep import validate_points
 
-        chosen = [(b, p) for b, p in points if b not in exempt and self.selects(b, p)]
+        chosen = [(b, p) for b, p in points if b not in exempt and self.selects(b, config_fn(p))]  # where matches defaults too
         if not chosen:
             raise ValueError(f"tuning: no grid point matches where={self.where} blocks={self.blocks}")
         return validate_points([("tuning", self.tuning_point(p, lr)) for _, p in chosen for lr in self.lr], config_fn)

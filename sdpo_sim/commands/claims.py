@@ -1,0 +1,51 @@
+"""``sdpo-sim claims``: run the canonical experiments and write CLAIMS.md / CLAIMS.json and the figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .sweep import add_workers
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("claims", help="measure every claim of the reference study: CLAIMS.md + CLAIMS.json (+ figures)",
+                              description="Runs the canonical claims sweep (resumable), draws the figures and writes the claims report. "
+                                          "Canonical scale: ~80 runs, ≤ 15 min on 2 cores; --quick: a tiny world in seconds.")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--quick", dest="scale", action="store_const", const="quick", help="tiny smoke scale (numbers are not evidence)")
+    scale.add_argument("--scale", choices=["canonical", "main", "quick"], default="canonical")
+    p.add_argument("--spec", help="use this spec file instead of the packaged one (same block names)")
+    p.add_argument("--out", default=None, help="sweep directory (default outputs/claims[-SCALE])")
+    p.add_argument("--report", default=None, help="where CLAIMS.md/.json go (default: --out); the committed report uses `.`")
+    p.add_argument("--figures", default=None, help="where figures go (default: OUT/figures); the committed figures use `figures`")
+    p.add_argument("--record-walltime", default=None, metavar="JSON", help="also write the wall time here (benchmarks/results/claims_walltime.json)")
+    add_workers(p)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    import os
+    import platform
+
+    from ..claims import run_claims
+    from ..io import atomic_write_text
+
+    out = Path(args.out or ("outputs/claims" if args.scale == "canonical" else f"outputs/claims-{args.scale}"))
+    res = run_claims(args.scale, out=out, report_dir=args.report and Path(args.report), figures_dir=args.figures and Path(args.figures),
+                     workers=args.workers, progress=args.progress, spec=args.spec, sweep_kwargs={"backend": args.backend})
+    for c in res["claims"]:
+        print(f"{c.id:4s} {c.verdict:36s} {c.statement}")
+    print(f"report: {res['markdown']}  {res['json']}")
+    print(f"figures: {', '.join(sorted(str(p[0].parent) for p in res['figures'].values())[:1]) or 'none'} ({len(res['figures'])} figures)")
+    print(f"wall time: {res['wall_time_s']:.0f} s with {args.workers} worker(s)")
+    if res["sweep"].failed:
+        print(res["sweep"].report())
+    if args.record_walltime:
+        record = {"command": "sdpo-sim claims" + ("" if args.scale == "canonical" else f" --scale {args.scale}") + f" --workers {args.workers}",
+                  "wall_time_s": round(res["wall_time_s"], 1), "runs": res["sweep"].counts["total"], "ran": res["sweep"].counts["ok"],
+                  "skipped_already_done": res["sweep"].counts["skipped"], "cpu_count": os.cpu_count(), "machine": platform.machine(),
+                  "python": platform.python_version(), "target_s": 900}
+        atomic_write_text(args.record_walltime, json.dumps(record, indent=1) + "\n")
+    return 1 if res["sweep"].failed else 0

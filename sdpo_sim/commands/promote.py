@@ -1,0 +1,39 @@
+"""``sdpo-sim promote DIR``: turn the best validated sweep configuration into an LLM recipe."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("promote", help="write an LLM recipe whose method block is the sweep's best configuration",
+                              description="Rule: highest mean final exact reward among configurations whose mean final per-token entropy "
+                                          "≥ --entropy-floor (oracle/seed-paper/null teachers excluded). Prints what does not transfer.")
+    p.add_argument("sweep", help="a finished sweep directory")
+    p.add_argument("--base", default="llm/recipes/tiny-cpu.yaml", help="LLM recipe to start from (default llm/recipes/tiny-cpu.yaml)")
+    p.add_argument("--out", default=None, help="where to write the recipe (default SWEEP/promoted-recipe.yaml)")
+    p.add_argument("--entropy-floor", type=float, default=0.5, help="minimal mean final per-token entropy, nats (default 0.5)")
+    p.add_argument("--metric", default="final_reward", choices=["final_reward", "auc"], help="what 'best' maximises (default final_reward)")
+    p.add_argument("--method", default=None, choices=["reinforce", "grpo", "sdpo", "hybrid"], help="only consider this method")
+    p.add_argument("--top", type=int, default=5, help="show this many candidates")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ..promote import promote
+
+    out = Path(args.out or Path(args.sweep) / "promoted-recipe.yaml")
+    res = promote(args.sweep, base=args.base, out=out, entropy_floor=args.entropy_floor, metric=args.metric, method=args.method)
+    cols = ["method", "feedback", "teacher", "controller", args.metric, "entropy", "n", "eligible"]
+    print(f"rule: {res.rule}\n")
+    print(res.candidates[cols].head(args.top).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    print("\nchosen method block:")
+    for k, v in res.recipe["method"].items():
+        print(f"  {k}: {v}")
+    print("\ndoes not transfer (set or tune these in the LLM world):")
+    for name, value, why in res.not_transferred:
+        print(f"  {name} = {value!r}: {why}")
+    print(f"\nwrote {out}")
+    return 0

@@ -1,0 +1,120 @@
+"""Promotion: pick a validated configuration from a sweep and write an LLM recipe whose ``method:`` block is it.
+
+Rule (default): among the sweep's configurations — pooled over seeds and task seeds — whose mean
+final per-token entropy stays at or above a floor, the one with the highest mean final exact reward.
+Configurations whose teacher cannot exist in an LLM (``oracle`` reads the exact advantage,
+``seed-paper`` the reward table, ``null`` is a control) are never candidates.
+
+The base recipe is read as plain YAML (``sdpo_sim`` never imports ``llm``); only its ``method:``
+block (and ``task.feedback`` when it has one) changes. What does not transfer is reported: the
+learning rate, and every toy-world-only setting (teacher model, rho, beta, noise, world size, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import pandas as pd
+import yaml
+
+from .config import MethodConfig
+from .io import atomic_write_text
+from .stats import bootstrap_ci
+
+METRICS = ("final_reward", "auc")
+NOT_IN_LLM = ("oracle", "seed-paper", "null")
+SEED_FIELDS = ("seeds", "seed_start", "task_seed")
+LLM_FEEDBACK = ("binary", "ordinal", "continuous", "critique")
+# toy-world settings with no LLM counterpart in a recipe: (field, why)
+TOY_ONLY = {
+    "teacher": "the retrospection model is how the toy world imitates a network re-reading its attempt; an LLM teacher is the network itself",
+    "rho": "self-knowledge fidelity is a property of the model, not a setting",
+    "beta": "teacher sharpness is implicit in how strongly the LLM reacts to feedback in context",
+    "noise": "judge noise in the toy world models an imperfect evaluator; an LLM run has its own judge",
+    "hint_noise": "critique hint noise (toy world)",
+    "policy": "tabular policy family",
+    "vocab_size": "toy world size", "seq_len": "toy world size",
+    "steps": "a step budget does not transfer across worlds", "batch_size": "toy batch size (recipe: prompts_per_step × num_generations)",
+    "optimizer": "the recipe's optimizer is AdamW", "threshold": "binary threshold of the toy judge",
+}
+DEFAULT_BASE = Path("llm/recipes/tiny-cpu.yaml")
+
+
+@dataclass
+class Promotion:
+    recipe: dict
+    chosen: dict  # the winning configuration (full flat toy-world config)
+    candidates: pd.DataFrame  # every configuration with its scores, ranked
+    not_transferred: list  # (setting, toy value, recipe value / note)
+    rule: str
+
+
+def candidates(seeds: pd.DataFrame, metric: str = "final_reward") -> pd.DataFrame:
+    """One row per configuration (seed fields pooled): mean metric with CI, mean final entropy, n units."""
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r} is not allowed; choose one of {', '.join(map(repr, METRICS))}")
+    if seeds.empty or "config" not in seeds:
+        raise ValueError("the sweep has no finished runs with stored configs (seeds table is empty)")
+    seeds = seeds.drop_duplicates(["run_id", "seed"])
+    key = seeds["config"].map(lambda s: json.dumps({k: v for k, v in json.loads(s).items() if k not in SEED_FIELDS}, sort_keys=True))
+    rows = []
+    for k, g in seeds.groupby(key, sort=False):
+        mean, lo, hi = bootstrap_ci(g[metric])
+        cfg = json.loads(k)
+        rows.append({"method": cfg["method"], "feedback": cfg.get("feedback"), "teacher": cfg.get("teacher"), "controller": cfg.get("controller"),
+                     metric: mean, f"{metric}_ci_lo": lo, f"{metric}_ci_hi": hi, "entropy": g["entropy"].mean(), "n": len(g), "config": k})
+    return pd.DataFrame(rows).sort_values(metric, ascending=False, ignore_index=True)
+
+
+def select(seeds: pd.DataFrame, *, entropy_floor: float = 0.5, metric: str = "final_reward", method: Optional[str] = None) -> tuple[dict, pd.DataFrame, str]:
+    """Apply the rule; returns (chosen full config, ranked candidate table with an ``eligible`` column, rule text)."""
+    if not isinstance(entropy_floor, (int, float)) or entropy_floor < 0:
+        raise ValueError(f"entropy_floor={entropy_floor!r} must be a number ≥ 0 (nats per token)")
+    table = candidates(seeds, metric)
+    eligible = ~table["teacher"].isin(NOT_IN_LLM) & (table["entropy"] >= entropy_floor)
+    if method is not None:
+        eligible &= table["method"] == method
+    table["eligible"] = eligible
+    rule = (f"highest mean {metric} among configurations with mean final per-token entropy ≥ {entropy_floor:g} nats"
+            + (f" and method={method}" if method else "") + f"; teachers {', '.join(NOT_IN_LLM)} excluded (they cannot exist in an LLM)")
+    if not eligible.any():
+        raise ValueError(f"no configuration passes the rule ({rule}); lower --entropy-floor (highest entropy seen: {table['entropy'].max():.3f} nats)")
+    best = table[eligible].iloc[0]
+    return json.loads(best["config"]), table, rule
+
+
+def promote(sweep_dir: Union[str, Path], *, base: Union[str, Path] = DEFAULT_BASE, out: Optional[Union[str, Path]] = None,
+            entropy_floor: float = 0.5, metric: str = "final_reward", method: Optional[str] = None) -> Promotion:
+    """Select a configuration from a sweep and build (and optionally write) the LLM recipe."""
+    from .sweep import load_tables
+
+    base = Path(base)
+    if not base.is_file():
+        raise ValueError(f"base recipe {str(base)!r} does not exist (the LLM recipes live in llm/recipes/; pass --base PATH)")
+    recipe = yaml.safe_load(base.read_text())
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("method"), dict):
+        raise ValueError(f"base recipe {base} has no `method:` mapping; is it an LLM recipe?")
+    chosen, table, rule = select(load_tables(sweep_dir)["seeds"], entropy_floor=entropy_floor, metric=metric, method=method)
+    method_block = MethodConfig.from_dict({k: v for k, v in chosen.items() if k in MethodConfig.field_names()}).to_dict()
+    recipe = {**recipe, "method": method_block}
+    notes = []
+    training = recipe.get("training") if isinstance(recipe.get("training"), dict) else {}
+    notes.append(("lr", chosen.get("lr"), f"kept the recipe's learning_rate {training.get('learning_rate', '(none)')}: tune it in the LLM world"))
+    task = recipe.get("task") if isinstance(recipe.get("task"), dict) else None
+    fb = chosen.get("feedback")
+    if task is not None and "feedback" in task and fb in LLM_FEEDBACK:
+        recipe["task"] = {**task, "feedback": fb}
+    else:
+        notes.append(("feedback", fb, "no recipe counterpart set" + (" (demo: use the recipe's context.use_demo)" if fb == "demo" else "")))
+    for name, why in TOY_ONLY.items():
+        if name in chosen:
+            notes.append((name, chosen[name], why))
+    if out is not None:
+        header = (f"# Promoted by `sdpo-sim promote {sweep_dir}` from base recipe {base}.\n# Rule: {rule}.\n"
+                  f"# Toy-world result: {metric} {table[table.eligible].iloc[0][metric]:.3f}, final entropy {table[table.eligible].iloc[0]['entropy']:.3f} nats.\n"
+                  f"# The method block is exactly the chosen MethodConfig; the learning rate does not transfer (see the command's output).\n")
+        atomic_write_text(out, header + yaml.safe_dump(recipe, sort_keys=False))
+    return Promotion(recipe, chosen, table, notes, rule)
