@@ -50,6 +50,10 @@ _PROMPT_RE = re.compile(
     r"Write a (\d+)-letter word with '([a-z])', without '([a-z])', ending in '([a-z])'\.\n?$"
 )
 MIN_LENGTH, MAX_LENGTH = 3, 6
+# Each role draws its letter from its own set, so a letter's role can be read off the letter itself:
+# this keeps the task learnable by a tiny character-level model in a few hundred CPU steps.
+REQUIRED_LETTERS, FORBIDDEN_LETTERS, ENDING_LETTERS = "aeiou", "bcdfg", "lnrst"
+FILLER_LETTERS = "".join(c for c in LETTERS if c not in REQUIRED_LETTERS + FORBIDDEN_LETTERS + ENDING_LETTERS)
 
 
 def word_prompt(spec: WordSpec) -> str:
@@ -66,9 +70,9 @@ def parse_word_prompt(prompt: str) -> WordSpec:
 
 
 def sample_word_spec(rng: random.Random) -> WordSpec:
-    """Length 3–6 and three letters with ``forbidden ∉ {required, ending}`` and ``required ≠ ending``."""
-    required, forbidden, ending = rng.sample(LETTERS, 3)
-    return WordSpec(rng.randint(MIN_LENGTH, MAX_LENGTH), required, forbidden, ending)
+    """Length 3–6, a required vowel, a forbidden letter from ``bcdfg`` and an ending from ``lnrst``."""
+    length = rng.randint(MIN_LENGTH, MAX_LENGTH)
+    return WordSpec(length, rng.choice(REQUIRED_LETTERS), rng.choice(FORBIDDEN_LETTERS), rng.choice(ENDING_LETTERS))
 
 
 def sample_word_prompts(rng: random.Random, n: int) -> list[str]:
@@ -121,7 +125,7 @@ def sample_word_answer(prompt: str, rng: random.Random, quality: float = 0.5) ->
     length = spec.length
     if not ok["length"]:
         length = rng.choice([n for n in (spec.length - 2, spec.length - 1, spec.length + 1, spec.length + 2) if 3 <= n <= 8])
-    filler = [c for c in LETTERS if c not in (spec.required, spec.forbidden, spec.ending)]
+    filler = FILLER_LETTERS
     word = [rng.choice(filler) for _ in range(length)]
     word[-1] = spec.ending if ok["ending"] else rng.choice(filler)
     inner = list(range(length - 1))
