@@ -43,24 +43,46 @@ def _conditionals(levels: list[torch.Tensor], vocab_size: int) -> list[torch.Ten
     return out
 
 
-def prefix_values(rewards: torch.Tensor, seq_logprobs: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
-    """``Q(y_≤k) = E_π[R | y_≤k]`` for k = 0..T as ``[..., V**k]`` tables; ``Q_0 = J``, ``Q_T = R``.
+def prefix_tables(rewards: torch.Tensor, seq_logprobs: torch.Tensor, seq_len: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Prefix masses ``P(y_≤k)`` and values ``Q(y_≤k) = E_π[R | y_≤k]`` for k = 0..T, each ``[..., V**k]``.
 
     ``Q(y_≤k) = Σ_{y ⊒ y_≤k} π(y)R(y) / Σ_{y ⊒ y_≤k} π(y)``, summed one level at a time; a prefix of
-    zero mass (unreachable) gets the plain mean of its children.
+    zero mass (unreachable) gets the plain mean of its children. ``Q_0 = J``, ``Q_T = R``.
     """
     vocab = _sizes(seq_logprobs.shape[-1], seq_len)
     if rewards.shape[-1] != seq_logprobs.shape[-1]:
         raise ValueError(f"rewards has {rewards.shape[-1]} entries but seq_logprobs has {seq_logprobs.shape[-1]}")
-    mass = seq_logprobs.exp()
-    weighted = mass * rewards.to(seq_logprobs.dtype)
-    values = [rewards.to(seq_logprobs.dtype).expand_as(seq_logprobs)]
+    rewards = rewards.to(seq_logprobs.dtype)
+    masses = [seq_logprobs.exp()]
+    weighted = masses[0] * rewards
+    values = [rewards.expand_as(seq_logprobs)]
     for _ in range(seq_len):
-        shape = (*mass.shape[:-1], -1, vocab)
-        mass, weighted = mass.view(shape).sum(-1), weighted.view(shape).sum(-1)
+        shape = (*masses[-1].shape[:-1], -1, vocab)
+        mass, weighted = masses[-1].view(shape).sum(-1), weighted.view(shape).sum(-1)
         fallback = values[-1].reshape(shape).mean(-1)
         values.append(torch.where(mass > 0, weighted / mass.clamp(min=torch.finfo(mass.dtype).tiny), fallback))
-    return values[::-1]
+        masses.append(mass)
+    return masses[::-1], values[::-1]
+
+
+def prefix_values(rewards: torch.Tensor, seq_logprobs: torch.Tensor, seq_len: int) -> list[torch.Tensor]:
+    """``Q(y_≤k)`` for k = 0..T as ``[..., V**k]`` tables (see :func:`prefix_tables`)."""
+    return prefix_tables(rewards, seq_logprobs, seq_len)[1]
+
+
+def action_values_from_tables(values: list[torch.Tensor], sequences: torch.Tensor) -> torch.Tensor:
+    """``A*_t(v; y) = Q(y_<t, v) − Q(y_<t)`` from prefix values; ``sequences [..., N, T]`` → ``[..., N, T, V]``."""
+    seq_len = sequences.shape[-1]
+    vocab = values[1].shape[-1]
+    index = sequence_index(sequences, vocab)  # [..., N]
+    out = []
+    for t in range(seq_len):
+        prefix = index // vocab ** (seq_len - t)  # flat index of y_<t, [..., N]
+        q_next = values[t + 1].view(*values[t].shape, vocab)  # [..., V**t, V]
+        q_here = q_next.gather(-2, prefix.unsqueeze(-1).expand(*prefix.shape, vocab))  # [..., N, V]
+        v_here = values[t].gather(-1, prefix)  # [..., N]
+        out.append(q_here - v_here.unsqueeze(-1))
+    return torch.stack(out, dim=-2)
 
 
 def action_values(rewards: torch.Tensor, seq_logprobs: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
@@ -75,18 +97,7 @@ def action_values(rewards: torch.Tensor, seq_logprobs: torch.Tensor, sequences: 
     Returns:
         ``[..., N, T, V]``.
     """
-    seq_len = sequences.shape[-1]
-    vocab = _sizes(seq_logprobs.shape[-1], seq_len)
-    values = prefix_values(rewards, seq_logprobs, seq_len)
-    index = sequence_index(sequences, vocab)  # [..., N]
-    out = []
-    for t in range(seq_len):
-        prefix = index // vocab ** (seq_len - t)  # flat index of y_<t, [..., N]
-        q_next = values[t + 1].view(*values[t].shape, vocab)  # [..., V**t, V]
-        q_here = q_next.gather(-2, prefix.unsqueeze(-1).expand(*prefix.shape, vocab))  # [..., N, V]
-        v_here = values[t].gather(-1, prefix)  # [..., N]
-        out.append(q_here - v_here.unsqueeze(-1))
-    return torch.stack(out, dim=-2)
+    return action_values_from_tables(prefix_values(rewards, seq_logprobs, sequences.shape[-1]), sequences)
 
 
 def advantages(rewards: torch.Tensor, seq_logprobs: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
@@ -95,6 +106,19 @@ def advantages(rewards: torch.Tensor, seq_logprobs: torch.Tensor, sequences: tor
     Telescopes: ``Σ_t A*_t(y) = R(y) − J``; ``E_π[A*_t] = 0``. Works for any autoregressive policy.
     """
     return action_values(rewards, seq_logprobs, sequences).gather(-1, sequences.unsqueeze(-1)).squeeze(-1)
+
+
+def advantage_mass(masses: list[torch.Tensor], values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``P(y_<t, v)·(Q(y_<t, v) − Q(y_<t))`` for t = 0..T−1 as ``[..., V**t, V]`` tables.
+
+    Summed over the prefixes that share a softmax, this is the exact policy gradient
+    ``∂J/∂ℓ(v | ctx) = Σ_{y_<t ↦ ctx} P(y_<t)·π(v|y_<t)·A*(y_<t, v)`` of a tabular softmax policy.
+    """
+    out = []
+    for t in range(len(values) - 1):
+        shape = (*values[t].shape, -1)
+        out.append(masses[t + 1].view(shape) * (values[t + 1].view(shape) - values[t].unsqueeze(-1)))
+    return out
 
 
 def expected_reward(rewards: torch.Tensor, seq_logprobs: torch.Tensor) -> torch.Tensor:

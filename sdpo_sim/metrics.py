@@ -54,23 +54,27 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def exact_state(
     task: Task, policy: TabularPolicy, theta: torch.Tensor, theta_init: torch.Tensor, sequences: torch.Tensor,
-    *, chunk: int = 16,
+    *, chunk: int = 2,
 ) -> dict[str, torch.Tensor]:
-    """Exact quantities of the current policies, computed ``chunk`` runs at a time (float64).
+    """Exact quantities of the current policies, computed ``chunk`` runs at a time (float64), sharing
+    one pass of prefix tables.
 
     Returns ``reward, entropy (per token), seq_entropy, kl_init`` as ``[runs]``, ``grad_J`` shaped
     like ``theta`` and ``advantages`` ``[runs, B, T]`` (``A*`` of the given sampled sequences).
     """
-    V, T = task.vocab_size, task.seq_len
+    T = task.seq_len
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("reward", "entropy", "seq_entropy", "kl_init", "grad_J", "advantages")}
     for lo in range(0, theta.shape[0], chunk):
-        th = theta[lo : lo + chunk].detach().double()
-        J, grad, logp = exact.reward_and_gradient(task.rewards, th, policy.seq_logprobs)
-        h_seq = exact.sequence_entropy(logp)
-        parts["reward"].append(J)
+        logp = policy.seq_logprobs(theta[lo : lo + chunk].detach().double())
+        masses, values = exact.prefix_tables(task.rewards, logp, T)
+        p = masses[T]
+        h_seq = -(p * logp).nan_to_num(0.0).sum(-1)  # H(Y) = −Σ π log π
+        cross = (p * policy.seq_logprobs(theta_init[lo : lo + chunk].double())).nan_to_num(0.0).sum(-1)
+        seqs = sequences[lo : lo + chunk]
+        parts["reward"].append(values[0][..., 0])  # Q of the empty prefix = J
         parts["seq_entropy"].append(h_seq)
         parts["entropy"].append(h_seq / T)  # chain rule: mean conditional entropy = H(Y)/T (tested)
-        parts["kl_init"].append(exact.kl_divergence(logp, policy.seq_logprobs(theta_init[lo : lo + chunk].double())))
-        parts["grad_J"].append(grad)
-        parts["advantages"].append(exact.advantages(task.rewards, logp, sequences[lo : lo + chunk]))
+        parts["kl_init"].append(-h_seq - cross)  # KL(π‖π_init) = −H(π) − Σ π log π_init
+        parts["grad_J"].append(policy.gradient_from_advantage_mass(exact.advantage_mass(masses, values)))
+        parts["advantages"].append(exact.action_values_from_tables(values, seqs).gather(-1, seqs.unsqueeze(-1)).squeeze(-1))
     return {k: torch.cat(v) for k, v in parts.items()}

@@ -137,3 +137,23 @@ def test_exact_gradient_matches_finite_differences():
         e[idx] = 1e-6
         assert float(grad[idx]) == pytest.approx((J(theta + e) - J(theta - e)) / 2e-6, abs=1e-8)
     assert float(grad[0, 0, 1:].abs().sum()) == 0.0  # position 0 only uses context 0
+
+
+@pytest.mark.parametrize("kind", ["markov", "factored"])
+def test_exact_state_agrees_with_the_library_functions(kind):
+    from sdpo_sim.metrics import exact_state
+
+    task = Task(seed=4, vocab_size=V, seq_len=T)
+    pol = TabularPolicy(kind, vocab_size=V, seq_len=T, temperature=0.7)
+    theta = torch.randn(3, T, pol.num_contexts, V, generator=torch.Generator().manual_seed(5))
+    theta0 = torch.randn(3, T, pol.num_contexts, V, generator=torch.Generator().manual_seed(6))
+    seqs = torch.randint(V, (3, 5, T), generator=torch.Generator().manual_seed(7))
+    got = exact_state(task, pol, theta, theta0, seqs, chunk=2)
+    logp, logp0 = pol.seq_logprobs(theta.double()), pol.seq_logprobs(theta0.double())
+    assert torch.allclose(got["reward"], exact.expected_reward(task.rewards, logp))
+    assert torch.allclose(got["entropy"], exact.token_entropy(logp, V, T))
+    assert torch.allclose(got["seq_entropy"], exact.sequence_entropy(logp))
+    assert torch.allclose(got["kl_init"], exact.kl_divergence(logp, logp0))
+    assert torch.allclose(got["advantages"], exact.advantages(task.rewards, logp, seqs))
+    # the analytic policy gradient equals autograd through the enumeration
+    assert torch.allclose(got["grad_J"], exact.reward_gradient(task.rewards, theta.double(), pol.seq_logprobs), atol=1e-12)
