@@ -92,6 +92,7 @@ def _block(frame: pd.DataFrame, *names: str) -> pd.DataFrame:
     if "block" not in frame:
         return frame.iloc[0:0]
     keys = ["run_id", "seed", "step"] if "step" in frame else ["run_id", "seed"]
+    frame = frame if "arm" in frame else with_arm(frame)
     return frame[frame["block"].isin(names)].drop_duplicates(keys)
 
 
@@ -444,8 +445,9 @@ def spec_path(scale: str) -> Path:
 
 
 def run_claims(scale: str = "canonical", *, out: Path, report_dir: Optional[Path] = None, figures_dir: Optional[Path] = None, workers: int = 2,
-               progress: bool = True, spec: Optional[Path] = None, command: str = "sdpo-sim claims", sweep_kwargs: Optional[dict] = None) -> dict:
-    """Sweep (resumable) → figures → claims. Returns paths and the wall time."""
+               progress: bool = True, spec: Optional[Path] = None, command: str = "sdpo-sim claims", sweep_kwargs: Optional[dict] = None,
+               figures: bool = True) -> dict:
+    """Sweep (resumable) → figures (unless ``figures=False``) → claims. Returns paths and the wall time."""
     import time
 
     from .plots import write_figures
@@ -455,7 +457,7 @@ def run_claims(scale: str = "canonical", *, out: Path, report_dir: Optional[Path
     spec_file = Path(spec) if spec else spec_path(scale)
     result = run_sweep(Spec.load(spec_file), out, workers=workers, progress=progress, **(sweep_kwargs or {}))
     tables = {"history": result.history, "seeds": result.seeds, "summary": result.summary}
-    figures = write_figures(tables, figures_dir or Path(out) / "figures") if not result.history.empty else {}
+    drawn = write_figures(tables, figures_dir or Path(out) / "figures") if figures and not result.history.empty else {}
     claims = evaluate(tables)
     wall = time.perf_counter() - start
     meta = {"command": command, "spec": spec_file.name if not spec else str(spec_file), "scale": scale, "runs": result.counts["total"], "failed": len(result.failed),
@@ -463,7 +465,7 @@ def run_claims(scale: str = "canonical", *, out: Path, report_dir: Optional[Path
             "git_commit": _first(result.summary, "git_commit"), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "lr_rule": result.tuning["rule"] if result.tuning else "as given in the spec", "tuning": result.tuning}
     md, js = write_report(claims, replica(_units(result.seeds)), meta, Path(report_dir or out))
-    return {"claims": claims, "markdown": md, "json": js, "figures": figures, "wall_time_s": wall, "sweep": result}
+    return {"claims": claims, "markdown": md, "json": js, "figures": drawn, "wall_time_s": wall, "sweep": result}
 
 
 def _first(frame: pd.DataFrame, col: str) -> Any:

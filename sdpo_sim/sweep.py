@@ -22,6 +22,7 @@ changed spec is accepted only if every finished run is still part of it.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -282,6 +283,22 @@ def execute_one(run_fn: RunFn, rid: str, config: dict, runs_dir: str, meta: dict
     return {"run_id": rid, "status": record["status"], "error": record["error"]}
 
 
+@contextlib.contextmanager
+def _single_thread():
+    """Run torch on one thread inside the block, restoring the caller's setting after."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _init_worker(threads: int) -> None:
     try:
         import torch
@@ -359,8 +376,9 @@ def execute(
     if backend == "ray":
         _execute_ray(pending, runs_dir, run_fn, meta, record)
     elif backend == "serial" or workers == 1 or len(pending) <= 1:
-        for p in pending:
-            record(execute_one(run_fn, p.run_id, p.config, str(runs_dir), meta))
+        with _single_thread():  # tabular runs are many tiny ops: extra threads only contend
+            for p in pending:
+                record(execute_one(run_fn, p.run_id, p.config, str(runs_dir), meta))
     else:
         own = pool is None
         pool = WorkerPool(workers) if own else pool

@@ -1,0 +1,66 @@
+"""Promotion: the rule picks the right configuration of a real (tiny) sweep and writes a recipe whose method block loads."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from sdpo_sim.config import MethodConfig
+from sdpo_sim.promote import promote
+from sdpo_sim.sweep import Spec, run_sweep
+
+BASE = {"model": {"path": "m"}, "task": {"name": "t", "feedback": "binary", "noise": 0.0},
+        "method": {"method": "grpo"}, "training": {"learning_rate": 1e-5, "steps": 3}}
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("promote")
+    spec = Spec.from_dict({"base": {"vocab_size": 4, "seq_len": 3, "steps": 20, "seeds": 3, "batch_size": 16, "eval_every": 10, "feedback": "critique"},
+                           "cases": [{"method": "reinforce", "lr": 0.3}, {"method": "sdpo", "alpha": 0.5, "lr": 0.3},
+                                     {"method": "sdpo", "teacher": "oracle", "lr": 0.3}, {"method": "grpo", "lr": 0.01}]})
+    run_sweep(spec, out / "sweep", workers=1, progress=False)
+    (out / "base.yaml").write_text(yaml.safe_dump(BASE))
+    return out
+
+
+def test_promote_applies_the_stated_rule_and_writes_a_loadable_recipe(sweep_dir, capsys):
+    out = sweep_dir / "recipe.yaml"
+    res = promote(sweep_dir / "sweep", base=sweep_dir / "base.yaml", out=out, entropy_floor=0.0)
+    table = res.candidates
+    eligible = table[table.eligible]
+    assert "oracle" not in set(eligible.teacher)  # a teacher that reads A* cannot exist in an LLM
+    assert res.chosen["method"] == eligible.iloc[0]["method"] and eligible.iloc[0]["final_reward"] == eligible["final_reward"].max()
+    recipe = yaml.safe_load(out.read_text())
+    assert MethodConfig.from_dict(recipe["method"]) == MethodConfig.from_dict({k: v for k, v in res.chosen.items() if k in MethodConfig.field_names()})
+    assert recipe["training"]["learning_rate"] == 1e-5 and recipe["task"]["feedback"] == "critique" and recipe["model"] == BASE["model"]
+    assert any(name == "lr" for name, _, _ in res.not_transferred) and "Rule:" in out.read_text()
+
+
+def test_entropy_floor_changes_the_choice_and_an_impossible_floor_is_refused(sweep_dir):
+    low = promote(sweep_dir / "sweep", base=sweep_dir / "base.yaml", entropy_floor=0.0)
+    floor = float(low.candidates[low.candidates.eligible].iloc[0]["entropy"]) + 1e-6
+    high = promote(sweep_dir / "sweep", base=sweep_dir / "base.yaml", entropy_floor=floor)
+    assert high.candidates[high.candidates.eligible]["entropy"].min() >= floor and high.chosen != low.chosen
+    with pytest.raises(ValueError, match="entropy-floor"):
+        promote(sweep_dir / "sweep", base=sweep_dir / "base.yaml", entropy_floor=99.0)
+
+
+def test_bad_inputs_are_refused(sweep_dir, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        promote(sweep_dir / "sweep", base=tmp_path / "missing.yaml")
+    (tmp_path / "norecipe.yaml").write_text("a: 1\n")
+    with pytest.raises(ValueError, match="method"):
+        promote(sweep_dir / "sweep", base=tmp_path / "norecipe.yaml")
+    with pytest.raises(ValueError, match="no sweep results"):
+        promote(tmp_path, base=sweep_dir / "base.yaml")
+    with pytest.raises(ValueError, match="metric"):
+        promote(sweep_dir / "sweep", base=sweep_dir / "base.yaml", metric="best")
+
+
+def test_cli_prints_what_does_not_transfer(sweep_dir, capsys):
+    from sdpo_sim.cli import main
+
+    assert main(["promote", str(sweep_dir / "sweep"), "--base", str(sweep_dir / "base.yaml"), "--out", str(sweep_dir / "cli.yaml"), "--entropy-floor", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "does not transfer" in text and "lr = 0.3" in text and (sweep_dir / "cli.yaml").is_file()
