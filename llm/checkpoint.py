@@ -106,6 +106,19 @@ def save_checkpoint(
     return final
 
 
+def _redistribute_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Turn loaded local optimiser states back into DTensors shaped like their (FSDP2-sharded) parameters."""
+    for param, state in optimizer.state.items():
+        if not hasattr(param.data, "placements"):
+            continue
+        from torch.distributed.tensor import DTensor
+
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.dim() > 0:
+                state[key] = DTensor.from_local(value.to(local_tensor(param).device), param.device_mesh, param.placements,
+                                                run_check=False, shape=param.shape, stride=param.stride())
+
+
 def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
     """The newest complete checkpoint directory, or None."""
     root = Path(output_dir) / "checkpoints"
@@ -139,6 +152,7 @@ def load_checkpoint(
             for n, t in payload["model"].items():
                 local_tensor(params[n]).copy_(t)
         optimizer.load_state_dict(payload["optimizer"])
+        _redistribute_optimizer_state(optimizer)
     teacher.load_state_dict(payload["teacher"])
     set_rng_state(payload["rng"])
     return state

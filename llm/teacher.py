@@ -34,7 +34,21 @@ def local_tensor(param: torch.Tensor) -> torch.Tensor:
     return to_local() if callable(to_local) and hasattr(data, "placements") else data
 
 
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 module back into its sharded state (the root stays unsharded after a forward),
+    so ``named_parameters`` yields the sharded DTensors whose local shards the teacher stores."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of the trainable parameters, in their sharded form under FSDP2."""
+    reshard(model)
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -70,6 +84,7 @@ class Teacher:
         params = self._params(model)
 
         def swap() -> None:
+            reshard(model)  # FSDP2: drop gathered copies so the next forward gathers the swapped shards
             with torch.no_grad():
                 for n, w in self.weights.items():
                     local = local_tensor(params[n])

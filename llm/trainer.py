@@ -40,7 +40,7 @@ from sdpo_sim.losses import (
     truncated_importance_weight,
 )
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint
 from .context import build_contexts, context_ids_for_batch, prompt_ids
 from .generation import TransformersGenerator, VLLMGenerator, sample_seed
 from .logging import MetricsLogger
@@ -532,7 +532,10 @@ class Trainer:
         return rows
 
     def replica_difference(self) -> float:
-        """Largest difference between processes of any trainable parameter's sum (0 when replicas are in sync)."""
+        """Largest difference between processes of any trainable parameter's sum (0 when replicas are in sync;
+        NaN for a sharded model, which has no replicas)."""
+        if is_sharded(self.unwrapped):
+            return math.nan
         sums = torch.stack([p.detach().float().sum() for p in self.unwrapped.parameters() if p.requires_grad]).to(self.acc.device)
         if self.acc.num_processes == 1:
             return 0.0
