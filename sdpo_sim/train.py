@@ -202,6 +202,19 @@ def _token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def _teacher_network_logits(m: MethodConfig, policy: TabularPolicy, logits: torch.Tensor, teacher_theta: torch.Tensor,
+                            theta_init: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
+    """Logits ``[runs, B, T, V]`` of the network the teacher re-reads with: the live student, its EMA,
+    the frozen initial policy, or the trust-region mix ``(1 − rate)·ℓ_init + rate·ℓ_student``."""
+    if m.teacher_kind == "live":
+        return logits.detach()
+    if m.teacher_kind == "ema":
+        return policy.logits(teacher_theta, seqs)
+    if m.teacher_kind == "frozen":
+        return policy.logits(theta_init, seqs)
+    return (1 - m.teacher_rate) * policy.logits(theta_init, seqs) + m.teacher_rate * logits.detach()
+
+
 @torch.no_grad()
 def _teacher_stats(logits: torch.Tensor, teacher_logits: torch.Tensor, seqs: torch.Tensor, mask: torch.Tensor, alpha: float):
     """Batch-mean divergence ``[runs]`` over masked tokens and SDPO's per-token credit
@@ -253,9 +266,7 @@ def run(cfg: RunConfig, *, progress: bool = False) -> RunResult:
             credit = adv.unsqueeze(-1).expand(-1, -1, T)
         # 4. self-teacher logits and the distillation term
         if distil:
-            base = {"live": lambda: logits.detach(), "ema": lambda: policy.logits(teacher_theta, seqs),
-                    "frozen": lambda: policy.logits(theta_init, seqs),
-                    "trust_region": lambda: (1 - m.teacher_rate) * policy.logits(theta_init, seqs) + m.teacher_rate * logits.detach()}[m.teacher_kind]()
+            base = _teacher_network_logits(m, policy, logits, teacher_theta, theta_init, seqs)
             if cfg.teacher == "oracle":  # the only teacher given A*
                 a_star = exact.action_values(task.rewards, policy.seq_logprobs(theta.detach().double()), seqs)
                 out = teacher(base, seqs, fb, knowledge, true_advantages=a_star)
