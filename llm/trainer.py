@@ -524,12 +524,27 @@ class Trainer:
                     self.save(done)
         finally:
             logger.close()
+        self.export(self.out / "final-model")
         if main:
             summary = {"steps": self.cfg.steps, "final": rows[-1] if rows else None, "replica_max_abs_diff": self.replica_difference()}
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         else:
             self.replica_difference()
         return rows
+
+    def export(self, path: Path) -> None:
+        """Save the trained model (full weights, or the adapters with LoRA) and tokenizer with ``save_pretrained``."""
+        if self.acc.distributed_type.name == "DEEPSPEED":
+            state = self.acc.get_state_dict(self.model)
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state = get_model_state_dict(self.unwrapped, options=options)  # gathers FSDP2 shards; rank 0 gets them
+        if self.acc.is_main_process:
+            self.unwrapped.save_pretrained(path, state_dict=state)
+            self.tokenizer.save_pretrained(path)
+        self.acc.wait_for_everyone()
 
     def replica_difference(self) -> float:
         """Largest difference between processes of any trainable parameter's sum (0 when replicas are in sync;

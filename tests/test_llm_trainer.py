@@ -149,6 +149,7 @@ def test_nonfinite_loss_is_skipped_counted_and_stops_the_run(tiny_dir, tmp_path)
     {"method__method": "reinforce", "method__num_generations": 1},
     {"method__method": "hybrid", "method__controller": "divergence", "method__teacher_kind": "trust_region"},
     {"method__method": "sdpo", "task__feedback": "none", "training__updates_per_batch": 2, "training__heatmap_every": 1},
+    {"method__method": "sdpo", "model__lora": {"r": 4, "alpha": 8}, "training__fused_loss": True, "training__learning_rate": 1e-2},
 ])
 def test_every_method_and_teacher_kind_trains(tiny_dir, tmp_path, overrides):
     trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, **overrides))
@@ -160,6 +161,11 @@ def test_every_method_and_teacher_kind_trains(tiny_dir, tmp_path, overrides):
     assert all(math.isnan(r["divergence"]) for r in rows) == (method in ("grpo", "reinforce"))
     if method == "hybrid":
         assert all(0 <= r["alpha_mix"] <= 1 for r in rows)
+    if "model__lora" in overrides:  # only the adapters train, and only they have a teacher copy
+        assert trainer.teacher.names and all("lora_" in n for n in trainer.teacher.names)
+        assert (tmp_path / "final-model" / "adapter_config.json").is_file()
+    else:
+        assert (tmp_path / "final-model" / "config.json").is_file()
     if overrides.get("training__heatmap_every") and any(r["distill_fraction"] > 0 for r in rows):
         assert list((tmp_path / "heatmaps").glob("*.html"))
 
