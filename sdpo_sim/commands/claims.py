@@ -46,6 +46,7 @@ def main(args: argparse.Namespace) -> int:
         record = {"command": "sdpo-sim claims" + ("" if args.scale == "canonical" else f" --scale {args.scale}") + f" --workers {args.workers}",
                   "wall_time_s": round(res["wall_time_s"], 1), "runs": res["sweep"].counts["total"], "ran": res["sweep"].counts["ok"],
                   "skipped_already_done": res["sweep"].counts["skipped"], "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                  "python": platform.python_version(), "target_s": 900}
+                  "python": platform.python_version(), "load_average_1m_at_end": round(os.getloadavg()[0], 2), "target_s": 900,
+                  "note": "wall time on a machine shared with other jobs when the load average exceeds the core count"}
         atomic_write_text(args.record_walltime, json.dumps(record, indent=1) + "\n")
     return 1 if res["sweep"].failed else 0
