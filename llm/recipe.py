@@ -216,6 +216,9 @@ class Recipe:
         for name in SECTIONS:
             getattr(self, name).validate()
         self.method.validate()
+        if self.generation.backend == "vllm" and self.model.lora is not None:
+            raise ValueError("recipe field generation.backend='vllm' is not supported with model.lora yet "
+                             "(the engine would need merged adapter weights each step); use backend: transformers")
         return self
 
     @classmethod

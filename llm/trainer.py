@@ -311,6 +311,8 @@ class Trainer:
         # 1. sample a group of completions per prompt
         p_ids = [prompt_ids(self.tokenizer, p, cfg.max_prompt_length) for p in prompts]
         seeds = [sample_seed(cfg.seed, step, GENERATION, first + i) for i in range(per_rank)]
+        if isinstance(self.generate, VLLMGenerator):  # the engine samples from the current weights
+            self.generate.load_weights(self._full_state().items())
         groups = self.generate(self.unwrapped, p_ids, g, seeds)
         completion_ids = [c for grp in groups for c in grp.completion_ids]
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
@@ -532,15 +534,17 @@ class Trainer:
             self.replica_difference()
         return rows
 
+    def _full_state(self, cpu_offload: bool = False) -> dict:
+        """The model's full (gathered) state dict; with ``cpu_offload`` only rank 0 receives it."""
+        if self.acc.distributed_type.name == "DEEPSPEED":
+            return self.acc.get_state_dict(self.model)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.unwrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))
+
     def export(self, path: Path) -> None:
         """Save the trained model (full weights, or the adapters with LoRA) and tokenizer with ``save_pretrained``."""
-        if self.acc.distributed_type.name == "DEEPSPEED":
-            state = self.acc.get_state_dict(self.model)
-        else:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            state = get_model_state_dict(self.unwrapped, options=options)  # gathers FSDP2 shards; rank 0 gets them
+        state = self._full_state(cpu_offload=True)  # gathers FSDP2 shards; rank 0 gets them
         if self.acc.is_main_process:
             self.unwrapped.save_pretrained(path, state_dict=state)
             self.tokenizer.save_pretrained(path)
