@@ -77,3 +77,15 @@ def test_noise_claim_follows_the_measurement(loss, verdict):
 def test_evaluate_refuses_an_empty_sweep():
     with pytest.raises(ValueError, match="no finished runs"):
         evaluate({"seeds": pd.DataFrame(), "history": pd.DataFrame()})
+
+
+def test_claims_command_quick_reports_and_records_walltime(quick, capsys):
+    from sdpo_sim.cli import main
+
+    out, _ = quick
+    code = main(["claims", "--quick", "--out", str(out / "sweep"), "--report", str(out / "cli"), "--no-figures", "--workers", "1",
+                 "--no-progress", "--record-walltime", str(out / "wall.json")])
+    text = capsys.readouterr().out
+    assert code == 0 and "C1" in text and "C7" in text and (out / "cli" / "CLAIMS.md").is_file()
+    record = json.loads((out / "wall.json").read_text())
+    assert record["wall_time_s"] > 0 and record["runs"] == record["skipped_already_done"] and "--scale quick" in record["command"]

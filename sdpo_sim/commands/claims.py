@@ -15,14 +15,15 @@ def add_parser(subparsers) -> None:
                                           "Canonical scale: ~80 runs, ≤ 15 min on 2 cores; --quick: a tiny world in seconds.")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--quick", dest="scale", action="store_const", const="quick", help="tiny smoke scale (numbers are not evidence)")
-    scale.add_argument("--scale", choices=["canonical", "main", "quick"], default="canonical")
+    scale.add_argument("--scale", choices=["canonical", "main", "quick"])
     p.add_argument("--spec", help="use this spec file instead of the packaged one (same block names)")
     p.add_argument("--out", default=None, help="sweep directory (default outputs/claims[-SCALE])")
     p.add_argument("--report", default=None, help="where CLAIMS.md/.json go (default: --out); the committed report uses `.`")
     p.add_argument("--figures", default=None, help="where figures go (default: OUT/figures); the committed figures use `figures`")
+    p.add_argument("--no-figures", dest="draw_figures", action="store_false", help="skip the figures (report only)")
     p.add_argument("--record-walltime", default=None, metavar="JSON", help="also write the wall time here (benchmarks/results/claims_walltime.json)")
     add_workers(p)
-    p.set_defaults(func=main)
+    p.set_defaults(func=main, scale="canonical")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -34,11 +35,13 @@ def main(args: argparse.Namespace) -> int:
 
     out = Path(args.out or ("outputs/claims" if args.scale == "canonical" else f"outputs/claims-{args.scale}"))
     res = run_claims(args.scale, out=out, report_dir=args.report and Path(args.report), figures_dir=args.figures and Path(args.figures),
-                     workers=args.workers, progress=args.progress, spec=args.spec, sweep_kwargs={"backend": args.backend})
+                     workers=args.workers, progress=args.progress, spec=args.spec, sweep_kwargs={"backend": args.backend},
+                     figures=args.draw_figures)
     for c in res["claims"]:
         print(f"{c.id:4s} {c.verdict:36s} {c.statement}")
     print(f"report: {res['markdown']}  {res['json']}")
-    print(f"figures: {', '.join(sorted(str(p[0].parent) for p in res['figures'].values())[:1]) or 'none'} ({len(res['figures'])} figures)")
+    if res["figures"]:
+        print(f"figures: {next(iter(res['figures'].values()))[0].parent}/ ({', '.join(sorted(res['figures']))})")
     print(f"wall time: {res['wall_time_s']:.0f} s with {args.workers} worker(s)")
     if res["sweep"].failed:
         print(res["sweep"].report())
