@@ -115,3 +115,12 @@ def test_memory_plan_knows_qwen3_8b_offline(capsys):
     assert "weights" in out and "activations" in out and "teacher" in out and "fits" in out
     with pytest.raises(ValueError, match="strategy"):
         memory_plan(recipe, gpus_per_node=8, gpu_memory_gb=80, strategy="zero9")
+
+
+def test_cli_dispatches_make_tiny_and_then_the_model_path_check_passes(tmp_path, capsys):
+    out = tmp_path / "tiny-model"
+    assert cli_main(["make-tiny", "--out", str(out), "--pretrain-steps", "0", "--hidden-size", "32", "--num-layers", "1"]) == 0
+    assert (out / "config.json").is_file()
+    check_model_path(load_recipe(resolve_recipe_path("tiny-cpu"), {"model.path": str(out)}))  # no error now
+    with pytest.raises(SystemExit):
+        cli_main(["plan", "--recipe", "tiny-cpu"])  # --gpus-per-node and --gpu-memory-gb are required
