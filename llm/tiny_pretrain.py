@@ -46,7 +46,7 @@ class PretrainConfig:
     learning_rate: float = 3e-3
     warmup_steps: int = 20
     base_quality: float = 0.5  # probability that each constraint holds in a plain (student-view) answer
-    mix: tuple = (0.45, 0.25, 0.2, 0.1)  # plain, critique, demo, score
+    mix: tuple = (0.35, 0.35, 0.2, 0.1)  # plain, critique, demo, score
     seed: int = 0
 
     def validate(self) -> "PretrainConfig":
