@@ -237,7 +237,7 @@ def write_outputs(result: dict, figures_dir: Path, stem: str = "llm_proof") -> l
     colours = {"sdpo": "tab:blue", "grpo": "tab:orange", "hybrid": "tab:green", "reinforce": "tab:red"}
     for method, df in curves.groupby("method"):
         wide = df.pivot(index="step", columns="seed", values="reward").rolling(5, min_periods=1).mean()
-        mean, se = wide.mean(1), wide.std(1) / math.sqrt(wide.shape[1])
+        mean, se = wide.mean(axis=1), wide.std(axis=1) / math.sqrt(wide.shape[1])
         ax1.plot(mean.index, mean, label=method, color=colours.get(method))
         ax1.fill_between(mean.index, mean - se, mean + se, alpha=0.2, color=colours.get(method))
     ax1.set(xlabel="RL step", ylabel="training reward (5-step moving mean)",

@@ -138,16 +138,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="supervised steps teaching the model to use feedback in context "
                              "(default: llm.tiny_pretrain's default; 0 = random weights)")
-    parser.add_argument("--task", default="word-constraints", help="built-in task the pretraining data comes from")
+    parser.add_argument("--task", default=None, help="built-in task the pretraining data comes from "
+                        "(default: the recipe's task, else word-constraints)")
+    parser.add_argument("--recipe", default=None, help="pretrain on this recipe's task and teacher-context templates "
+                        "(a shipped name like tiny-cpu or a YAML path; default: the trainer's default templates)")
     args = parser.parse_args(argv)
     if args.pretrain_steps is not None and args.pretrain_steps < 0:
         parser.error(f"--pretrain-steps={args.pretrain_steps} must be >= 0")
+    context, task = None, args.task
+    if args.recipe is not None:  # validated before any model is built
+        from .recipe import load_recipe, resolve_recipe_path
+
+        recipe = load_recipe(resolve_recipe_path(args.recipe))
+        context, task = recipe.context, task or recipe.task.name
     out = build_tiny(args.out, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed)
     if args.pretrain_steps != 0:
         from .tiny_pretrain import DEFAULT_STEPS, pretrain_dir
 
         steps = DEFAULT_STEPS if args.pretrain_steps is None else args.pretrain_steps
-        pretrain_dir(out, task=args.task, steps=steps, seed=args.seed)
+        pretrain_dir(out, task=task or "word-constraints", steps=steps, seed=args.seed, context=context)
     print(f"tiny model written to {out}")
     return 0
 

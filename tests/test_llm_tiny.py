@@ -122,3 +122,11 @@ def test_pretraining_lowers_the_answer_loss_and_cli_saves_it(tmp_path):
     assert not torch.equal(before, after)  # the pretrained weights were saved back
     with pytest.raises(ValueError, match="batch_size"):
         PretrainConfig(batch_size=0).validate()
+
+
+def test_cli_pretrains_on_a_recipes_templates(tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["--out", str(out), "--hidden-size", "32", "--num-layers", "1", "--pretrain-steps", "2", "--recipe", "tiny-cpu"]) == 0
+    assert (out / "model.safetensors").exists()
+    with pytest.raises(ValueError, match="recipe"):
+        main(["--out", str(tmp_path / "x"), "--pretrain-steps", "0", "--recipe", "no-such-recipe"])
