@@ -1,0 +1,65 @@
+"""Toy-world throughput: 64 runs × 300 steps × 32 rollouts, markov policy, SDPO + bayes teacher, exact
+metrics every 10 steps, all runs vectorised in one ``run()`` — against a one-run-at-a-time loop of the
+same work in the same process. The loop is timed on ``--loop-runs`` runs (default 4) and extrapolated
+linearly to 64 (each run is independent, so its cost does not depend on the others).
+
+    .venv/bin/python benchmarks/bench_toy_throughput.py            # writes benchmarks/results/toy_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from _common import figure, load_average, write_results
+from sdpo_sim.train import RunConfig, run
+
+TARGET_S = 60.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--loop-runs", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared; 2 threads were slower under load)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    base = dict(method="sdpo", teacher="bayes", policy="markov", steps=args.steps, batch_size=32, eval_every=10)
+
+    run(RunConfig.from_dict({**base, "seeds": 2, "steps": 2}))  # warm-up: imports and first-call costs
+    t0, c0 = time.perf_counter(), time.process_time()
+    run(RunConfig.from_dict({**base, "seeds": args.runs}))
+    vector_s, vector_cpu = time.perf_counter() - t0, time.process_time() - c0
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    for seed in range(args.loop_runs):
+        run(RunConfig.from_dict({**base, "seeds": 1, "seed_start": seed}))
+    loop_s = (time.perf_counter() - t0) * args.runs / args.loop_runs
+    loop_cpu = (time.process_time() - c0) * args.runs / args.loop_runs
+
+    work = args.runs * args.steps
+    figures = [
+        figure(f"wall time, {args.runs} runs × {args.steps} steps (vectorised)", round(vector_s, 2), TARGET_S, "s",
+               target_ratio=1.0, note=f"target ≤ {TARGET_S:g} s on a 2-core CPU; CPU time {vector_cpu:.1f} s; "
+                                                f"load average {load_average()} (machine shared)"),
+        figure("throughput: vectorised vs one-run-at-a-time loop", round(work / vector_s, 1), round(work / loop_s, 1),
+               "runs·steps/s", higher_is_better=True,
+               note=f"loop timed on {args.loop_runs} runs and extrapolated to {args.runs}; CPU-time ratio "
+                    f"{loop_cpu / vector_cpu:.2f}"),
+    ]
+    for f in figures:
+        print(f"{f['figure']}: {f['value']} {f['unit']} (baseline {f['baseline']}, ratio {f['ratio']:.2f})")
+    write_results(
+        "toy_throughput", "Toy world: vectorised runs vs one-run loop (SDPO + bayes, exact metrics every 10 steps)",
+        figures, settings={**base, "runs": args.runs, "loop_runs": args.loop_runs, "threads": args.threads},
+        raw={"vectorised_s": vector_s, "vectorised_cpu_s": vector_cpu, "loop_s_extrapolated": loop_s,
+             "loop_cpu_s_extrapolated": loop_cpu, "load_average": load_average()}, wall_time_s=time.time() - start,
+    )
+
+
+if __name__ == "__main__":
+    main()
