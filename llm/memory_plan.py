@@ -108,7 +108,7 @@ def memory_plan(
         and m.teacher_kind != "trust_region"
     if fused and teacher:
         teacher += v * h * b
-    seqs = micro_batch or max(1, t.prompts_per_step * m.num_generations // n)
+    seqs = micro_batch or t.micro_batch_size or max(1, t.prompts_per_step * m.num_generations // n)
     tokens = t.max_prompt_length + t.max_new_tokens
     if recipe.model.gradient_checkpointing:
         acts = layers * seqs * tokens * h * b + 17 * seqs * tokens * h * b

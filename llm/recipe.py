@@ -154,6 +154,7 @@ class TrainingSpec:
     max_prompt_length: int = 256  # student prompt tokens (left-truncated)
     max_consecutive_nonfinite: int = 3  # this many non-finite losses in a row stop the run (with a checkpoint)
     updates_per_batch: int = 1  # optimiser steps per generated batch (>1 reuses rollouts: IS clip / PPO clip apply)
+    micro_batch_size: int = 0  # completions per forward/backward on each process (0: all of them at once)
     fused_loss: Any = "auto"  # auto (fused when vocab ≥ fused_min_vocab) | true | false
     fused_min_vocab: int = 32768
     chunk_size: Optional[int] = None  # fused loss tokens per chunk (None: about 16 MiB of fp32 logits)
@@ -172,7 +173,7 @@ class TrainingSpec:
             _fail(s, "adam_betas", self.adam_betas, "must be a list of two numbers in [0, 1)")
         _int(s, "seed", self.seed, 0)
         _str(s, "output_dir", self.output_dir)
-        for name in ("save_every", "heatmap_every"):
+        for name in ("save_every", "heatmap_every", "micro_batch_size"):
             _int(s, name, getattr(self, name), 0)
         for name in ("log_every", "max_prompt_length", "max_consecutive_nonfinite", "updates_per_batch", "fused_min_vocab"):
             _int(s, name, getattr(self, name), 1)

@@ -13,6 +13,7 @@ gradient equals a single-process run on the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -103,6 +104,14 @@ class Batch:
     judged: torch.Tensor  # [B] float, 1 when the judge returned a verdict
     advantages: torch.Tensor  # [B]
     old_logp: Optional[torch.Tensor] = None  # [B, T] behaviour log-probs (set when rollouts are reused)
+
+    def split(self, size: int) -> list["Batch"]:
+        """Micro-batches of at most ``size`` completions (``size`` 0: the whole batch)."""
+        n = self.completion_ids.shape[0]
+        if not size or size >= n:
+            return [self]
+        return [Batch(**{f: (None if getattr(self, f) is None else getattr(self, f)[i:i + size]) for f in self.__dataclass_fields__})
+                for i in range(0, n, size)]
 
 
 def pack_rows(prefixes: list[list[int]], completions: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,6 +231,15 @@ def token_stats(student, teacher, completion_ids, alpha: float, weight=None, tea
     return ent.reshape(b, t), div.reshape(b, t), ratio.reshape(b, t)
 
 
+def merge_stats(parts: list[dict]) -> dict:
+    """Statistics of a batch from those of its micro-batches: sums add, per-row tensors concatenate."""
+    out = dict(parts[0])
+    for stats in parts[1:]:
+        for k, v in stats.items():
+            out[k] = torch.cat([out[k], v]) if isinstance(v, torch.Tensor) else out[k] + v if k != "alpha_mix" else v
+    return out
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 class Trainer:
@@ -294,10 +312,23 @@ class Trainer:
             return float(value)
         return float(self.acc.reduce(torch.tensor(float(value), device=self.acc.device), reduction="sum"))
 
-    def _share(self, local_count: float) -> float:
-        """``world · local/global``: turns a local mean into this process's part of the global mean (DDP averages)."""
-        total = self._sum(local_count)
-        return 0.0 if total == 0 else self.acc.num_processes * local_count / total
+    def _share(self, local_count: float, global_count: float) -> float:
+        """``world · local/global``: turns a (micro-)batch mean into its part of the global mean (DDP averages)."""
+        return 0.0 if global_count == 0 else self.acc.num_processes * local_count / global_count
+
+    def _counts(self, batch: Batch) -> dict:
+        """Global normalisers of the two loss terms: tokens (token_mean) or completions (sequence_mean, dr_grpo)."""
+        per_token = self.method.loss_type == "token_mean"
+        d_mask = batch.completion_mask * batch.distill_mask.unsqueeze(-1)
+        pg_mask = batch.completion_mask * batch.judged.unsqueeze(-1)
+        return {"sdpo": self._sum(float(d_mask.sum()) if per_token else d_mask.shape[0]),
+                "pg": self._sum(float(pg_mask.sum()) if per_token else pg_mask.shape[0])}
+
+    def _alpha_mix(self, stats: dict) -> torch.Tensor:
+        """Advance the hybrid controller with the global batch's mean entropy and divergence."""
+        entropy = torch.tensor(self._sum(stats["entropy_sum"]) / max(1.0, self._sum(stats["tokens"])))
+        mean_div = torch.tensor(self._sum(stats["divergence_sum"]) / max(1.0, self._sum(stats["distilled_tokens"])))
+        return self.controller.update(divergence=mean_div, entropy=entropy)
 
     # -- 1-4: sample, judge, feedback, teacher contexts --------------------------------------------
     def rollout(self, step: int) -> tuple[Batch, dict]:
@@ -376,8 +407,13 @@ class Trainer:
         return adv[self.acc.process_index * n:(self.acc.process_index + 1) * n]
 
     # -- 5: forwards and the shared loss -----------------------------------------------------------
-    def compute_loss(self, batch: Batch) -> tuple[torch.Tensor, dict]:
-        """Teacher forward (no gradient), student forward, and the method's loss from ``sdpo_sim.losses``."""
+    def compute_loss(self, batch: Batch, counts: Optional[dict] = None, alpha_mix: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
+        """Teacher forward (no gradient), student forward, and the method's loss from ``sdpo_sim.losses``.
+
+        ``counts``: global normalisers of the step's whole batch (default: this batch's, see :meth:`_counts`);
+        ``alpha_mix``: the hybrid's mixing weight when already known (else the controller advances on this batch).
+        """
+        counts = self._counts(batch) if counts is None else counts
         m, temp, T = self.method, self.method.temperature, batch.completion_ids.shape[1]
         max_len = self.cfg.max_new_tokens
         head = self.unwrapped.get_output_embeddings().weight if self.fused else None
@@ -405,7 +441,7 @@ class Trainer:
             sd = sdpo_loss(student_out, teacher_out, batch.completion_ids, d_mask, m, max_len=max_len, weight=head,
                            teacher_weight=teacher_head, token_weights=isw, chunk_size=self.cfg.chunk_size)
             count = d_mask.sum() if m.loss_type == "token_mean" else d_mask.shape[0]
-            terms_loss["sdpo"] = sd * self._share(float(count))
+            terms_loss["sdpo"] = sd * self._share(float(count), counts["sdpo"])
             stats["divergence_sum"], stats["distilled_tokens"] = float((div * d_mask.cpu()).sum()), float(d_mask.sum())
             stats["log_ratio"] = ratio
         if self.use_pg:
@@ -413,12 +449,10 @@ class Trainer:
             pg_tok = policy_gradient_token_loss(logp, batch.advantages, batch.old_logp, epsilon=m.epsilon)
             pg = aggregate(pg_tok, pg_mask, m.loss_type, max_len)
             count = pg_mask.sum() if m.loss_type == "token_mean" else pg_mask.shape[0]
-            terms_loss["pg"] = pg * self._share(float(count))
+            terms_loss["pg"] = pg * self._share(float(count), counts["pg"])
         stats["entropy_sum"], stats["tokens"] = float((ent * comp_mask.cpu()).sum()), float(comp_mask.sum())
         if m.method == "hybrid":
-            entropy = torch.tensor(self._sum(stats["entropy_sum"]) / max(1.0, self._sum(stats["tokens"])))
-            mean_div = torch.tensor(self._sum(stats["divergence_sum"]) / max(1.0, self._sum(stats["distilled_tokens"])))
-            alpha_mix = self.controller.update(divergence=mean_div, entropy=entropy)
+            alpha_mix = self._alpha_mix(stats) if alpha_mix is None else alpha_mix
             stats["alpha_mix"] = float(alpha_mix)
             loss = hybrid_loss(terms_loss["sdpo"], terms_loss["pg"], alpha_mix)
         else:
@@ -427,17 +461,29 @@ class Trainer:
 
     # -- the step ----------------------------------------------------------------------------------
     def step(self, step: int) -> dict:
-        """One training step: rollouts, then ``updates_per_batch`` optimiser updates on them."""
+        """One training step: rollouts, then ``updates_per_batch`` optimiser updates on them, each
+        accumulating gradients over micro-batches of ``micro_batch_size`` completions."""
         t0 = time.time()
         batch, info = self.rollout(step)
+        parts, counts = batch.split(self.cfg.micro_batch_size), self._counts(batch)
+        adaptive = self.method.method == "hybrid" and self.method.controller != "constant" and len(parts) > 1
         for _ in range(self.cfg.updates_per_batch):
-            loss, stats = self.compute_loss(batch)
-            finite = self._sum(float(not torch.isfinite(loss.detach()).item())) == 0
-            grad_norm = math.nan
-            if finite:
-                self.acc.backward(loss)
-                grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm))
-                finite = math.isfinite(grad_norm)
+            alpha_mix = None
+            if adaptive:  # the controller needs the whole batch's statistics before any gradient
+                with torch.no_grad():
+                    alpha_mix = self._alpha_mix(merge_stats([self.compute_loss(p, counts, torch.tensor(0.5))[1] for p in parts]))
+            losses, part_stats = [], []
+            for i, part in enumerate(parts):
+                loss, stats = self.compute_loss(part, counts, alpha_mix)
+                sync = i == len(parts) - 1 or self.acc.distributed_type.name not in ("MULTI_CPU", "MULTI_GPU")
+                with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
+                    self.acc.backward(loss)
+                losses.append(loss.detach())
+                part_stats.append(stats)
+            loss, stats = torch.stack(losses).sum(), merge_stats(part_stats)
+            finite = self._sum(float(not torch.isfinite(loss).item())) == 0
+            grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)) if finite else math.nan
+            finite = finite and math.isfinite(grad_norm)
             if finite:
                 self.optimizer.step()
                 self.teacher.update(self.unwrapped)

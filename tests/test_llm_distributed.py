@@ -46,6 +46,7 @@ def test_two_process_gloo_run_matches_single_process(tmp_path):
     for nproc in (1, 2):
         out = tmp_path / f"run-{nproc}"
         recipe = tiny_recipe(model_dir, out, training__steps=3, training__prompts_per_step=4, training__learning_rate=3e-3,
+                             training__micro_batch_size=4,  # 6 completions per rank: two slices, DDP no_sync on the first
                              method__method="hybrid", method__teacher_kind="ema", method__teacher_rate=0.2)
         path = tmp_path / f"recipe-{nproc}.yaml"
         recipe.save(path)

@@ -58,6 +58,25 @@ def test_fused_loss_equals_unfused_inside_the_trainer(tiny_dir, tmp_path, overri
         torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("overrides", [
+    {"method__method": "hybrid", "method__controller": "divergence", "method__loss_type": "sequence_mean"},
+    {"method__method": "sdpo", "training__fused_loss": True, "training__updates_per_batch": 2},
+])
+def test_micro_batches_give_the_whole_batch_update(tiny_dir, tmp_path, overrides):
+    runs = {}
+    for size in (0, 2):
+        trainer = Trainer(tiny_recipe(tiny_dir, tmp_path / str(size), training__micro_batch_size=size,
+                                      training__learning_rate=3e-3, method__teacher_rate=0.2, **overrides))
+        runs[size] = (trainer.train(), _params(trainer))
+    (rows_a, params_a), (rows_b, params_b) = runs[0], runs[2]
+    for a, b in zip(rows_a, rows_b):
+        for key in ("loss", "divergence", "entropy", "alpha_mix", "reward"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+    for name in params_a:
+        # Adam turns float-order noise in tiny gradients into small moves; 1e-5 is < 1% of one step (lr 3e-3)
+        torch.testing.assert_close(params_b[name], params_a[name], rtol=0, atol=1e-5, msg=name)
+
+
 def _rows(out_dir):
     rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
@@ -121,8 +140,8 @@ def test_nonfinite_loss_is_skipped_counted_and_stops_the_run(tiny_dir, tmp_path)
     real = trainer.compute_loss
     calls = {"n": 0}
 
-    def once_nan(batch):
-        loss, stats = real(batch)
+    def once_nan(batch, *args):
+        loss, stats = real(batch, *args)
         calls["n"] += 1
         return (loss * float("nan"), stats) if calls["n"] == 1 else (loss, stats)
 
@@ -136,7 +155,7 @@ def test_nonfinite_loss_is_skipped_counted_and_stops_the_run(tiny_dir, tmp_path)
 
     stuck = Trainer(tiny_recipe(tiny_dir, tmp_path / "stop", training__steps=10, training__max_consecutive_nonfinite=2))
     real_stuck = stuck.compute_loss
-    stuck.compute_loss = lambda batch: (lambda ls: (ls[0] * float("inf"), ls[1]))(real_stuck(batch))
+    stuck.compute_loss = lambda *args: (lambda ls: (ls[0] * float("inf"), ls[1]))(real_stuck(*args))
     with pytest.raises(NonFiniteLossError, match="max_consecutive_nonfinite=2"):
         stuck.train()
     assert (tmp_path / "stop" / "checkpoints" / "step-000002" / "state.pt").is_file()
