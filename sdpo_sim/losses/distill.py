@@ -21,11 +21,31 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+class _Finite(torch.autograd.Function):
+    """Clamp −inf log-probabilities (masked tokens) to the most negative float; gradient passes straight through.
+
+    exp() of the clamped value is still exactly 0, but differences such as ``log p − log q`` stay finite, so
+    values and gradients never become NaN. Every term of a divergence that depends on a clamped entry is
+    multiplied by its probability 0, so its incoming gradient is exactly 0 and passing it through unchanged is
+    exact (and skips the masked backward of an ordinary clamp).
+    """
+
+    @staticmethod
+    def forward(ctx, logp: torch.Tensor) -> torch.Tensor:
+        return logp.clamp(min=torch.finfo(logp.dtype).min)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def _finite(logp: torch.Tensor) -> torch.Tensor:
+    return _Finite.apply(logp) if logp.requires_grad else logp.clamp(min=torch.finfo(logp.dtype).min)
+
+
 def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p‖q) = Σ_v p_v (log p_v − log q_v) over the last axis; 0·log 0 taken as 0."""
-    p = logp.exp()
-    # The where sits inside the product so that masked (−inf) tokens give zero gradient, not NaN.
-    return (p * torch.where(p > 0, logp - logq, torch.zeros_like(p))).sum(-1)
+    """KL(p‖q) = Σ_v p_v (log p_v − log q_v) over the last axis, for finite (see :class:`_Finite`) inputs."""
+    return torch.linalg.vecdot(logp.exp(), logp - logq)  # one fused multiply-and-sum pass
 
 
 def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -42,16 +62,13 @@ def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: fl
     """
     check_unit_interval("alpha", alpha)
     check_same_shape("student_logp", student_logp, "teacher_logp", teacher_logp)
+    s, t = _finite(student_logp), _finite(teacher_logp)
     if alpha == 0.0:
-        return _kl(teacher_logp, student_logp)
+        return _kl(t, s)
     if alpha == 1.0:
-        return _kl(student_logp, teacher_logp)
-    # log m = log((1−α)·p_s + α·p_t); −inf (masked) entries are clamped so that m's gradient stays finite.
-    lo = torch.finfo(student_logp.dtype).min
-    log_m = torch.logsumexp(
-        torch.stack([student_logp.clamp(min=lo) + math.log(1.0 - alpha), teacher_logp.clamp(min=lo) + math.log(alpha)]), dim=0
-    )
-    return (1.0 - alpha) * _kl(student_logp, log_m) + alpha * _kl(teacher_logp, log_m)
+        return _kl(s, t)
+    log_m = torch.logaddexp(s + math.log(1.0 - alpha), t + math.log(alpha))  # log((1−α)·p_s + α·p_t)
+    return (1.0 - alpha) * _kl(s, log_m) + alpha * _kl(t, log_m)
 
 
 def _with_tail(topk_logp: torch.Tensor) -> torch.Tensor:

@@ -39,24 +39,30 @@ class _FusedLinearSDPO(torch.autograd.Function):
             if not bool(m.any()):
                 continue
             h = student_hidden[sl].detach()
+            captured: list[torch.Tensor] = []
             with torch.enable_grad():
-                logits = upcast(h @ w.T).requires_grad_(True)
+                # The logits hang off a small leaf (this chunk's hidden rows) and nothing keeps a reference to
+                # them, so autograd frees the [chunk, V] buffer right after the log-softmax; a hook hands over
+                # their gradient g for dL/dW, and differentiating w.r.t. the leaf gives dL/dh = g·W.
+                h_leaf = h.requires_grad_(True)
+                logits = upcast(h_leaf @ w.T)
+                logits.register_hook(captured.append)
                 with torch.no_grad():
                     t_logits = upcast(teacher_hidden[sl].detach() @ tw.T)
                 per_tok = sdpo_token_loss(
                     logits, t_logits, alpha=alpha, support=support, topk=topk, add_tail=add_tail,
                     tokens=None if tokens is None else tokens[sl],
                 )
+                del logits, t_logits
                 scale = m.to(per_tok.dtype) if token_weights is None else m.to(per_tok.dtype) * token_weights[sl].to(per_tok.dtype)
                 chunk_loss = (per_tok * scale).sum() / n_sel
-                (g,) = torch.autograd.grad(chunk_loss, logits)
+                (g_h,) = torch.autograd.grad(chunk_loss, h_leaf)
             total += chunk_loss.detach()
-            g = g.to(h.dtype)
             if need_h:
-                grad_h[sl] = g @ w
+                grad_h[sl] = g_h
             if need_w:
-                grad_w += (g.T @ h).to(acc_dtype)
-            del logits, t_logits, per_tok, g
+                grad_w.addmm_(captured[0].T.to(acc_dtype), h.to(acc_dtype))  # dL/dW += gᵀ·h, inside the GEMM
+            del per_tok, g_h, captured
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
