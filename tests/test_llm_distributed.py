@@ -63,8 +63,8 @@ def test_two_process_gloo_run_matches_single_process(tmp_path):
     assert summary["replica_max_abs_diff"] == 0.0  # every replica holds the same weights
     w1 = torch.load(runs[1] / "checkpoints" / "step-000003" / "rank-0.pt", weights_only=True)["model"]
     w2 = torch.load(runs[2] / "checkpoints" / "step-000003" / "rank-0.pt", weights_only=True)["model"]
-    for name in w1:
-        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name in w1:  # Adam turns float-order noise in tiny gradients into small moves: < 1% of one step (lr 3e-3)
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-5, msg=name)
     moved = torch.load(runs[1] / "checkpoints" / "step-000003" / "rank-0.pt", weights_only=True)["teacher"]["weights"]
     assert any(not torch.equal(moved[n], w1[n]) for n in w1)  # sanity: the EMA teacher lags the student
 
