@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -81,17 +82,20 @@ def test_fsdp2_sharded_student_with_ema_teacher_fused_loss_and_resume(tmp_path):
                   training__save_every=2, method__teacher_kind="ema", method__teacher_rate=0.2)
     single = Trainer(tiny_recipe(model_dir, tmp_path / "single", training__steps=4, **common))
     single.train()
-    for name, steps, extra in (("sharded", 4, []), ("split", 2, []), ("split", 4, ["--resume"])):
-        path = tmp_path / f"{name}-{steps}.yaml"
-        tiny_recipe(model_dir, tmp_path / name, training__steps=steps, **common).save(path)
+    for name, extra in (("sharded", []), ("split", ["--resume"])):
+        path = tmp_path / f"{name}.yaml"
+        tiny_recipe(model_dir, tmp_path / name, training__steps=4, **common).save(path)
+        if extra:  # restart from the uninterrupted run's step-2 checkpoint, as if it had stopped there
+            shutil.copytree(tmp_path / "sharded" / "checkpoints" / "step-000002", tmp_path / name / "checkpoints" / "step-000002")
+            (tmp_path / name / "checkpoints" / "latest").write_text("step-000002\n")
         _run([str(path), *extra], 2, tmp_path, script=script)
     state = torch.load(tmp_path / "sharded" / "checkpoints" / "step-000004" / "state.pt", weights_only=True)
     assert state["sharded"] and (tmp_path / "sharded" / "checkpoints" / "step-000004" / "rank-1.pt").is_file()
     ref, sharded, split = (_rows(tmp_path / n) for n in ("single", "sharded", "split"))
-    assert [r["step"] for r in sharded] == [r["step"] for r in split] == [1, 2, 3, 4]
-    for a, b, c in zip(ref, sharded, split):
+    assert [r["step"] for r in sharded] == [1, 2, 3, 4] and [r["step"] for r in split] == [3, 4]
+    for a, b, c in zip(ref, sharded, [None, None, *split]):
         assert a["reward"] == pytest.approx(b["reward"], abs=1e-6) and a["response_length"] == b["response_length"]
         for key in ("loss", "divergence", "entropy"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
-            assert c[key] == b[key], key  # resumed == uninterrupted, exactly
+            assert c is None or c[key] == b[key], key  # resumed == uninterrupted, exactly
     assert max(r["divergence"] for r in ref) > 1e-3  # the EMA teacher and the student did separate
