@@ -152,11 +152,6 @@ class Spec:
             raise ValueError(f"{path}: not valid YAML: {err}") from None
         return cls.from_dict(data, source=str(path))
 
-    def scaled(self, **overrides: Any) -> "Spec":
-        """A copy whose ``base`` has some fields overridden (e.g. ``steps``/``seeds`` for a quick run)."""
-        raw = {**self.raw, "base": {**self.base, **overrides}}
-        return Spec.from_dict(raw, source=f"{self.name} (scaled)")
-
 
 def _mapping(value: Any, where: str) -> dict:
     if value is None:

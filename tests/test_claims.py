@@ -89,3 +89,16 @@ def test_claims_command_quick_reports_and_records_walltime(quick, capsys):
     assert code == 0 and "C1" in text and "C7" in text and (out / "cli" / "CLAIMS.md").is_file()
     record = json.loads((out / "wall.json").read_text())
     assert record["wall_time_s"] > 0 and record["runs"] == record["skipped_already_done"] and "--scale quick" in record["command"]
+
+
+@pytest.mark.parametrize("lead, expected", [({0: 0.0, 10: 0.0, 20: 0.1, 30: 0.1, 40: 0.0}, 20.0),  # ahead from 20, a tie at saturation is fine
+                                            ({0: 0.0, 10: 0.1, 20: 0.1, 30: -0.1, 40: -0.1}, None)])  # ahead early, then behind: never
+def test_separation_requires_staying_ahead(lead, expected):
+    from sdpo_sim.claims import claim_separation
+
+    rng = np.random.default_rng(3)
+    rows = [{"block": "main", "run_id": m, "method": m, "controller": "constant", "feedback": "critique", "task_seed": 0, "seed": seed, "step": step,
+             "reward": 0.5 + step / 100 + (d if m == "sdpo" else 0.0) + rng.normal(0, 0.005)}
+            for m in ("sdpo", "reinforce") for seed in range(8) for step, d in lead.items()]
+    cond = claim_separation(pd.DataFrame(rows)).conditions[0]
+    assert (cond.value == expected) if expected is not None else np.isnan(cond.value)
