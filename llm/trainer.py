@@ -287,6 +287,8 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay,
                                       betas=tuple(self.cfg.adam_betas))
+        if self.acc.distributed_type.name == "DEEPSPEED":  # no dataloader is prepared, so say the batch size
+            self.acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.teacher = make_teacher(self.method.teacher_kind, self.method.teacher_rate, self.unwrapped)
         self.controller = (AlphaController(self.method.controller, self.method.alpha_mix, self.method.divergence_tau,
@@ -482,8 +484,9 @@ class Trainer:
                 part_stats.append(stats)
             loss, stats = torch.stack(losses).sum(), merge_stats(part_stats)
             finite = self._sum(float(not torch.isfinite(loss).item())) == 0
-            grad_norm = float(self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)) if finite else math.nan
-            finite = finite and math.isfinite(grad_norm)
+            norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm) if finite else math.nan
+            grad_norm = math.nan if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
+            finite = finite and (norm is None or math.isfinite(grad_norm))
             if finite:
                 self.optimizer.step()
                 self.teacher.update(self.unwrapped)
