@@ -4,7 +4,8 @@ Each ``fig_*`` function takes the tables, picks the rows it needs and returns a 
 or ``None`` when the sweep lacks the variation it shows (e.g. no rho grid → no rho figure). Rows
 that differ in a condition the figure does not show are held at that condition's most common value
 (lowest on ties): e.g. learning curves are drawn at the lowest noise level of the sweep.
-Bands and error bars are 95% bootstrap CIs over (task seed, seed) units.
+Figures along noise or rho keep only the task seeds present at every level, so every point averages
+the same tasks. Bands and error bars are 95% bootstrap CIs over (task seed, seed) units.
 """
 
 from __future__ import annotations
@@ -61,6 +62,15 @@ def hold_fixed(frame: pd.DataFrame, show: Sequence[str]) -> pd.DataFrame:
     return frame
 
 
+def common_tasks(frame: pd.DataFrame, col: str) -> pd.DataFrame:
+    """Keep the task seeds present at every value of ``col``, so each point averages the same tasks."""
+    if "task_seed" not in frame or col not in frame or frame.empty:
+        return frame
+    per_value = frame.groupby(col)["task_seed"].agg(lambda t: set(t))
+    shared = set.intersection(*per_value) if len(per_value) else set()
+    return frame[frame["task_seed"].isin(shared)]
+
+
 def _order(values: Sequence, preferred: Sequence) -> list:
     present = list(dict.fromkeys(values))
     return [v for v in preferred if v in present] + sorted(v for v in present if v not in preferred)
@@ -89,7 +99,7 @@ def fig_learning_curves(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[
 
 def fig_credit_correlation(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[plt.Figure]:
     """Credit correlation with the exact advantage, by feedback type × noise, per method."""
-    s = hold_fixed(with_arm(seeds), ["arm", "feedback", "noise"])
+    s = common_tasks(hold_fixed(with_arm(seeds), ["arm", "feedback", "noise"]), "noise")
     if s.empty or not s["credit_corr"].notna().any():
         return None
     g = sns.catplot(data=s, x="noise" if _varies(s, "noise") else "feedback", y="credit_corr", hue="feedback" if _varies(s, "noise") else "arm",
@@ -119,7 +129,7 @@ def fig_entropy_reward(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[p
 
 def fig_noise_robustness(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[plt.Figure]:
     """Final reward vs feedback noise, per feedback type and method."""
-    s = hold_fixed(with_arm(seeds), ["arm", "feedback", "noise"])
+    s = common_tasks(hold_fixed(with_arm(seeds), ["arm", "feedback", "noise"]), "noise")
     if s.empty or not _varies(s, "noise"):
         return None
     g = sns.catplot(data=s, x="noise", y="final_reward", hue="arm", hue_order=_order(s.arm, ARM_ORDER), col="feedback",
@@ -149,7 +159,7 @@ def fig_rho_sensitivity(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[
     s = with_arm(seeds)
     if "arm" in s and (s["arm"] == "sdpo").any():
         s = s[s["arm"] == "sdpo"]  # the teacher's self-knowledge matters most where it is used alone
-    s = hold_fixed(s, ["rho", "feedback"])
+    s = common_tasks(hold_fixed(s, ["rho", "feedback"]), "rho")
     if s.empty or not _varies(s, "rho"):
         return None
     long = s.melt(id_vars=["rho", "feedback"], value_vars=["final_reward", "credit_corr"], var_name="metric", value_name="value")

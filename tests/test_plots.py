@@ -53,3 +53,10 @@ def test_hold_fixed_keeps_the_most_common_lowest_condition():
     frame = with_arm(synthetic_history())
     kept = hold_fixed(frame, ["arm", "feedback"])
     assert set(kept.noise) == {0.0} and set(kept.rho) == {0.0} and set(kept.arm) == {"reinforce", "sdpo", "hybrid-divergence"}
+
+
+def test_common_tasks_keeps_only_tasks_present_at_every_level():
+    from sdpo_sim.plots import common_tasks
+
+    frame = pd.DataFrame({"noise": [0.0, 0.0, 0.3], "task_seed": [0, 1, 0], "v": [1, 2, 3]})
+    assert list(common_tasks(frame, "noise")["task_seed"]) == [0, 0]
