@@ -173,30 +173,36 @@ def summarise(final: dict, initial: float) -> dict:
     return out
 
 
-def run_proof(out_dir: Path, cfg: ProofConfig, *, progress: bool = True) -> dict:
-    """Pretrain once, train every method × seed, evaluate; returns ``{"curves", "summary", "initial", ...}``."""
+def run_proof(out_dir: Path, cfg: ProofConfig, *, progress: bool = True, model_path: Optional[Path] = None) -> dict:
+    """Pretrain once, train every method × seed, evaluate; returns ``{"curves", "summary", "initial", ...}``.
+
+    ``model_path``: reuse a model pretrained by an earlier proof run (same config) instead of pretraining.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg.validate()
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads)
     try:
-        return _run_proof(Path(out_dir), cfg, progress)
+        return _run_proof(Path(out_dir), cfg, progress, model_path)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_proof(out_dir: Path, cfg: ProofConfig, progress: bool) -> dict:
+def _run_proof(out_dir: Path, cfg: ProofConfig, progress: bool, model_path: Optional[Path]) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(cfg.model_seed)
     t0 = time.time()
-    model_path = make_pretrained_model(out_dir / "tiny-model", cfg)
+    if model_path is None:
+        model_path = make_pretrained_model(out_dir / "tiny-model", cfg)
+    elif not (Path(model_path) / "config.json").is_file():
+        raise ValueError(f"model_path={str(model_path)!r} holds no saved model (config.json missing)")
     pretrain_seconds = time.time() - t0
     base, tok = AutoModelForCausalLM.from_pretrained(model_path), AutoTokenizer.from_pretrained(model_path)
     initial, initial_with_feedback = evaluate(base, tok, cfg), evaluate(base, tok, cfg, with_feedback=True)
     if progress:
-        print(f"[proof] pretrained in {pretrain_seconds:.0f} s: held-out reward {initial:.3f} alone, "
+        print(f"[proof] model ready in {pretrain_seconds:.0f} s: held-out reward {initial:.3f} alone, "
               f"{initial_with_feedback:.3f} with {cfg.feedback} feedback on its own attempt in context", flush=True)
     curves, final = [], {m: [] for m in cfg.methods}
     for method in cfg.methods:
@@ -207,7 +213,8 @@ def _run_proof(out_dir: Path, cfg: ProofConfig, progress: bool) -> dict:
                        for r in rows]
             if progress:
                 print(f"[proof] {method} seed {seed}: eval reward {initial:.3f} → {score:.3f}", flush=True)
-    return {"curves": curves, "final": final, "initial": initial, "initial_with_feedback": initial_with_feedback, "summary": summarise(final, initial),
+    heatmaps = sorted((out_dir / "runs").glob("sdpo-seed*/heatmaps/step-*.html")) or sorted((out_dir / "runs").glob("*/heatmaps/step-*.html"))
+    return {"curves": curves, "final": final, "initial": initial, "heatmap": str(heatmaps[0]) if heatmaps else None, "initial_with_feedback": initial_with_feedback, "summary": summarise(final, initial),
             "pretrain_seconds": pretrain_seconds, "seconds": time.time() - t0, "config": asdict(cfg)}
 
 
@@ -243,18 +250,27 @@ def write_outputs(result: dict, figures_dir: Path, stem: str = "llm_proof") -> l
     ax1.set(xlabel="RL step", ylabel="training reward (5-step moving mean)",
             title="word-constraints, tiny Qwen3 (mean ± SE over seeds)")
     ax1.legend()
+    from scipy.stats import t as student_t
+
     s = result["summary"]
     names = list(s)
-    ax2.axhline(result["initial"], color="grey", ls="--", label="before RL")
+    ax2.axhline(result["initial"], color="grey", ls="--", label="pretrained, before RL")
+    if result.get("initial_with_feedback") is not None:
+        ax2.axhline(result["initial_with_feedback"], color="grey", ls=":", label="pretrained, critique in context")
     for i, m in enumerate(names):
         vals = result["final"][m]
+        half = student_t.ppf(0.975, len(vals) - 1) * s[m]["gain_se"]  # 95% CI half-width of the mean over seeds
         ax2.scatter([i] * len(vals), vals, color=colours.get(m), alpha=0.6)
-        ax2.errorbar([i], [s[m]["final_mean"]], yerr=[1.96 * s[m]["gain_se"]], fmt="_", color="k", capsize=6, ms=18)
+        ax2.errorbar([i], [s[m]["final_mean"]], yerr=[half], fmt="_", color="k", capsize=6, ms=18)
     ax2.set_xticks(range(len(names)), names)
-    ax2.set(ylabel="held-out reward after RL", title="evaluation (dots: seeds; bar: mean ± 95% CI)")
-    ax2.legend(loc="lower right")
+    ax2.set(ylabel="held-out reward after RL", title="evaluation: seeds, mean ± 95% CI")
+    ax2.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     paths = [csv, summary]
+    if result.get("heatmap"):  # one SDPO completion's per-token credit at the last step, from the trainer's logger
+        html_path = figures_dir / f"{stem}_credit_heatmap.html"
+        atomic_write_text(html_path, Path(result["heatmap"]).read_text())
+        paths.append(html_path)
     for ext in ("png", "svg"):
         path = figures_dir / f"{stem}.{ext}"
         atomic_write(path, lambda p, ext=ext: fig.savefig(p, format=ext, dpi=120))
@@ -269,6 +285,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--scale", default="full", choices=("full", "ci"))
     parser.add_argument("--out", default="outputs/llm-proof", help="working directory (model, runs)")
     parser.add_argument("--figures", default="figures", help="where llm_proof.{png,svg,csv} go")
+    parser.add_argument("--model", default=None, help="reuse this pretrained tiny model (from an earlier proof run) "
+                        "instead of pretraining a new one")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the preset)")
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (overrides the preset)")
     args = parser.parse_args(argv)
@@ -277,7 +295,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = replace(cfg, seeds=tuple(range(args.seeds)))
     if args.steps is not None:
         cfg = replace(cfg, steps=args.steps)
-    result = run_proof(Path(args.out), cfg)
+    result = run_proof(Path(args.out), cfg, model_path=None if args.model is None else Path(args.model))
     paths = write_outputs(result, Path(args.figures))
     for m, s in result["summary"].items():
         print(f"{m:>7}: reward {s['initial']:.3f} → {s['final_mean']:.3f}  gain {s['gain']:+.3f} ± {s['gain_se']:.3f} (SE, "

@@ -34,6 +34,7 @@ def test_ci_scale_proof_learns(tmp_path):
         assert s["gain"] > 3 * s["gain_se"], (method, s)
         assert s["gain"] > 0.05, (method, s)
     paths = write_outputs(result, tmp_path / "fig")
-    assert {p.suffix for p in paths} == {".csv", ".json", ".png", ".svg"}
+    assert {p.suffix for p in paths} == {".csv", ".json", ".png", ".svg", ".html"}
+    assert "nats" in (tmp_path / "fig" / "llm_proof_credit_heatmap.html").read_text()
     summary = json.loads((tmp_path / "fig" / "llm_proof_summary.json").read_text())
     assert set(summary["summary"]) == set(cfg.methods)
