@@ -191,6 +191,9 @@ def render(results: list[dict[str, Any]], machine: dict, vers: dict, run_log: di
         if res.get("wall_time_s") is not None:
             lines.append(f"Wall time of the benchmark: {res['wall_time_s']} s.")
         lines.append("")
+        if not res.get("figures"):
+            keys = [k for k in res if k not in ("name", "title", "created", "wall_time_s")]
+            lines += [f"No figures in this file (it holds: {', '.join(keys) or 'nothing'}).", ""]
         for fig in res.get("figures") or []:
             if fig.get("note"):
                 lines.append(f"- {fig.get('figure')}: {fig['note']}")
