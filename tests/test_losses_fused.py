@@ -130,7 +130,7 @@ def test_float32_agrees_with_float64_reference():
 
 
 def test_default_chunk_size():
-    assert default_chunk_size(32768) == 128  # 128 × 32768 fp32 = 16 MiB
+    assert default_chunk_size(32768) == 256  # 256 × 32768 fp32 = 32 MiB
     assert default_chunk_size(1 << 30) == 8  # never fewer than 8 rows
 
 
