@@ -157,7 +157,7 @@ class TrainingSpec:
     micro_batch_size: int = 0  # completions per forward/backward on each process (0: all of them at once)
     fused_loss: Any = "auto"  # auto (fused when vocab ≥ fused_min_vocab) | true | false
     fused_min_vocab: int = 32768
-    chunk_size: Optional[int] = None  # fused loss tokens per chunk (None: about 16 MiB of fp32 logits)
+    chunk_size: Optional[int] = None  # fused loss tokens per chunk (None: about 32 MiB of fp32 logits per buffer)
     tensorboard: bool = False
 
     def validate(self) -> None:
