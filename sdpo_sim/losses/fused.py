@@ -3,7 +3,9 @@
 Forward computes, for each chunk of ``chunk_size`` tokens, the student and teacher logits, the
 per-token loss of :func:`sdpo_token_loss`, and the gradient of the chunk's loss with respect to its
 logits; that gradient is pushed at once into ``dL/dh = g·W`` and ``dL/dW += gᵀ·h`` and the chunk's
-logits are freed. Backward only scales the stored gradients by the incoming gradient. Peak extra
+logits are freed. For the full-vocabulary KL endpoints (alpha 0 or 1) that gradient has a closed form
+(:func:`_kl_and_logit_grad`); every other mode differentiates :func:`sdpo_token_loss` by autograd, chunk
+by chunk. Backward only scales the stored gradients by the incoming gradient. Peak extra
 memory is a few ``[chunk_size, V]`` buffers plus one ``[V, H]`` gradient, independent of ``N``.
 """
 
@@ -26,6 +28,24 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(8, (1 << 23) // max(1, vocab_size))
 
 
+def _kl_and_logit_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row KL and its gradient w.r.t. the student logits ``[n, V]``, for the two KL endpoints.
+
+    alpha=1, reverse KL(p_s‖p_t): ``∂/∂z = p_s ⊙ (log p_s − log p_t − KL)``;
+    alpha=0, forward KL(p_t‖p_s): ``∂/∂z = p_s − p_t``. Same values as :func:`sdpo_token_loss`.
+    """
+    s = torch.log_softmax(student_logits, dim=-1)
+    t = torch.log_softmax(teacher_logits, dim=-1)
+    p = s.exp()
+    if alpha == 1.0:
+        diff = s.sub_(t)  # reuse the buffer: log p_s − log p_t
+        kl = (p * diff).sum(-1)
+        return kl, p.mul_(diff.sub_(kl.unsqueeze(-1)))
+    q = t.exp()
+    kl = (q * (t - s)).sum(-1)
+    return kl, p.sub_(q)
+
+
 class _FusedLinearSDPO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, weight, teacher_hidden, teacher_weight, mask, tokens, token_weights, opts):
@@ -44,6 +64,21 @@ class _FusedLinearSDPO(torch.autograd.Function):
             if not bool(m.any()):
                 continue
             h = student_hidden[sl].detach()
+            scale = m.to(acc_dtype) if token_weights is None else m.to(acc_dtype) * token_weights[sl].to(acc_dtype)
+            if support == "full" and alpha in (0.0, 1.0):
+                # closed-form gradient w.r.t. the logits: no autograd graph over [chunk, V] buffers
+                with torch.no_grad():
+                    t_logits = upcast(teacher_hidden[sl].detach() @ tw.T)
+                    per_tok, g = _kl_and_logit_grad(upcast(h @ w.T), t_logits, alpha)
+                    chunk_loss = (per_tok * scale).sum() / n_sel
+                    g.mul_((scale / n_sel).unsqueeze(-1))
+                    total += chunk_loss
+                    if need_h:
+                        grad_h[sl] = (g @ w.to(g.dtype)).to(grad_h.dtype)
+                    if need_w:
+                        grad_w.addmm_(g.T.to(acc_dtype), h.to(acc_dtype))
+                del per_tok, g, t_logits
+                continue
             captured: list[torch.Tensor] = []
             with torch.enable_grad():
                 # The logits hang off a small leaf (this chunk's hidden rows) and nothing keeps a reference to
@@ -59,7 +94,6 @@ class _FusedLinearSDPO(torch.autograd.Function):
                     tokens=None if tokens is None else tokens[sl],
                 )
                 del logits, t_logits
-                scale = m.to(per_tok.dtype) if token_weights is None else m.to(per_tok.dtype) * token_weights[sl].to(per_tok.dtype)
                 chunk_loss = (per_tok * scale).sum() / n_sel
                 (g_h,) = torch.autograd.grad(chunk_loss, h_leaf)
             total += chunk_loss.detach()
