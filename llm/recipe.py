@@ -202,6 +202,13 @@ class GenerationSpec:
 SECTIONS = {"model": ModelSpec, "task": TaskSpec, "context": ContextSpec, "training": TrainingSpec, "generation": GenerationSpec}
 
 
+def _refuse_unknown_fields(source: str, prefix: str, block: Mapping, spec_cls: type) -> None:
+    """Raise ``ValueError`` naming every key of ``block`` that is not a field of ``spec_cls``."""
+    allowed = {f.name for f in fields(spec_cls)}
+    bad = sorted(set(block) - allowed)
+    if bad:
+        raise ValueError(f"{source}: unknown field(s) {', '.join(f'{prefix}.{b}' for b in bad)}; known: {', '.join(sorted(allowed))}")
+
 @dataclass
 class Recipe:
     """A validated LLM run description. Build with :func:`load_recipe` or :meth:`from_dict`."""
@@ -236,19 +243,13 @@ class Recipe:
             block = data.get(name) or {}
             if not isinstance(block, Mapping):
                 raise ValueError(f"{source}: recipe section {name!r} must be a mapping, got {type(block).__name__}")
-            allowed = {f.name for f in fields(spec_cls)}
-            bad = sorted(set(block) - allowed)
-            if bad:
-                raise ValueError(f"{source}: unknown field(s) {', '.join(f'{name}.{b}' for b in bad)}; known: {', '.join(sorted(allowed))}")
+            _refuse_unknown_fields(source, name, block, spec_cls)
             values = dict(block)
             if name == "model" and values.get("lora") is not None:
                 lora = values["lora"]
                 if not isinstance(lora, Mapping):
                     raise ValueError(f"{source}: recipe field model.lora must be a mapping or null")
-                lora_allowed = {f.name for f in fields(LoraSpec)}
-                bad = sorted(set(lora) - lora_allowed)
-                if bad:
-                    raise ValueError(f"{source}: unknown field(s) {', '.join(f'model.lora.{b}' for b in bad)}; known: {', '.join(sorted(lora_allowed))}")
+                _refuse_unknown_fields(source, "model.lora", lora, LoraSpec)
                 values["lora"] = LoraSpec(**lora)
             parts[name] = spec_cls(**values)
         try:
