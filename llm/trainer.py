@@ -433,7 +433,10 @@ class Trainer:
         comp_mask = batch.completion_mask
         ent, div, ratio = token_stats(student_out.detach(), None if teacher_out is None else teacher_out.detach(),
                                       batch.completion_ids, m.alpha, weight=head, teacher_weight=teacher_head)
-        logp = token_logprobs(student_out, batch.completion_ids, head)
+        # log π(y_t) feeds the policy gradient and the importance ratios of reused rollouts; plain SDPO with one
+        # update per batch never reads it, so it is not computed (saves a log-softmax, or chunked LM-head matmuls)
+        needs_logp = self.use_pg or self.cfg.updates_per_batch > 1 or batch.old_logp is not None
+        logp = token_logprobs(student_out, batch.completion_ids, head) if needs_logp else None
         if batch.old_logp is None and self.cfg.updates_per_batch > 1:
             batch.old_logp = logp.detach()  # behaviour policy = the policy that sampled (first update)
         terms_loss = {}
