@@ -135,3 +135,10 @@ def load_average() -> Optional[list[float]]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def print_figures(figures: list[dict]) -> None:
+    """One line per figure: its ratio against the same-run baseline and whether the target is met."""
+    for f in figures:
+        status = "no target" if f["met"] is None else "met" if f["met"] else "MISSED"
+        print(f"{f['figure']:<60} ratio {f['ratio']:.3f} ({f['target'] or ''} {status})")

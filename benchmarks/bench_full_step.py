@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, figure, load_average, write_results  # noqa: E402
+from _common import RESULTS_DIR, figure, load_average, print_figures, write_results  # noqa: E402
 
 NAME = "full_step"
 VARIANTS = ("ours", "trl")
@@ -146,8 +146,7 @@ def main(argv=None) -> int:
                          [step, tput], settings, raw, time.perf_counter() - t0, results_dir=Path(args.out_dir))
     for v, r in raw.items():
         print(f"{v:<5} median step {r['median_step_s']:.4f} s  {r['tokens_per_s']:8.1f} tok/s  mean length {r['mean_completion_len']:.2f}")
-    for f in (step, tput):
-        print(f"{f['figure']}: ratio {f['ratio']:.3f} (target {f['target']}: {f['met']})")
+    print_figures([step, tput])
     print(f"wrote {path}")
     return 0
 

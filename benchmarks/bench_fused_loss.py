@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, PeakRSS, figure, load_average, time_calls, write_results  # noqa: E402
+from _common import RESULTS_DIR, PeakRSS, figure, load_average, print_figures, time_calls, write_results  # noqa: E402
 
 VARIANTS = ("fused", "plain", "trl_full", "fused_topk", "trl_topk")
 NAME = "fused_loss"
@@ -226,9 +226,7 @@ def main(argv=None) -> int:
     print(f"{'variant':<12}{'peak MiB':>10}{'min s':>9}{'cpu s':>9}   loss")
     for v, r in raw.items():
         print(f"{v:<12}{r['peak_growth_mib']:>10.1f}{r['min_s']:>9.2f}{r['cpu_min_s']:>9.2f}   {r['loss']:.6f}")
-    for f in figures:
-        status = "no target" if f["met"] is None else "met" if f["met"] else "MISSED"
-        print(f"{f['figure']:<60} ratio {f['ratio']:.3f} ({f['target'] or ''} {status})")
+    print_figures(figures)
     print(f"wrote {path}")
     return 0
 

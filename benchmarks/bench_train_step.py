@@ -31,7 +31,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, PeakRSS, figure, load_average, time_calls, write_results  # noqa: E402
+from _common import RESULTS_DIR, PeakRSS, figure, load_average, print_figures, time_calls, write_results  # noqa: E402
 
 NAME = "train_step"
 VARIANTS = ("ours", "trl")
@@ -231,8 +231,7 @@ def main(argv=None) -> int:
     for v in VARIANTS:
         r = raw[v]
         print(f"{v:<6} {inter[v]['tokens_per_s']:>9.1f} tok/s (fastest, interleaved)  peak {r['peak_growth_mib']:>7.1f} MiB  first loss {r['first_loss']:.6f}")
-    for f in (tput, mem):
-        print(f"{f['figure']}: ratio {f['ratio']:.3f} (target {f['target']}: {'met' if f['met'] else 'MISSED'})")
+    print_figures([tput, mem])
     print(f"wrote {path}")
     return 0
 
