@@ -21,7 +21,7 @@ from sdpo_sim.io import atomic_write_text
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 FEEDBACK_KINDS = ("binary", "ordinal", "continuous", "critique", "none")
 BACKENDS = ("transformers", "vllm")
-FUSED_CHOICES = ("auto", True, False)
+AUTO_CHOICES = ("auto", True, False)
 DEFAULT_REPROMPT = "{prompt}{demo}{feedback}\nCorrectly solve the original task.\n"
 DEFAULT_DEMO = "\nA correct solution:\n{demo}\n"
 DEFAULT_FEEDBACK = "\nFeedback on your earlier attempt:\n{feedback}\n"
@@ -158,6 +158,9 @@ class TrainingSpec:
     fused_loss: Any = "auto"  # auto (fused when vocab ≥ fused_min_vocab) | true | false
     fused_min_vocab: int = 32768
     chunk_size: Optional[int] = None  # fused loss tokens per chunk (None: about 32 MiB of fp32 logits per buffer)
+    # run each prompt once per group in the student forward (its KV cache serves the group's G completions):
+    # auto = on unless gradient checkpointing or a sharded model (FSDP / DeepSpeed) | true | false
+    share_prompt_prefix: Any = "auto"
     tensorboard: bool = False
 
     def validate(self) -> None:
@@ -177,7 +180,8 @@ class TrainingSpec:
             _int(s, name, getattr(self, name), 0)
         for name in ("log_every", "max_prompt_length", "max_consecutive_nonfinite", "updates_per_batch", "fused_min_vocab"):
             _int(s, name, getattr(self, name), 1)
-        _choice(s, "fused_loss", self.fused_loss, FUSED_CHOICES)
+        _choice(s, "fused_loss", self.fused_loss, AUTO_CHOICES)
+        _choice(s, "share_prompt_prefix", self.share_prompt_prefix, AUTO_CHOICES)
         if self.chunk_size is not None:
             _int(s, "chunk_size", self.chunk_size, 1)
         _bool(s, "tensorboard", self.tensorboard)

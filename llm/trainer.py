@@ -127,10 +127,38 @@ def pack_rows(prefixes: list[list[int]], completions: list[list[int]], pad_id: i
     return ids.to(device), mask.to(device)
 
 
-def completion_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_tokens: int, *, hidden: bool) -> torch.Tensor:
+def prefix_groups(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of consecutive identical rows of ``ids``/``mask`` ``[B, L]`` (a prompt's group of completions).
+
+    Returns ``first [U]``, the index of each run's first row, and ``run [B]``, each row's run number.
+    """
+    new = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
+    new[1:] = (ids[1:] != ids[:-1]).any(-1) | (mask[1:] != mask[:-1]).any(-1)
+    return new.nonzero().squeeze(-1), new.cumsum(0) - 1
+
+
+def completion_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_tokens: int, *, hidden: bool,
+                       share_prefix: bool = False) -> torch.Tensor:
     """Outputs at the positions that predict the last ``num_tokens`` tokens: logits ``[B, T, V]`` or
-    final (normed) hidden states ``[B, T, H]`` (``hidden=True``, for the fused loss)."""
+    final (normed) hidden states ``[B, T, H]`` (``hidden=True``, for the fused loss).
+
+    ``share_prefix``: rows whose prefix (everything before the position predicting the first completion
+    token) equals the previous row's — the ``G`` completions of one prompt — run that prefix once; its key/value
+    cache is then indexed out to every row of the run (gradients flow back through it and sum over the run),
+    and only the ``T`` completion positions run per row. Same outputs as the plain forward up to float
+    rounding; with ``P`` prompt tokens it runs ``U·P + B·T`` instead of ``B·(P+T)`` token positions.
+    """
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    p = input_ids.shape[1] - num_tokens - 1  # the prefix: columns [0, p); column p predicts the first completion token
+    if share_prefix and p > 0:
+        first, run = prefix_groups(input_ids[:, :p], attention_mask[:, :p])
+        if first.numel() < input_ids.shape[0]:
+            cache = model(input_ids=input_ids[first, :p], attention_mask=attention_mask[first, :p],
+                          position_ids=position_ids[first, :p], use_cache=True, logits_to_keep=1).past_key_values
+            cache.batch_select_indices(run)  # [U, ...] → [B, ...]; differentiable indexing
+            out = model(input_ids=input_ids[:, p:-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, p:-1],
+                        past_key_values=cache, use_cache=False, logits_to_keep=1 if hidden else 0, output_hidden_states=hidden)
+            return out.hidden_states[-1] if hidden else out.logits
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                 logits_to_keep=1 if hidden else num_tokens + 1, output_hidden_states=hidden)
     if hidden:
@@ -295,6 +323,12 @@ class Trainer:
                                            self.method.entropy_target, self.method.entropy_gain)
                            if self.method.method == "hybrid" else None)
         dist = self.acc.distributed_type.name
+        share, sharded = self.cfg.share_prompt_prefix, is_sharded(self.unwrapped)
+        if share is True and (recipe.model.gradient_checkpointing or sharded):
+            raise ValueError("training.share_prompt_prefix=true needs model.gradient_checkpointing=false (checkpointed layers "
+                             "return no key/value cache) and an unsharded model (a two-rank FSDP2 run crashed with it); "
+                             "use share_prompt_prefix: auto or false")
+        self.share_prefix = share is True or (share == "auto" and not recipe.model.gradient_checkpointing and not sharded)
         if recipe.generation.backend == "vllm":
             self.generate = VLLMGenerator(recipe.generation, self.method.temperature, self.cfg.max_new_tokens, recipe.model.path, recipe.model.dtype)
         else:
@@ -423,13 +457,15 @@ class Trainer:
         teacher_out = teacher_head = None
         if self.distil:  # the teacher reads its context, then the same completion; its weights are swapped in and out
             def teacher_forward():
-                out = completion_outputs(self.model, batch.teacher_input_ids, batch.teacher_attention_mask, T, hidden=self.fused)
+                out = completion_outputs(self.model, batch.teacher_input_ids, batch.teacher_attention_mask, T, hidden=self.fused,
+                                         share_prefix=self.share_prefix)
                 return (out, head.detach().clone()) if self.fused and self.teacher.has_copy else (out, None)
 
             terms = self.teacher.outputs(self.unwrapped, teacher_forward)
             teacher_out = sum(c * out for c, (out, _) in terms) / temp
             teacher_head = terms[0][1][1]  # the teacher's own LM head when it has stored weights (fused path)
-        student_out = completion_outputs(self.model, batch.input_ids, batch.attention_mask, T, hidden=self.fused) / temp
+        student_out = completion_outputs(self.model, batch.input_ids, batch.attention_mask, T, hidden=self.fused,
+                                         share_prefix=self.share_prefix) / temp
         comp_mask = batch.completion_mask
         ent, div, ratio = token_stats(student_out.detach(), None if teacher_out is None else teacher_out.detach(),
                                       batch.completion_ids, m.alpha, weight=head, teacher_weight=teacher_head)

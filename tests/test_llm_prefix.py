@@ -1,0 +1,126 @@
+"""Shared-prompt-prefix forward: each prompt of a group runs once and its key/value cache serves the
+group's completions. It must give the plain forward's outputs and gradients (exactly in float64, once the
+model's float32 RMSNorm upcast is taken out), and the trainer's switch must refuse what it cannot do."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers.models.qwen3 import modeling_qwen3
+
+from llm.recipe import load_recipe, resolve_recipe_path
+from llm.tiny import build_char_tokenizer, build_tiny, build_tiny_model
+from llm.trainer import Trainer, completion_outputs, prefix_groups
+from llm_helpers import tiny_recipe
+
+
+def test_prefix_groups_finds_runs_of_identical_rows():
+    ids = torch.tensor([[1, 2], [1, 2], [3, 4], [1, 2], [1, 2], [1, 2]])
+    mask = torch.ones_like(ids)
+    mask[5, 0] = 0  # same ids, different mask: a new run
+    first, run = prefix_groups(ids, mask)
+    assert first.tolist() == [0, 2, 3, 5]
+    assert run.tolist() == [0, 0, 1, 2, 2, 3]
+
+
+def _batch(vocab: int, T: int = 5):
+    """7 rows: prompts 0,0,0 | 1,1 (left-padded) | 2 | 3 (a group of one), one right-padded completion."""
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(4, vocab, (4, 9), generator=g)
+    rows = torch.tensor([0, 0, 0, 1, 1, 2, 3])
+    ids = torch.cat([prompts[rows], torch.randint(4, vocab, (len(rows), T), generator=g)], 1)
+    mask = torch.ones_like(ids)
+    mask[rows == 1, :3], ids[rows == 1, :3] = 0, 0
+    mask[6, -2:], ids[6, -2:] = 0, 0
+    return ids, mask, T
+
+
+def _outputs_and_grads(model, ids, mask, T, hidden, share):
+    model.zero_grad(set_to_none=True)
+    out = completion_outputs(model, ids, mask, T, hidden=hidden, share_prefix=share)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * w).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture
+def float64_rmsnorm(monkeypatch):
+    """Qwen3's RMSNorm computes in float32 whatever the model dtype; the shared forward sums a prompt's
+    gradient over its group before that rounding, the plain one after, so exact comparison needs it in float64."""
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+    monkeypatch.setattr(modeling_qwen3.Qwen3RMSNorm, "forward", forward)
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_shared_prefix_equals_plain_forward_in_float64(float64_rmsnorm, hidden):
+    tok = build_char_tokenizer()
+    model = build_tiny_model(tok, hidden_size=32, num_layers=2, seed=0).double()
+    ids, mask, T = _batch(len(tok))
+    out_p, grads_p = _outputs_and_grads(model, ids, mask, T, hidden, share=False)
+    out_s, grads_s = _outputs_and_grads(model, ids, mask, T, hidden, share=True)
+    assert out_s.shape == out_p.shape == (7, T, model.config.hidden_size if hidden else len(tok))
+    torch.testing.assert_close(out_s, out_p, rtol=1e-12, atol=1e-12)
+    assert grads_p.keys() == grads_s.keys()
+    for name, g in grads_p.items():
+        torch.testing.assert_close(grads_s[name], g, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_shared_prefix_in_float32_matches_to_rounding():
+    tok = build_char_tokenizer()
+    model = build_tiny_model(tok, hidden_size=32, num_layers=2, seed=0)
+    ids, mask, T = _batch(len(tok))
+    out_p, grads_p = _outputs_and_grads(model, ids, mask, T, False, share=False)
+    out_s, grads_s = _outputs_and_grads(model, ids, mask, T, False, share=True)
+    torch.testing.assert_close(out_s, out_p, rtol=1e-5, atol=1e-5)
+    for name, g in grads_p.items():
+        scale = g.abs().max().item()
+        assert (grads_s[name] - g).abs().max().item() <= 1e-4 * scale + 1e-7, name
+
+
+def test_no_shared_rows_falls_back_to_one_forward():
+    tok = build_char_tokenizer()
+    model = build_tiny_model(tok, hidden_size=32, num_layers=1, seed=0)
+    ids = torch.randint(4, len(tok), (3, 8), generator=torch.Generator().manual_seed(0))
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    completion_outputs(model, ids, torch.ones_like(ids), 3, hidden=False, share_prefix=True)
+    handle.remove()
+    assert len(calls) == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny-model"), hidden_size=32, num_layers=1, seed=1)
+
+
+def test_trainer_loss_and_gradients_are_the_same_with_and_without_sharing(tiny_dir, tmp_path):
+    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, method__method="hybrid", method__teacher_kind="frozen"))
+    assert trainer.share_prefix  # auto: on for an unsharded model without gradient checkpointing
+    with torch.no_grad():  # make student and frozen teacher differ
+        for p in trainer.unwrapped.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch, _ = trainer.rollout(0)
+    results = {}
+    for share in (False, True):
+        trainer.share_prefix = share
+        loss, _ = trainer.compute_loss(batch)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        results[share] = (float(loss), {n: p.grad.clone() for n, p in trainer.unwrapped.named_parameters() if p.grad is not None})
+        trainer.optimizer.zero_grad(set_to_none=True)
+    assert abs(results[False][0]) > 1e-6 and math.isclose(results[True][0], results[False][0], rel_tol=1e-5)
+    for name, g in results[False][1].items():
+        torch.testing.assert_close(results[True][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_share_prompt_prefix_bad_value_and_impossible_combination(tiny_dir, tmp_path):
+    with pytest.raises(ValueError, match="share_prompt_prefix"):
+        load_recipe(resolve_recipe_path("tiny-cpu"), {"training.share_prompt_prefix": "yes"})
+    recipe = tiny_recipe(tiny_dir, tmp_path, training__share_prompt_prefix=True, model__gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="gradient_checkpointing=false"):
+        Trainer(recipe)
+    off = Trainer(tiny_recipe(tiny_dir, tmp_path, model__gradient_checkpointing=True))
+    assert not off.share_prefix  # auto turns it off instead
