@@ -45,6 +45,7 @@ from .checkpoint import is_sharded, latest_checkpoint, load_checkpoint, save_che
 from .context import build_contexts, context_ids_for_batch, prompt_ids
 from .generation import TransformersGenerator, VLLMGenerator, sample_seed
 from .logging import MetricsLogger
+from .prefix import plan_shared_prefix, positions, shared_prefix_outputs
 from .recipe import Recipe, check_model_path
 from .teacher import make_teacher
 
@@ -127,39 +128,18 @@ def pack_rows(prefixes: list[list[int]], completions: list[list[int]], pad_id: i
     return ids.to(device), mask.to(device)
 
 
-def prefix_groups(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs of consecutive identical rows of ``ids``/``mask`` ``[B, L]`` (a prompt's group of completions).
-
-    Returns ``first [U]``, the index of each run's first row, and ``run [B]``, each row's run number.
-    """
-    new = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-    new[1:] = (ids[1:] != ids[:-1]).any(-1) | (mask[1:] != mask[:-1]).any(-1)
-    return new.nonzero().squeeze(-1), new.cumsum(0) - 1
-
-
 def completion_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_tokens: int, *, hidden: bool,
                        share_prefix: bool = False) -> torch.Tensor:
     """Outputs at the positions that predict the last ``num_tokens`` tokens: logits ``[B, T, V]`` or
     final (normed) hidden states ``[B, T, H]`` (``hidden=True``, for the fused loss).
 
-    ``share_prefix``: rows whose prefix (everything before the position predicting the first completion
-    token) equals the previous row's — the ``G`` completions of one prompt — run that prefix once; its key/value
-    cache is then indexed out to every row of the run (gradients flow back through it and sum over the run),
-    and only the ``T`` completion positions run per row. Same outputs as the plain forward up to float
-    rounding; with ``P`` prompt tokens it runs ``U·P + B·T`` instead of ``B·(P+T)`` token positions.
+    ``share_prefix``: consecutive rows that begin alike (a prompt's group) run their common prefix once
+    (:mod:`llm.prefix`); same outputs and gradients up to float rounding.
     """
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    p = input_ids.shape[1] - num_tokens - 1  # the prefix: columns [0, p); column p predicts the first completion token
-    if share_prefix and p > 0:
-        first, run = prefix_groups(input_ids[:, :p], attention_mask[:, :p])
-        if first.numel() < input_ids.shape[0]:
-            cache = model(input_ids=input_ids[first, :p], attention_mask=attention_mask[first, :p],
-                          position_ids=position_ids[first, :p], use_cache=True, logits_to_keep=1).past_key_values
-            cache.batch_select_indices(run)  # [U, ...] → [B, ...]; differentiable indexing
-            out = model(input_ids=input_ids[:, p:-1], attention_mask=attention_mask[:, :-1], position_ids=position_ids[:, p:-1],
-                        past_key_values=cache, use_cache=False, logits_to_keep=1 if hidden else 0, output_hidden_states=hidden)
-            return out.hidden_states[-1] if hidden else out.logits
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+    plan = plan_shared_prefix(input_ids, attention_mask, num_tokens) if share_prefix else None
+    if plan is not None:
+        return shared_prefix_outputs(model, plan, num_tokens, hidden=hidden)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask), use_cache=False,
                 logits_to_keep=1 if hidden else num_tokens + 1, output_hidden_states=hidden)
     if hidden:
         return out.hidden_states[-1][:, -num_tokens - 1:-1]

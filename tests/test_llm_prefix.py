@@ -12,17 +12,60 @@ from transformers.models.qwen3 import modeling_qwen3
 
 from llm.recipe import load_recipe, resolve_recipe_path
 from llm.tiny import build_char_tokenizer, build_tiny, build_tiny_model
-from llm.trainer import Trainer, completion_outputs, prefix_groups
+from llm.prefix import plan_shared_prefix
+from llm.trainer import Trainer, completion_outputs
 from llm_helpers import tiny_recipe
 
 
-def test_prefix_groups_finds_runs_of_identical_rows():
-    ids = torch.tensor([[1, 2], [1, 2], [3, 4], [1, 2], [1, 2], [1, 2]])
-    mask = torch.ones_like(ids)
-    mask[5, 0] = 0  # same ids, different mask: a new run
-    first, run = prefix_groups(ids, mask)
-    assert first.tolist() == [0, 2, 3, 5]
-    assert run.tolist() == [0, 0, 1, 2, 2, 3]
+def _rows(*contexts, T=2):
+    """A left-padded ``[B, C+T]`` batch of the given contexts, each followed by T completion tokens (ids 90+)."""
+    C = max(len(c) for c in contexts)
+    ids = torch.zeros(len(contexts), C + T, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, c in enumerate(contexts):
+        ids[i, C - len(c):C] = torch.tensor(c)
+        mask[i, C - len(c):] = 1
+        ids[i, C:] = torch.arange(90 + i * T, 90 + (i + 1) * T)
+    return ids, mask, T
+
+
+def _reassembled(plan, ids, mask):
+    """Each row rebuilt from its prefix row and its suffix: must give back the row's real tokens, in order."""
+    for i in range(ids.shape[0]):
+        k = int(plan.run[i])
+        row = torch.cat([plan.prefix_ids[k][plan.prefix_mask[k].bool()], plan.suffix_ids[i][plan.suffix_mask[i].bool()]])
+        assert torch.equal(row, ids[i][mask[i].bool()]), i
+
+
+def test_plan_groups_rows_by_their_common_context_prefix():
+    ids, mask, T = _rows([5, 6, 7, 8], [5, 6, 7, 9, 9], [5, 6, 7, 8], [1, 2, 3], [4, 4], [4, 4])
+    plan = plan_shared_prefix(ids, mask, T)
+    shared = {i: plan.prefix_ids[plan.run[i]][plan.prefix_mask[plan.run[i]].bool()].tolist() for i in range(6)}
+    # rows 0-2 share [5, 6, 7]; rows 4-5 are identical but each keeps its last context token; row 3 is alone
+    assert shared == {0: [5, 6, 7], 1: [5, 6, 7], 2: [5, 6, 7], 3: [], 4: [4], 5: [4]}
+    assert plan.prefix_ids.shape[0] == 3  # two shared prefixes and one empty row
+    assert plan.suffix_ids[:, :-T].tolist() == [[0, 0, 8], [0, 9, 9], [0, 0, 8], [1, 2, 3], [0, 0, 4], [0, 0, 4]]
+    assert torch.equal(plan.suffix_ids[:, -T:], ids[:, -T:])
+    _reassembled(plan, ids, mask)
+
+
+def test_plan_prefers_the_longer_prefix_shared_by_fewer_rows():
+    """A group where one row has another demonstration: sharing prompt + demo among three rows saves more
+    (2·8) than sharing only the prompt among all four (3·4)."""
+    prompt, demo, other = [1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]
+    ids, mask, T = _rows(prompt + other + [30], prompt + demo + [31], prompt + demo + [32, 33], prompt + demo + [34])
+    plan = plan_shared_prefix(ids, mask, T)
+    assert int(plan.run[1]) == int(plan.run[2]) == int(plan.run[3]) != int(plan.run[0])
+    assert plan.prefix_mask[plan.run[1]].sum() == 8
+    _reassembled(plan, ids, mask)
+
+
+def test_plan_is_none_when_nothing_is_shared_or_padding_is_not_on_the_left():
+    ids, mask, T = _rows([1, 2], [3, 4], [5, 6])
+    assert plan_shared_prefix(ids, mask, T) is None
+    ids, mask, T = _rows([1, 2, 3], [1, 2, 3])
+    mask[0, 1] = 0  # a hole inside a context
+    assert plan_shared_prefix(ids, mask, T) is None
 
 
 def _batch(vocab: int, T: int = 5):
@@ -34,6 +77,18 @@ def _batch(vocab: int, T: int = 5):
     mask = torch.ones_like(ids)
     mask[rows == 1, :3], ids[rows == 1, :3] = 0, 0
     mask[6, -2:], ids[6, -2:] = 0, 0
+    return ids, mask, T
+
+
+def _teacher_like_batch(vocab: int, T: int = 4):
+    """Teacher-style contexts: a shared prompt, then a demonstration most rows share, then per-row feedback
+    of different lengths (so the rows' padding differs), and a group whose contexts differ from the start."""
+    g = torch.Generator().manual_seed(2)
+    tok = lambda n: torch.randint(4, vocab, (n,), generator=g).tolist()  # noqa: E731
+    prompt, demo_a, demo_b = tok(6), tok(5), tok(5)
+    contexts = [prompt + demo_b + tok(2), prompt + demo_a + tok(4), prompt + demo_a + tok(1), tok(7), tok(3)]
+    ids, mask, _ = _rows(*contexts, T=T)
+    ids[:, -T:] = torch.randint(4, vocab, (len(contexts), T), generator=g)
     return ids, mask, T
 
 
@@ -55,13 +110,15 @@ def float64_rmsnorm(monkeypatch):
 
 
 @pytest.mark.parametrize("hidden", [False, True])
-def test_shared_prefix_equals_plain_forward_in_float64(float64_rmsnorm, hidden):
+@pytest.mark.parametrize("make_batch", [_batch, _teacher_like_batch])
+def test_shared_prefix_equals_plain_forward_in_float64(float64_rmsnorm, hidden, make_batch):
     tok = build_char_tokenizer()
     model = build_tiny_model(tok, hidden_size=32, num_layers=2, seed=0).double()
-    ids, mask, T = _batch(len(tok))
+    ids, mask, T = make_batch(len(tok))
+    assert plan_shared_prefix(ids, mask, T) is not None
     out_p, grads_p = _outputs_and_grads(model, ids, mask, T, hidden, share=False)
     out_s, grads_s = _outputs_and_grads(model, ids, mask, T, hidden, share=True)
-    assert out_s.shape == out_p.shape == (7, T, model.config.hidden_size if hidden else len(tok))
+    assert out_s.shape == out_p.shape == (ids.shape[0], T, model.config.hidden_size if hidden else len(tok))
     torch.testing.assert_close(out_s, out_p, rtol=1e-12, atol=1e-12)
     assert grads_p.keys() == grads_s.keys()
     for name, g in grads_p.items():
@@ -109,7 +166,7 @@ def test_trainer_loss_and_gradients_are_the_same_with_and_without_sharing(tiny_d
         loss, _ = trainer.compute_loss(batch)
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        results[share] = (float(loss), {n: p.grad.clone() for n, p in trainer.unwrapped.named_parameters() if p.grad is not None})
+        results[share] = (float(loss.detach()), {n: p.grad.clone() for n, p in trainer.unwrapped.named_parameters() if p.grad is not None})
         trainer.optimizer.zero_grad(set_to_none=True)
     assert abs(results[False][0]) > 1e-6 and math.isclose(results[True][0], results[False][0], rel_tol=1e-5)
     for name, g in results[False][1].items():
