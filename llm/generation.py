@@ -86,9 +86,10 @@ class GumbelSampler:
             raise ValueError(f"GumbelSampler got {rows} rows of scores for {len(self.seeds)} seeds")
         if not self.generators:  # on the device of the scores, made at the first step
             self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
-        u = torch.stack([torch.rand(vocab, generator=g, device=scores.device, dtype=scores.dtype) for g in self.generators])
+        # float64 uniforms: float32's 2**-24 grid would cap g at 16.6, so a token 21 nats below the best could never win
+        u = torch.stack([torch.rand(vocab, generator=g, device=scores.device, dtype=torch.float64) for g in self.generators])
         gumbel = -torch.log(-torch.log(u.clamp_(min=torch.finfo(u.dtype).tiny)))
-        return warp_logits(scores, self.temperature, self.top_k, self.top_p) + gumbel
+        return warp_logits(scores, self.temperature, self.top_k, self.top_p) + gumbel.to(scores.dtype)
 
 
 class TransformersGenerator:
