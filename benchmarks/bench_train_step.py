@@ -1,11 +1,14 @@
 """One SDPO update on the tiny CPU recipe's model: ours (llm.trainer) vs TRL's SDPOTrainer.
 
 Both sides get the same locally built tiny Qwen3 model (the tiny-cpu recipe's size), the same fixed
-batch (prompts_per_step × num_generations completions, teacher contexts) and settings (full-vocabulary
+batch (prompts_per_step prompts, each repeated num_generations times as in any GRPO/SDPO batch; per row
+one completion and a teacher context laid out as llm.context builds it: the prompt, a demonstration
+shared by the group, then the row's own feedback) and settings (full-vocabulary
 reverse KL, temperature 1, AdamW lr 3e-3, weight decay 0.01, grad-clip 1.0). One update = teacher
 forward (no grad) + student forward + SDPO loss + backward + clip + AdamW step.
 
-- ours: ``llm.trainer.completion_outputs`` + ``sdpo_loss`` (what ``Trainer.compute_loss`` runs);
+- ours: ``llm.trainer.completion_outputs`` (with ``share_prompt_prefix``, the trainer's default: each prompt
+  runs once per group) + ``sdpo_loss`` (what ``Trainer.compute_loss`` runs);
 - TRL: ``SDPOTrainer._compute_teacher_student_logits`` + ``_compute_self_distillation_loss``, TRL's own
   methods bound to a minimal host (as in tests/test_peers_trl_trainer.py).
 
@@ -35,6 +38,7 @@ from _common import RESULTS_DIR, PeakRSS, figure, load_average, print_figures, t
 
 NAME = "train_step"
 VARIANTS = ("ours", "trl")
+INTERLEAVED = ("ours", "ours_unshared", "trl")  # ours_unshared: training.share_prompt_prefix false, to show its part
 
 
 def _batch(args):
@@ -46,8 +50,12 @@ def _batch(args):
     model = build_tiny_model(tok, hidden_size=args.hidden, num_layers=args.layers, seed=0)
     g = torch.Generator().manual_seed(0)
     b, vocab = args.prompts * args.generations, len(tok)
-    prompt = torch.randint(4, vocab, (b, args.prompt_len), generator=g)
-    context = torch.randint(4, vocab, (b, args.context_len), generator=g)
+    prompt = torch.randint(4, vocab, (args.prompts, args.prompt_len), generator=g).repeat_interleave(args.generations, 0)
+    # teacher context = the prompt, a demonstration shared by the group, per-row feedback (llm.context's layout)
+    demo_len = (args.context_len - args.prompt_len) // 2
+    demo = torch.randint(4, vocab, (args.prompts, demo_len), generator=g).repeat_interleave(args.generations, 0)
+    feedback = torch.randint(4, vocab, (b, args.context_len - args.prompt_len - demo_len), generator=g)
+    context = torch.cat([prompt, demo, feedback], 1)
     completion = torch.randint(4, vocab, (b, args.completion_len), generator=g)
     mask = torch.ones(b, args.completion_len)
     inputs = {
@@ -66,19 +74,21 @@ def _update_fn(variant: str, model, inputs, args):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     T = inputs["completion_ids"].shape[1]
 
-    if variant == "ours":
+    if variant in ("ours", "ours_unshared"):
         from llm.trainer import completion_outputs, sdpo_loss
         from sdpo_sim.config import MethodConfig
 
         method = MethodConfig(method="sdpo", alpha=1.0, support="full", loss_type="sequence_mean")
+        share = args.share_prefix and variant == "ours"
         s_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
         s_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"].long()], 1)
         d_mask = inputs["completion_mask"] * inputs["self_distillation_mask"].unsqueeze(-1)
 
         def loss_fn():
             with torch.no_grad():
-                teacher = completion_outputs(model, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], T, hidden=False)
-            student = completion_outputs(model, s_ids, s_mask, T, hidden=False)
+                teacher = completion_outputs(model, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], T,
+                                             hidden=False, share_prefix=share)
+            student = completion_outputs(model, s_ids, s_mask, T, hidden=False, share_prefix=share)
             return sdpo_loss(student, teacher, inputs["completion_ids"], d_mask, method, max_len=T)
     else:
         from trl.experimental.sdpo.sdpo_trainer import SDPOTrainer
@@ -136,14 +146,14 @@ def run_interleaved(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     updates, tokens = {}, None
-    for v in VARIANTS:
+    for v in INTERLEAVED:
         model, inputs = _batch(args)
         model.train()
         updates[v], tokens = _update_fn(v, model, inputs, args), inputs["completion_mask"].sum().item()
         updates[v]()  # warm-up
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in INTERLEAVED}
     for _ in range(args.repeats * 2):
-        for v in VARIANTS:
+        for v in INTERLEAVED:
             t0 = time.perf_counter()
             updates[v]()
             times[v].append(time.perf_counter() - t0)
@@ -158,11 +168,13 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", type=int, default=4, help="prompts per step (tiny-cpu: 4)")
     p.add_argument("--generations", type=int, default=4, help="completions per prompt (tiny-cpu: 4)")
     p.add_argument("--prompt-len", type=int, default=48)
-    p.add_argument("--context-len", type=int, default=160, help="teacher context (prompt + feedback/demo) tokens")
+    p.add_argument("--context-len", type=int, default=160, help="teacher context tokens: prompt + demo + feedback (half each of the rest)")
     p.add_argument("--completion-len", type=int, default=10, help="tiny-cpu: max_new_tokens 10")
     p.add_argument("--repeats", type=int, default=20, help="timed updates per run (min taken); few repeats let load spikes decide the figure")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
+                   help="ours without the shared prompt prefix (training.share_prompt_prefix: false)")
     p.add_argument("--out-dir", default=str(RESULTS_DIR))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -198,40 +210,41 @@ def main(argv=None) -> int:
                   "tokens_per_s_by_round": [round(r["tokens_per_s"], 1) for r in rs]}
     wall = time.perf_counter() - t0
     settings = {k: getattr(args, k) for k in ("hidden", "layers", "prompts", "generations", "prompt_len", "context_len",
-                                               "completion_len", "repeats", "rounds", "threads")}
+                                               "completion_len", "repeats", "rounds", "threads", "share_prefix")}
     settings.update({"model": "tiny Qwen3 (llm.tiny), char vocabulary, float32", "loss": "full-vocabulary reverse KL",
                      "optimizer": "AdamW lr 3e-3 wd 0.01, grad-clip 1.0", "excluded": "generation, judging, teacher-context building",
+                     "batch": "each prompt repeated num_generations times; teacher context = prompt + a demonstration shared by the group + the row's feedback",
                      "load_average_before": load_before, "load_average_after": load_average()})
     o, t = raw["ours"], raw["trl"]
     io, it = inter["ours"], inter["trl"]
     tput = figure("training update throughput (completion tokens/s, median update): ours vs TRL SDPOTrainer",
                   io["tokens_per_s_median"], it["tokens_per_s_median"], "tok/s", target_ratio=1.2, higher_is_better=True)
     by_round = [round(a["tokens_per_s"] / b["tokens_per_s"], 3) for a, b in zip(runs["ours"], runs["trl"])]
-    spread = (f"median of {2 * args.repeats} updates per side, timed alternately in one process (the fastest single "
-              f"updates' ratio, {io['tokens_per_s'] / it['tokens_per_s']:.3f}, swings run to run); separate fresh processes per round "
-              f"(used for memory) give per-round ratios {by_round}, spread by machine drift between processes. "
-              "Both run the same model forwards/backward (same aten ops in a torch.profiler trace); our edge is the "
-              "order: ours runs the no-grad teacher forward before the student's, so its activations are freed before "
-              "the student graph is built (TRL: student first), which an in-process A/B of the two orders on our loss "
-              "measures at ~15% less time per update and which also gives the lower peak memory")
-    tput["note"] = spread
+    unshared = figure("training update throughput (median update): ours without shared prefixes vs TRL SDPOTrainer",
+                      inter["ours_unshared"]["tokens_per_s_median"], it["tokens_per_s_median"], "tok/s", higher_is_better=True)
+    unshared["note"] = ("informative: training.share_prompt_prefix false, i.e. every row runs its whole prompt and teacher "
+                        "context; the difference from the row above is what the shared prefixes (llm/prefix.py) win")
+    tput["note"] = (f"median of {2 * args.repeats} updates per side, timed alternately in one process (the fastest single "
+                    f"updates' ratio: {io['tokens_per_s'] / it['tokens_per_s']:.3f}); separate fresh processes per round "
+                    f"(used for memory) give per-round ratios {by_round}, spread by machine drift between processes. "
+                    "Where ours gains: the student runs each prompt once per group and the teacher each shared prompt + "
+                    "demonstration once (llm/prefix.py; see the row without it), and the no-grad teacher forward runs "
+                    "before the student's, so its activations are freed before the student graph is built (TRL: student "
+                    "first), which also gives the lower peak memory. The model forwards/backward and AdamW are the same "
+                    "HF/torch ops on both sides")
     if tput["met"] is False:
-        tput["note"] = spread + "; missed because " + ("both sides run the same HF model forwards/backward and the same optimizer: a torch.profiler "
-                        "trace of either update shows the same aten ops and call counts (matmuls, attention, AdamW ~95% "
-                        "of the time), and passing position_ids costs nothing measurable (A/B on the same model: equal "
-                        "within noise); with a ~100-token vocabulary the loss is a negligible share of the update, so "
-                        "there is nothing for a leaner loss to win here; our advantage (the fused loss) only shows at "
-                        "large vocabularies (see fused_loss)")
+        tput["note"] += ("; missed: with a ~100-token vocabulary the matmuls, attention and AdamW are ~95% of an update "
+                         "on both sides (torch.profiler), so beyond the positions saved there is little to win")
     mem = figure("training update peak memory: ours vs TRL SDPOTrainer", o["peak_growth_mib"], t["peak_growth_mib"],
                  "MiB", target_ratio=1.0)
     if mem["met"] is False:
         mem["note"] = "peak RSS growth of a few MiB on a tiny model: allocator noise of the same order as the difference"
     path = write_results(NAME, "One SDPO update on the tiny CPU recipe's model: ours vs TRL SDPOTrainer",
-                         [tput, mem], settings, raw, wall, results_dir=Path(args.out_dir))
+                         [tput, unshared, mem], settings, raw, wall, results_dir=Path(args.out_dir))
     for v in VARIANTS:
         r = raw[v]
         print(f"{v:<6} {inter[v]['tokens_per_s']:>9.1f} tok/s (fastest, interleaved)  peak {r['peak_growth_mib']:>7.1f} MiB  first loss {r['first_loss']:.6f}")
-    print_figures([tput, mem])
+    print_figures([tput, unshared, mem])
     print(f"wrote {path}")
     return 0
 
