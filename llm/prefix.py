@@ -11,6 +11,8 @@ for ``Σ_runs S + Σ_rows (C_i − S + T)`` instead of ``B·(C + T)`` token posi
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -112,14 +114,33 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_keyword_of(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def cache_keyword(model) -> str:
+    """The forward keyword that takes a key/value cache: ``cache`` (transformers ≥ 5.24, which deprecates the
+    old name for removal in 5.40, where it would be silently swallowed by ``**kwargs``) or ``past_key_values``.
+    Read off the transformers model class, under a DDP (``.module``) or PEFT (``get_base_model``) wrapper."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return _cache_keyword_of(type(model))
+
+
 def shared_prefix_outputs(model, plan: PrefixPlan, num_tokens: int, *, hidden: bool) -> torch.Tensor:
     """Logits ``[B, T, V]`` (or final hidden states ``[B, T, H]``) at the positions predicting the last
     ``T = num_tokens`` tokens, from one forward over the ``U`` shared prefixes and one over the suffixes."""
-    cache = model(input_ids=plan.prefix_ids, attention_mask=plan.prefix_mask, position_ids=positions(plan.prefix_mask),
-                  use_cache=True, logits_to_keep=1).past_key_values
+    prefix = model(input_ids=plan.prefix_ids, attention_mask=plan.prefix_mask, position_ids=positions(plan.prefix_mask),
+                   use_cache=True, logits_to_keep=1)
+    cache = getattr(prefix, "cache", None)  # the output's field took the same new name
+    if cache is None:
+        cache = prefix.past_key_values
     cache.batch_select_indices(plan.run)  # [U, ...] → [B, ...]; differentiable indexing
     mask = torch.cat([plan.prefix_mask[plan.run], plan.suffix_mask], 1)[:, :-1]
     S = plan.prefix_ids.shape[1]
     out = model(input_ids=plan.suffix_ids[:, :-1], attention_mask=mask, position_ids=positions(mask)[:, S:],
-                past_key_values=cache, use_cache=False, logits_to_keep=1 if hidden else num_tokens, output_hidden_states=hidden)
+                use_cache=False, logits_to_keep=1 if hidden else num_tokens, output_hidden_states=hidden,
+                **{cache_keyword(model): cache})
     return out.hidden_states[-1][:, -num_tokens:] if hidden else out.logits

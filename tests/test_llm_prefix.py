@@ -4,7 +4,9 @@ model's float32 RMSNorm upcast is taken out), and the trainer's switch must refu
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from transformers.models.qwen3 import modeling_qwen3
 
 from llm.recipe import load_recipe, resolve_recipe_path
 from llm.tiny import build_char_tokenizer, build_tiny, build_tiny_model
-from llm.prefix import plan_shared_prefix
+from llm.prefix import cache_keyword, plan_shared_prefix
 from llm.trainer import Trainer, completion_outputs
 from llm_helpers import tiny_recipe
 
@@ -146,6 +148,41 @@ def test_no_shared_rows_falls_back_to_one_forward():
     completion_outputs(model, ids, torch.ones_like(ids), 3, hidden=False, share_prefix=True)
     handle.remove()
     assert len(calls) == 1
+
+
+def test_cache_keyword_follows_the_model_class_through_wrappers():
+    """transformers renamed the forward's ``past_key_values`` to ``cache`` (the old name is removed in 5.40 and
+    would then vanish into ``**kwargs``, silently dropping the prefix): the keyword is read off the class."""
+    class Old(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    class Peft(torch.nn.Module):  # PEFT's forward takes **kwargs; its base model has the real signature
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def get_base_model(self):
+            return self.base
+
+        def forward(self, *args, **kwargs): ...
+
+    class DDP(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert cache_keyword(Old()) == "past_key_values" and cache_keyword(New()) == "cache"
+    assert cache_keyword(DDP(Peft(New()))) == "cache" and cache_keyword(Peft(Old())) == "past_key_values"
+    tok = build_char_tokenizer()
+    model = build_tiny_model(tok, hidden_size=32, num_layers=1, seed=0)
+    assert cache_keyword(model) in inspect.signature(type(model).forward).parameters
+    ids, mask, T = _batch(len(tok))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated keyword on the installed transformers
+        completion_outputs(model, ids, mask, T, hidden=False, share_prefix=True)
 
 
 @pytest.fixture(scope="module")
