@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     if proc.returncode != 0:
         raise RuntimeError(f"interleaved run failed:\n{proc.stderr[-3000:]}")
     inter = json.loads(proc.stdout.strip().splitlines()[-1])
-    raw = {"interleaved": inter}
+    raw = {f"{v} (interleaved)": r for v, r in inter.items()}  # one table row per side, like the per-process rows
     for v, rs in runs.items():
         best = max(rs, key=lambda r: r["tokens_per_s"])
         raw[v] = {**best, "peak_growth_mib": max(r["peak_growth_mib"] for r in rs),
