@@ -5,8 +5,10 @@ alike — the ``G`` completions of one prompt (the student), or teacher contexts
 template, the prompt and often the demonstration — form a *run*. Each run's common prefix is computed
 once (``U`` rows) and its key/value cache indexed out to the run's rows; each row then runs only the
 rest of its context and its completion. Gradients flow back through the indexed
-cache and sum over the run, so outputs and gradients equal the plain forward's up to float rounding,
-for ``Σ_runs S + Σ_rows (C_i − S + T)`` instead of ``B·(C + T)`` token positions.
+cache and sum over the run, so outputs and gradients equal the plain forward's up to float rounding.
+Both forwards are padded batches, so the cost is ``U·S + B·(R + T)`` positions (``S`` the longest shared
+prefix, ``R`` the longest rest of a context) instead of ``B·(C + T)``; runs are chosen to minimise it, and
+a batch where sharing would not pay runs the plain forward.
 """
 
 from __future__ import annotations
@@ -24,53 +26,82 @@ class PrefixPlan:
     """How a ``[B, C+T]`` batch splits into ``U`` shared prefixes and ``B`` per-row suffixes."""
 
     run: torch.Tensor  # [B] each row's prefix row (in 0..U-1)
-    prefix_ids: torch.Tensor  # [U, S] left-padded shared prefixes (rows alone all point at one empty row)
+    prefix_ids: torch.Tensor  # [U, S] left-padded shared prefixes (one may be empty: rows that need none)
     prefix_mask: torch.Tensor  # [U, S]
     suffix_ids: torch.Tensor  # [B, R+T] left-padded rest of each context, then the row's T completion columns
     suffix_mask: torch.Tensor  # [B, R+T]
 
 
-def _common_length(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _best_runs(ctx: list[list[int]], max_run: int) -> tuple[list[list[int]], list[int]]:
-    """Rows in lexicographic order of their contexts, cut into runs maximising the saved positions
-    ``Σ_runs (n_r − 1)·s_r``, ``s_r`` = the run's common prefix, capped so each row keeps its last context
-    token (dynamic programme over cut points, runs of at most ``max_run`` rows). Returns runs and their ``s_r``."""
-    order = sorted(range(len(ctx)), key=lambda i: ctx[i])
-    common = [0] + [_common_length(ctx[order[k - 1]], ctx[order[k]]) for k in range(1, len(order))]
-    best, cut = [0] * (len(order) + 1), [0] * (len(order) + 1)
-    for j in range(1, len(order) + 1):  # best[j]: the best saving over the first j rows (in sorted order)
-        s = len(ctx[order[j - 1]]) - 1
-        best[j], cut[j] = best[j - 1], j - 1  # row j-1 alone
-        for i in range(j - 2, max(-1, j - 1 - max_run), -1):  # run = sorted rows i .. j-1
-            s = min(s, common[i + 1], len(ctx[order[i]]) - 1)
-            if s <= 0:
+def _common_lengths(ctx: list[list[int]]) -> list[list[int]]:
+    """Pairwise common-prefix lengths of the contexts, ``[B][B]``: adjacent rows in lexicographic order are
+    compared token by token, and any other pair's common prefix is the least one between them in that order."""
+    B = len(ctx)
+    order = sorted(range(B), key=lambda i: ctx[i])
+    adjacent = []
+    for a, b in zip(order, order[1:]):
+        n = 0
+        for x, y in zip(ctx[a], ctx[b]):
+            if x != y:
                 break
-            if best[i] + (j - 1 - i) * s > best[j]:
-                best[j], cut[j] = best[i] + (j - 1 - i) * s, i
-    runs, shared, j = [], [], len(order)
-    while j > 0:
-        i = cut[j]
-        rows = order[i:j]
-        runs.append(sorted(rows))
-        shared.append(0 if len(rows) == 1 else min(min(common[i + 1:j]), min(len(ctx[r]) - 1 for r in rows)))
-        j = i
-    return runs[::-1], shared[::-1]
+            n += 1
+        adjacent.append(n)
+    common = [[len(c) if i == j else 0 for j in range(B)] for i, c in enumerate(ctx)]
+    for k in range(B):
+        least = None
+        for m in range(k + 1, B):
+            least = adjacent[m - 1] if least is None else min(least, adjacent[m - 1])
+            common[order[k]][order[m]] = common[order[m]][order[k]] = least
+    return common
 
 
-def plan_shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, num_tokens: int, max_run: int = 64) -> Optional[PrefixPlan]:
+def _prefix_nodes(lengths: list[int], common: list[list[int]], rest: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """The fewest shared prefixes leaving every row at most ``rest`` context tokens for its suffix.
+
+    Row ``i`` (context length ``L_i``) can use any prefix of its own context of depth ``d`` with
+    ``L_i − rest ≤ d ≤ L_i − 1`` (it keeps its last context token); depth 0 is the empty prefix. That is a
+    vertical path in the trie of contexts, and the fewest trie nodes hitting every path are found greedily:
+    take rows by decreasing lowest usable depth, and give a row no chosen node hits a new node at that depth
+    (any path through a node below it passes through it too). Returns nodes ``(depth, row whose context
+    it is a prefix of)`` and each row's node.
+    """
+    top = [max(n - rest, 0) for n in lengths]
+    nodes: list[tuple[int, int]] = []
+    node_of = [0] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: -top[i]):
+        u = next((u for u, (d, r) in enumerate(nodes) if top[i] <= d < lengths[i] and common[i][r] >= d), None)
+        if u is None:
+            nodes.append((top[i], i))
+            u = len(nodes) - 1
+        node_of[i] = u
+    return nodes, node_of
+
+
+def _best_prefixes(ctx: list[list[int]], width: int, num_tokens: int) -> Optional[tuple[list[tuple[int, int]], list[int]]]:
+    """Shared prefixes minimising the positions the two forwards compute, padding included: ``U·S`` for ``U``
+    prefix rows of width ``S`` (the deepest prefix) plus ``B·(R + T)`` for the suffixes (``R`` the longest
+    rest of a context). Between the rests ``R`` at which :func:`_prefix_nodes` can change — a context length
+    minus a common-prefix length, a context length minus one, or zero — the cost only grows with ``R``, so
+    those are the rests tried. None unless the best beats the plain forward's ``B·(width + T)``."""
+    B, lengths = len(ctx), [len(c) for c in ctx]
+    common = _common_lengths(ctx)
+    cuts = {c for row in common for c in row} | {n - 1 for n in lengths} | {0}
+    best, best_cost = None, B * (width + num_tokens)
+    for rest in sorted({n - a for n in lengths for a in cuts if 1 <= n - a < max(lengths)}):
+        if B * (rest + num_tokens) >= best_cost:
+            break  # the suffixes alone cost at least this much from here on
+        nodes, node_of = _prefix_nodes(lengths, common, rest)
+        cost = len(nodes) * max(d for d, _ in nodes) + B * (rest + num_tokens)
+        if cost < best_cost:
+            best, best_cost = (nodes, node_of), cost
+    return best
+
+
+def plan_shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, num_tokens: int) -> Optional[PrefixPlan]:
     """Split ``input_ids [B, C+T]`` (contexts left-padded in the first ``C`` columns, completions in the last
-    ``T = num_tokens``) into runs of rows sharing leading context tokens (see :func:`_best_runs`). Each row
+    ``T = num_tokens``) into shared prefixes and per-row suffixes (see :func:`_best_prefixes`). Each row
     keeps at least its last context token in its suffix (its output predicts the first completion token).
-    Returns None when no two rows share a prefix or the context padding is not on the left.
+    Returns None when sharing would not compute fewer positions than the plain forward, or the context
+    padding is not on the left.
     """
     B, L = input_ids.shape
     C = L - num_tokens
@@ -79,34 +110,28 @@ def plan_shared_prefix(input_ids: torch.Tensor, attention_mask: torch.Tensor, nu
     if C < 2 or not torch.equal(ctx_mask, (torch.arange(C, device=ctx_mask.device) >= C - lengths.unsqueeze(-1)).to(ctx_mask.dtype)):
         return None
     rows_ctx = input_ids[:, :C].tolist()
-    lengths = lengths.tolist()
-    ctx = [row[C - n:] for row, n in zip(rows_ctx, lengths)]
-    runs, shared = _best_runs(ctx, max_run)
-    if all(s == 0 for s in shared):
+    ctx = [row[C - n:] for row, n in zip(rows_ctx, lengths.tolist())]
+    best = _best_prefixes(ctx, C, num_tokens)
+    if best is None:
         return None
-    kept = [k for k, sh in enumerate(shared) if sh]  # runs with a prefix; all rows alone share one empty prefix row
-    prefix_row = {k: u for u, k in enumerate(kept)}
-    empty = len(kept) if len(kept) < len(runs) else None
-    S = max(shared)
-    R = max(len(ctx[i]) - shared[k] for k, rows in enumerate(runs) for i in rows)
-    prefix_ids = input_ids.new_zeros((len(kept) + (empty is not None), S))  # padding is masked: its id does not matter
+    nodes, node_of = best
+    S = max(d for d, _ in nodes)
+    R = max(len(ctx[i]) - nodes[u][0] for i, u in enumerate(node_of))
+    prefix_ids = input_ids.new_zeros((len(nodes), S))  # padding is masked: its id does not matter
     prefix_mask = torch.zeros_like(prefix_ids, dtype=attention_mask.dtype)
     suffix_ids = input_ids.new_zeros((B, R + num_tokens))
     suffix_mask = torch.zeros_like(suffix_ids, dtype=attention_mask.dtype)
-    run = torch.empty(B, dtype=torch.long, device=input_ids.device)
-    for k, (rows, s) in enumerate(zip(runs, shared)):
-        u = prefix_row.get(k, empty)
-        if s:
-            prefix_ids[u, S - s:] = torch.tensor(ctx[rows[0]][:s])
-            prefix_mask[u, S - s:] = 1
-        for i in rows:
-            rest = ctx[i][s:]
-            suffix_ids[i, R - len(rest):R] = torch.tensor(rest)
-            suffix_mask[i, R - len(rest):R] = 1
-            run[i] = u
+    for u, (d, r) in enumerate(nodes):
+        if d:
+            prefix_ids[u, S - d:] = torch.tensor(ctx[r][:d])
+            prefix_mask[u, S - d:] = 1
+    for i, u in enumerate(node_of):
+        rest = ctx[i][nodes[u][0]:]
+        suffix_ids[i, R - len(rest):R] = torch.tensor(rest)
+        suffix_mask[i, R - len(rest):R] = 1
     suffix_ids[:, R:] = input_ids[:, C:]
     suffix_mask[:, R:] = attention_mask[:, C:]
-    return PrefixPlan(run, prefix_ids, prefix_mask, suffix_ids, suffix_mask)
+    return PrefixPlan(torch.tensor(node_of, device=input_ids.device), prefix_ids, prefix_mask, suffix_ids, suffix_mask)
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import random
 import warnings
 
 import pytest
@@ -39,16 +40,59 @@ def _reassembled(plan, ids, mask):
         assert torch.equal(row, ids[i][mask[i].bool()]), i
 
 
-def test_plan_groups_rows_by_their_common_context_prefix():
+def test_plan_minimises_the_padded_positions_of_both_forwards():
     ids, mask, T = _rows([5, 6, 7, 8], [5, 6, 7, 9, 9], [5, 6, 7, 8], [1, 2, 3], [4, 4], [4, 4])
     plan = plan_shared_prefix(ids, mask, T)
     shared = {i: plan.prefix_ids[plan.run[i]][plan.prefix_mask[plan.run[i]].bool()].tolist() for i in range(6)}
-    # rows 0-2 share [5, 6, 7]; rows 4-5 are identical but each keeps its last context token; row 3 is alone
-    assert shared == {0: [5, 6, 7], 1: [5, 6, 7], 2: [5, 6, 7], 3: [], 4: [4], 5: [4]}
-    assert plan.prefix_ids.shape[0] == 3  # two shared prefixes and one empty row
-    assert plan.suffix_ids[:, :-T].tolist() == [[0, 0, 8], [0, 9, 9], [0, 0, 8], [1, 2, 3], [0, 0, 4], [0, 0, 4]]
+    # rest R = 2: rows 0-2 share [5, 6, 7]; row 3 moves [1] into the prefix batch so that its rest fits in R;
+    # rows 4-5 fit as they are and take the empty prefix: 3·3 + 6·(2 + 2) = 33 positions instead of 6·(5 + 2) = 42
+    assert shared == {0: [5, 6, 7], 1: [5, 6, 7], 2: [5, 6, 7], 3: [1], 4: [], 5: []}
+    assert tuple(plan.prefix_ids.shape) == (3, 3) and tuple(plan.suffix_ids.shape) == (6, 2 + T)
+    assert plan.suffix_ids[:, :-T].tolist() == [[0, 8], [9, 9], [0, 8], [2, 3], [4, 4], [4, 4]]
     assert torch.equal(plan.suffix_ids[:, -T:], ids[:, -T:])
     _reassembled(plan, ids, mask)
+
+
+def _partitions(items):
+    if not items:
+        yield []
+        return
+    for part in _partitions(items[1:]):
+        for k in range(len(part)):
+            yield part[:k] + [[items[0]] + part[k]] + part[k + 1:]
+        yield [[items[0]]] + part
+
+
+def _brute_force_positions(ctx, width, T):
+    """The fewest positions over every rest R and every grouping of the rows (each group sharing the
+    least prefix that leaves its rows at most R tokens, all groups sharing nothing on one empty row)."""
+    B, L, best = len(ctx), [len(c) for c in ctx], len(ctx) * (width + T)
+    for R in range(1, max(L)):
+        for part in _partitions(list(range(B))):
+            shares = [max(max(L[i] - R for i in g), 0) for g in part]
+            if any(s > L[i] - 1 or ctx[i][:s] != ctx[g[0]][:s] for g, s in zip(part, shares) for i in g) or not max(shares):
+                continue
+            U = sum(s > 0 for s in shares) + (min(shares) == 0)
+            best = min(best, U * max(shares) + B * (R + T))
+    return best
+
+
+def test_plan_is_optimal_against_brute_force_on_small_batches():
+    rng = random.Random(0)
+    for _ in range(150):
+        base = [rng.randint(1, 3) for _ in range(rng.randint(0, 6))]
+        ctx = []
+        for _ in range(rng.randint(1, 5)):
+            k = rng.randint(0, len(base))
+            ctx.append(base[:k] + [rng.randint(1, 3) for _ in range(rng.randint(0 if k else 1, 4))])
+        T = rng.randint(1, 3)
+        ids, mask, _ = _rows(*ctx, T=T)
+        plan = plan_shared_prefix(ids, mask, T)
+        B, width = ids.shape[0], ids.shape[1] - T
+        positions = B * (width + T) if plan is None else plan.prefix_ids.numel() + plan.suffix_ids.numel()
+        assert positions == _brute_force_positions(ctx, width, T), ctx
+        if plan is not None:
+            _reassembled(plan, ids, mask)
 
 
 def test_plan_prefers_the_longer_prefix_shared_by_fewer_rows():
