@@ -128,6 +128,18 @@ def pack_rows(prefixes: list[list[int]], completions: list[list[int]], pad_id: i
     return ids.to(device), mask.to(device)
 
 
+def no_forward_buffer_sync(model) -> None:
+    """Stop DDP broadcasting module buffers in forwards (a collective in each forward after a gradient forward).
+
+    With it, ranks making different numbers of forward calls — a shared-prefix plan (two calls) on one rank
+    and none on another — would pair unrelated collectives and hang. A transformer's buffers (rotary
+    frequencies) are constants, made equal on every rank by DDP's initial sync, so nothing is lost.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model.forward_sync_buffers = False  # the name torch ≥ 2.13 reads
+        model.broadcast_buffers = False  # the name earlier torch reads
+
+
 def completion_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_tokens: int, *, hidden: bool,
                        share_prefix: bool = False) -> torch.Tensor:
     """Outputs at the positions that predict the last ``num_tokens`` tokens: logits ``[B, T, V]`` or
@@ -298,6 +310,7 @@ class Trainer:
         if self.acc.distributed_type.name == "DEEPSPEED":  # no dataloader is prepared, so say the batch size
             self.acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        no_forward_buffer_sync(self.model)
         self.teacher = make_teacher(self.method.teacher_kind, self.method.teacher_rate, self.unwrapped)
         self.controller = (AlphaController(self.method.controller, self.method.alpha_mix, self.method.divergence_tau,
                                            self.method.entropy_target, self.method.entropy_gain)

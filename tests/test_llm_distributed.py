@@ -99,3 +99,14 @@ def test_fsdp2_sharded_student_with_ema_teacher_fused_loss_and_resume(tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
             assert c is None or c[key] == b[key], key  # resumed == uninterrupted, exactly
     assert max(r["divergence"] for r in ref) > 1e-3  # the EMA teacher and the student did separate
+
+
+@pytest.mark.slow
+def test_ranks_with_and_without_a_shared_prefix_plan_do_not_hang(tmp_path):
+    """Rank 0 runs each forward as two calls (shared prefix), rank 1 as one: DDP's per-forward buffer broadcast
+    would pair unrelated collectives across the ranks and hang (seen: gloo timeout); the Trainer turns it off."""
+    model_dir = build_tiny(tmp_path / "tiny", hidden_size=32, num_layers=1, seed=2)
+    path = tmp_path / "recipe.yaml"
+    tiny_recipe(model_dir, tmp_path / "out").save(path)
+    done = _run([str(path)], 2, tmp_path, script=str(Path(__file__).with_name("ddp_uneven_prefix_run.py")))
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("ok")) == ["ok 0", "ok 1"]
