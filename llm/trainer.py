@@ -128,6 +128,17 @@ def pack_rows(prefixes: list[list[int]], completions: list[list[int]], pad_id: i
     return ids.to(device), mask.to(device)
 
 
+def select_rows(ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``rows [b]`` of a left-padded batch ``ids``/``mask [B, L]``, without the leading columns none of them
+    uses: ``[b, L']``. The whole batch as it is when ``rows`` are all of its rows."""
+    if rows.numel() == ids.shape[0]:
+        return ids, mask
+    ids, mask = ids[rows], mask[rows]
+    used = mask.any(0).nonzero()
+    start = int(used[0]) if used.numel() else 0
+    return ids[:, start:], mask[:, start:]
+
+
 def no_forward_buffer_sync(model) -> None:
     """Stop DDP broadcasting module buffers in forwards (a collective in each forward after a gradient forward).
 
@@ -311,12 +322,13 @@ class Trainer:
             self.acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         no_forward_buffer_sync(self.model)
+        self.sharded = is_sharded(self.unwrapped)
         self.teacher = make_teacher(self.method.teacher_kind, self.method.teacher_rate, self.unwrapped)
         self.controller = (AlphaController(self.method.controller, self.method.alpha_mix, self.method.divergence_tau,
                                            self.method.entropy_target, self.method.entropy_gain)
                            if self.method.method == "hybrid" else None)
         dist = self.acc.distributed_type.name
-        share, sharded = self.cfg.share_prompt_prefix, is_sharded(self.unwrapped)
+        share, sharded = self.cfg.share_prompt_prefix, self.sharded
         if share is True and (recipe.model.gradient_checkpointing or sharded):
             raise ValueError("training.share_prompt_prefix=true needs model.gradient_checkpointing=false (checkpointed layers "
                              "return no key/value cache) and an unsharded model (a two-rank FSDP2 run crashed with it); "
@@ -449,16 +461,25 @@ class Trainer:
         stats: dict[str, Any] = {}
         teacher_out = teacher_head = None
         if self.distil:  # the teacher reads its context, then the same completion; its weights are swapped in and out
+            # rows without a context get no distillation loss, so the teacher reads only the others (a sharded
+            # model runs the forward on every process even with none: its collectives must match)
+            rows = batch.distill_mask.nonzero().squeeze(-1)
+            if rows.numel() == 0 and self.sharded:
+                rows = rows.new_zeros(1)
+            t_ids, t_mask = select_rows(batch.teacher_input_ids, batch.teacher_attention_mask, rows)
+
             def teacher_forward():
-                out = completion_outputs(self.model, batch.teacher_input_ids, batch.teacher_attention_mask, T, hidden=self.fused,
-                                         share_prefix=self.share_prefix)
+                out = completion_outputs(self.model, t_ids, t_mask, T, hidden=self.fused, share_prefix=self.share_prefix)
                 return (out, head.detach().clone()) if self.fused and self.teacher.has_copy else (out, None)
 
-            terms = self.teacher.outputs(self.unwrapped, teacher_forward)
-            teacher_out = sum(c * out for c, (out, _) in terms) / temp
-            teacher_head = terms[0][1][1]  # the teacher's own LM head when it has stored weights (fused path)
+            if rows.numel():
+                terms = self.teacher.outputs(self.unwrapped, teacher_forward)
+                teacher_out = sum(c * out for c, (out, _) in terms) / temp
+                teacher_head = terms[0][1][1]  # the teacher's own LM head when it has stored weights (fused path)
         student_out = completion_outputs(self.model, batch.input_ids, batch.attention_mask, T, hidden=self.fused,
                                          share_prefix=self.share_prefix) / temp
+        if self.distil and rows.numel() < student_out.shape[0]:  # rows the teacher skipped: the student's own outputs
+            teacher_out = student_out.detach().index_copy(0, rows, teacher_out) if rows.numel() else student_out.detach()
         comp_mask = batch.completion_mask
         ent, div, ratio = token_stats(student_out.detach(), None if teacher_out is None else teacher_out.detach(),
                                       batch.completion_ids, m.alpha, weight=head, teacher_weight=teacher_head)

@@ -13,7 +13,7 @@ from llm.feedback import Judgement
 from llm.tasks import get_task
 from llm.teacher import Teacher
 from llm.tiny import build_tiny
-from llm.trainer import NonFiniteLossError, Trainer
+from llm.trainer import Batch, NonFiniteLossError, Trainer
 from llm_helpers import tiny_recipe
 
 
@@ -26,9 +26,9 @@ def _params(trainer):
     return {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters()}
 
 
-def _loss_and_grads(trainer, batch, fused: bool):
+def _loss_and_grads(trainer, batch, fused: bool, counts=None):
     trainer.fused = fused
-    loss, _ = trainer.compute_loss(batch)
+    loss, _ = trainer.compute_loss(batch, counts)
     trainer.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in trainer.unwrapped.named_parameters() if p.grad is not None}
@@ -133,6 +133,39 @@ def test_failed_judge_gets_no_feedback_context(tiny_dir, tmp_path):
     assert float(batch.distill_mask.sum()) == 0  # no feedback and no successful sibling: no distillation loss
     loss, _ = trainer.compute_loss(batch)
     assert float(loss.detach()) == 0.0
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_teacher_reads_only_the_rows_with_a_context(tiny_dir, tmp_path, fused):
+    """Rows without a teacher context get no distillation loss, so the teacher forward skips them: same loss
+    and gradients as the distilled rows alone (under the whole batch's normaliser), and no teacher forward
+    at all when no row has a context."""
+    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, method__method="sdpo", method__loss_type="sequence_mean",
+                                  training__fused_loss=fused))
+    with torch.no_grad():
+        for p in trainer.unwrapped.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch, _ = trainer.rollout(0)
+    batch.distill_mask = torch.tensor([1.0, 0.0] * (batch.distill_mask.numel() // 2))
+    rows = batch.distill_mask.nonzero().squeeze(-1)
+    teacher_rows = []
+    hook = trainer.unwrapped.register_forward_pre_hook(
+        lambda m, args, kwargs: teacher_rows.append(kwargs["input_ids"].shape[0]) if not torch.is_grad_enabled() else None,
+        with_kwargs=True)
+    trainer.share_prefix = False  # one teacher call, so its batch size is the number of rows it read
+    counts = trainer._counts(batch)  # the whole batch's normaliser, for the distilled rows alone below
+    loss, grads = _loss_and_grads(trainer, batch, fused)
+    assert teacher_rows == [rows.numel()]
+    alone = Batch(**{f: None if getattr(batch, f) is None else getattr(batch, f)[rows] for f in Batch.__dataclass_fields__})
+    loss_ref, grads_ref = _loss_and_grads(trainer, alone, fused, counts)
+    assert abs(loss) > 1e-6 and math.isclose(loss, loss_ref, rel_tol=1e-5)
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
+    teacher_rows.clear()
+    batch.distill_mask = torch.zeros_like(batch.distill_mask)
+    loss, _ = trainer.compute_loss(batch)
+    hook.remove()
+    assert teacher_rows == [] and float(loss.detach()) == 0.0
 
 
 def test_nonfinite_loss_is_skipped_counted_and_stops_the_run(tiny_dir, tmp_path):
