@@ -170,6 +170,7 @@ def tune(spec, tspec: TuningSpec, out: Path, *, config_fn, run_fn, workers: int,
         "criterion": tspec.criterion,
         "per": tspec.per,
         "tuning_seeds": [tspec.seed_start, tspec.seed_start + tspec.seeds - 1],
+        "runs": len(tuning_plan),
         # a choice at the smallest or largest candidate may mean the grid is too narrow: flagged, not hidden
         "selected": [{**dict(zip(tspec.per, k)), "lr": v, "at_edge": len(tspec.lr) > 1 and v in (min(tspec.lr), max(tspec.lr))}
                      for k, v in sorted(chosen.items(), key=lambda kv: str(kv[0]))],

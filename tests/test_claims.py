@@ -88,7 +88,22 @@ def test_claims_command_quick_reports_and_records_walltime(quick, capsys):
     text = capsys.readouterr().out
     assert code == 0 and "C1" in text and "C7" in text and (out / "cli" / "CLAIMS.md").is_file()
     record = json.loads((out / "wall.json").read_text())
-    assert record["wall_time_s"] > 0 and record["runs"] == record["skipped_already_done"] and "--scale quick" in record["command"]
+    settings, (fig,) = record["settings"], record["figures"]
+    assert record["wall_time_s"] > 0 and settings["runs"] == settings["skipped_already_done"] and "--scale quick" in settings["command"]
+    assert fig["value"] == record["wall_time_s"] and fig["unit"] == "s" and fig["target"] is None  # a budget only for canonical
+    assert record["name"] == "claims_walltime" and record["created"].endswith("Z")
+
+
+def test_walltime_record_has_the_canonical_budget_as_its_target():
+    from types import SimpleNamespace
+
+    from sdpo_sim.commands.claims import walltime_record
+
+    res = {"wall_time_s": 950.04, "sweep": SimpleNamespace(counts={"total": 82, "ok": 80, "skipped": 2}, tuning={"runs": 24})}
+    record = walltime_record(SimpleNamespace(scale="canonical", workers=2), res)
+    (fig,) = record["figures"]
+    assert fig["target"] == "<= 1" and fig["met"] is False and fig["ratio"] == pytest.approx(950.0 / 900, abs=1e-3)
+    assert record["settings"]["tuning_runs"] == 24 and "80 runs ran" in fig["note"]
 
 
 @pytest.mark.parametrize("lead, expected", [({0: 0.0, 10: 0.0, 20: 0.1, 30: 0.1, 40: 0.0}, 20.0),  # ahead from 20, a tie at saturation is fine
