@@ -67,13 +67,14 @@ def run_worker(args) -> dict:
     torch.set_num_threads(args.threads)
     steps, batch = args.warmup + args.steps, args.prompts * args.generations
     model_dir = args.model_dir
+    scratch = tempfile.TemporaryDirectory(prefix="bench-full-step-")  # output dirs; removed when the worker exits
     times: list[float] = []
     if args.worker in ("ours", "ours_unshared"):
         from llm.recipe import load_recipe, resolve_recipe_path
         from llm.trainer import Trainer
 
         recipe = load_recipe(resolve_recipe_path("tiny-cpu"), {
-            "model.path": str(model_dir), "training.output_dir": tempfile.mkdtemp(), "training.save_every": 0,
+            "model.path": str(model_dir), "training.output_dir": f"{scratch.name}/ours", "training.save_every": 0,
             "training.heatmap_every": 0, "training.steps": steps, "training.learning_rate": args.learning_rate, "training.prompts_per_step": args.prompts,
             "method.num_generations": args.generations, "training.max_new_tokens": args.max_new_tokens,
             "context.use_feedback": False, "context.success_threshold": SUCCESS,
@@ -107,7 +108,7 @@ def run_worker(args) -> dict:
                 times.append(time.perf_counter() - self.t0)
 
         config = SDPOConfig(
-            output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, num_generations=args.generations,
+            output_dir=f"{scratch.name}/trl", per_device_train_batch_size=batch, num_generations=args.generations,
             max_completion_length=args.max_new_tokens, learning_rate=args.learning_rate, weight_decay=0.01, max_grad_norm=1.0,
             lr_scheduler_type="constant", max_steps=steps, logging_steps=1, report_to=[], use_cpu=True,
             save_strategy="no", distillation_mode="full_logits", distillation_alpha=1.0, teacher_model_kind="ema",
@@ -162,17 +163,19 @@ def main(argv=None) -> int:
     from llm.tiny_pretrain import pretrain_dir
 
     t0, load_before = time.perf_counter(), load_average()
-    model_dir = build_tiny(tempfile.mkdtemp(), hidden_size=args.hidden, num_layers=args.layers, seed=0)
-    if args.pretrain_steps:
-        pretrain_dir(model_dir, "word-constraints", steps=args.pretrain_steps, seed=0)
-    passthrough = [*(argv if argv is not None else sys.argv[1:]), "--model-dir", str(model_dir)]
-    rounds: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for _, v in tqdm([(r, v) for r in range(args.rounds) for v in VARIANTS], desc="full-step runs", unit="run"):
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", v, *passthrough],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{v} failed:\n{proc.stderr[-3000:]}")
-        rounds[v].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    with tempfile.TemporaryDirectory(prefix="bench-full-step-model-") as tmp:
+        model_dir = build_tiny(tmp, hidden_size=args.hidden, num_layers=args.layers, seed=0)
+        if args.pretrain_steps:
+            pretrain_dir(model_dir, "word-constraints", steps=args.pretrain_steps, seed=0)
+        prompt_tokens = _mean_prompt_tokens(model_dir, args.prompts * (args.warmup + args.steps))
+        passthrough = [*(argv if argv is not None else sys.argv[1:]), "--model-dir", str(model_dir)]
+        rounds: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        for _, v in tqdm([(r, v) for r in range(args.rounds) for v in VARIANTS], desc="full-step runs", unit="run"):
+            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", v, *passthrough],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{v} failed:\n{proc.stderr[-3000:]}")
+            rounds[v].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     raw = {}
     for v, rs in rounds.items():
         times = [t for r in rs for t in r["times_s"]]
@@ -183,7 +186,6 @@ def main(argv=None) -> int:
                   "distilled_fraction": statistics.mean(r["distilled_fraction"] for r in rs),
                   "peak_growth_mib": max(r["peak_growth_mib"] for r in rs)}
     o, t = raw["ours"], raw["trl"]
-    prompt_tokens = _mean_prompt_tokens(model_dir, args.prompts * (args.warmup + args.steps))
     step = figure("full training step time (median): ours Trainer.step vs TRL SDPOTrainer", o["median_step_s"],
                   t["median_step_s"], "s", target_ratio=0.833)  # time ≤ 1/1.2 ⇔ throughput ≥ 1.2×
     by_round = [round(a / b, 3) for a, b in zip(o["median_step_s_by_round"], t["median_step_s_by_round"])]
