@@ -28,6 +28,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -128,6 +129,15 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str
         cpu.append(time.process_time() - c0)
     return {"min_s": min(wall), "median_s": statistics.median(wall), "cpu_min_s": min(cpu),
             "times_s": [round(t, 4) for t in wall]}
+
+
+def spawn_worker(script: str, worker: str, args: list[str]) -> dict[str, Any]:
+    """Run ``python SCRIPT --worker WORKER ARGS`` in a fresh process (clean memory and allocator state);
+    the last line it prints is its JSON result."""
+    proc = subprocess.run([sys.executable, str(Path(script).resolve()), "--worker", worker, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{Path(script).name} --worker {worker} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def load_average() -> Optional[list[float]]:

@@ -29,7 +29,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +36,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, PeakRSS, figure, load_average, print_figures, write_results  # noqa: E402
+from _common import RESULTS_DIR, PeakRSS, figure, load_average, print_figures, spawn_worker, write_results  # noqa: E402
 
 NAME = "full_step"
 SUCCESS = 0.5  # score at which a sibling is a demonstration (both sides; low, so the tiny model has some)
@@ -171,11 +170,7 @@ def main(argv=None) -> int:
         passthrough = [*(argv if argv is not None else sys.argv[1:]), "--model-dir", str(model_dir)]
         rounds: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         for _, v in tqdm([(r, v) for r in range(args.rounds) for v in VARIANTS], desc="full-step runs", unit="run"):
-            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", v, *passthrough],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{v} failed:\n{proc.stderr[-3000:]}")
-            rounds[v].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            rounds[v].append(spawn_worker(__file__, v, passthrough))
     raw = {}
     for v, rs in rounds.items():
         times = [t for r in rs for t in r["times_s"]]

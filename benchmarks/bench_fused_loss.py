@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, PeakRSS, figure, load_average, print_figures, time_calls, write_results  # noqa: E402
+from _common import RESULTS_DIR, PeakRSS, figure, load_average, print_figures, spawn_worker, time_calls, write_results  # noqa: E402
 
 VARIANTS = ("fused", "plain", "trl_full", "fused_topk", "trl_topk")
 NAME = "fused_loss"
@@ -103,15 +102,11 @@ def run_worker(args) -> dict:
 
 
 def _spawn(variant: str, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--n", str(args.n), "--v", str(args.v),
-           "--h", str(args.h), "--alpha", str(args.alpha), "--topk", str(args.topk), "--repeats", str(args.repeats),
-           "--seed", str(args.seed), "--threads", str(args.threads)]
+    flags = ["--n", str(args.n), "--v", str(args.v), "--h", str(args.h), "--alpha", str(args.alpha), "--topk", str(args.topk),
+             "--repeats", str(args.repeats), "--seed", str(args.seed), "--threads", str(args.threads)]
     if args.chunk_size:
-        cmd += ["--chunk-size", str(args.chunk_size)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"variant {variant} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        flags += ["--chunk-size", str(args.chunk_size)]
+    return spawn_worker(__file__, variant, flags)
 
 
 def _combine(rounds: list[dict]) -> dict:

@@ -27,14 +27,13 @@ import contextlib
 import gc
 import inspect
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, PeakRSS, figure, load_average, print_figures, time_calls, write_results  # noqa: E402
+from _common import RESULTS_DIR, PeakRSS, figure, load_average, print_figures, spawn_worker, time_calls, write_results  # noqa: E402
 
 NAME = "train_step"
 VARIANTS = ("ours", "trl")
@@ -193,16 +192,8 @@ def main(argv=None) -> int:
     t0, load_before = time.perf_counter(), load_average()
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for _, variant in tqdm([(r, v) for r in range(args.rounds) for v in VARIANTS], desc="train-step runs", unit="run"):
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", variant, *passthrough],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{variant} failed:\n{proc.stderr[-3000:]}")
-        runs[variant].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", "interleaved", *passthrough],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"interleaved run failed:\n{proc.stderr[-3000:]}")
-    inter = json.loads(proc.stdout.strip().splitlines()[-1])
+        runs[variant].append(spawn_worker(__file__, variant, passthrough))
+    inter = spawn_worker(__file__, "interleaved", passthrough)
     raw = {f"{v} (interleaved)": r for v, r in inter.items()}  # one table row per side, like the per-process rows
     for v, rs in runs.items():
         best = max(rs, key=lambda r: r["tokens_per_s"])

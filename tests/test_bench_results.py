@@ -73,3 +73,13 @@ def test_discover_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown benchmark"):
         run_all.discover(["no_such_bench"])
     assert [p.name for p in run_all.discover(["fused_loss"])] == ["bench_fused_loss.py"]
+
+
+def test_spawn_worker_returns_the_last_json_line_and_reports_a_failure(tmp_path):
+    script = tmp_path / "bench_x.py"
+    script.write_text("import json, sys\n"
+                      "if sys.argv[2] == 'bad':\n    sys.exit('no such variant: bad')\n"
+                      "print('noise from a library')\nprint(json.dumps({'variant': sys.argv[2], 'args': sys.argv[3:]}))\n")
+    assert common.spawn_worker(str(script), "ours", ["--n", "4"]) == {"variant": "ours", "args": ["--n", "4"]}
+    with pytest.raises(RuntimeError, match="bench_x.py --worker bad failed:\n.*no such variant: bad"):
+        common.spawn_worker(str(script), "bad", [])
