@@ -76,23 +76,52 @@ def _prefix_nodes(lengths: list[int], common: list[list[int]], rest: int) -> tup
     return nodes, node_of
 
 
+MAX_RESTS = 64  # rests tried per batch: every candidate when there are no more, else an even grid, refined
+
+
 def _best_prefixes(ctx: list[list[int]], width: int, num_tokens: int) -> Optional[tuple[list[tuple[int, int]], list[int]]]:
     """Shared prefixes minimising the positions the two forwards compute, padding included: ``U·S`` for ``U``
     prefix rows of width ``S`` (the deepest prefix) plus ``B·(R + T)`` for the suffixes (``R`` the longest
-    rest of a context). Between the rests ``R`` at which :func:`_prefix_nodes` can change — a context length
-    minus a common-prefix length, a context length minus one, or zero — the cost only grows with ``R``, so
-    those are the rests tried. None unless the best beats the plain forward's ``B·(width + T)``."""
+    rest of a context). Only at some rests ``R`` can :func:`_prefix_nodes` change — a context length minus a
+    common-prefix length, a context length minus one, or zero — so those are the candidates; all are tried
+    when there are at most ``MAX_RESTS`` (then the plan is optimal), else an even grid of them, and the best
+    grid point is moved to the first rest needing no more prefixes (``U(R)`` never grows with ``R``, and at a
+    fixed ``U`` the cost ``U·(L_max − R) + B·(R + T)`` grows with ``R``). None unless the best beats the
+    plain forward's ``B·(width + T)``."""
     B, lengths = len(ctx), [len(c) for c in ctx]
     common = _common_lengths(ctx)
     cuts = {c for row in common for c in row} | {n - 1 for n in lengths} | {0}
-    best, best_cost = None, B * (width + num_tokens)
-    for rest in sorted({n - a for n in lengths for a in cuts if 1 <= n - a < max(lengths)}):
-        if B * (rest + num_tokens) >= best_cost:
-            break  # the suffixes alone cost at least this much from here on
-        nodes, node_of = _prefix_nodes(lengths, common, rest)
-        cost = len(nodes) * max(d for d, _ in nodes) + B * (rest + num_tokens)
+    rests = sorted({n - a for n in lengths for a in cuts if 1 <= n - a < max(lengths)})
+    grid = sorted({k * len(rests) // MAX_RESTS for k in range(MAX_RESTS)}) if len(rests) > MAX_RESTS else range(len(rests))
+    best, best_cost, best_at = None, B * (width + num_tokens), None
+
+    def attempt(k: int) -> int:
+        nonlocal best, best_cost, best_at
+        nodes, node_of = _prefix_nodes(lengths, common, rests[k])
+        cost = len(nodes) * max(d for d, _ in nodes) + B * (rests[k] + num_tokens)
         if cost < best_cost:
-            best, best_cost = (nodes, node_of), cost
+            best, best_cost, best_at = (nodes, node_of), cost, k
+        return len(nodes)
+
+    previous = -1
+    for k in grid:
+        if B * (rests[k] + num_tokens) >= best_cost:
+            break  # from here on the suffixes alone cost more
+        before = best_at
+        attempt(k)
+        if best_at != before:
+            start = previous + 1  # the grid point before the new best: its level starts after it
+        previous = k
+    if best_at is not None and len(rests) > MAX_RESTS:  # the first rest since the grid point before with as few prefixes
+        u, lo, hi = len(best[0]), start, best_at
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(_prefix_nodes(lengths, common, rests[mid])[0]) <= u:
+                hi = mid
+            else:
+                lo = mid + 1
+        if lo < best_at:
+            attempt(lo)
     return best
 
 

@@ -106,6 +106,32 @@ def test_plan_prefers_the_longer_prefix_shared_by_fewer_rows():
     _reassembled(plan, ids, mask)
 
 
+def _group_contexts(rng, prompts, group, T):
+    """Teacher-like contexts: per prompt, ``group`` rows of prompt + a demonstration (one row another
+    demonstration) + own feedback, with random lengths; long enough for many candidate rests."""
+    tok = lambda n: [rng.randint(4, 99) for _ in range(n)]  # noqa: E731
+    contexts = []
+    for _ in range(prompts):
+        prompt, demos = tok(rng.randint(20, 120)), [tok(rng.randint(20, 120)) for _ in range(2)]
+        contexts += [prompt + demos[j > 0] + tok(rng.randint(1, 40)) for j in range(group)]
+    return _rows(*contexts, T=T)
+
+
+def test_large_batches_plan_on_a_grid_of_rests_close_to_the_exhaustive_plan(monkeypatch):
+    from llm import prefix
+
+    rng, grid = random.Random(1), prefix.MAX_RESTS
+    for prompts, group in [(4, 8), (16, 2), (2, 16)]:
+        ids, mask, T = _group_contexts(rng, prompts, group, T=rng.randint(1, 30))
+        sizes = {}
+        for name, limit in (("grid", grid), ("every rest", 10**9)):
+            monkeypatch.setattr(prefix, "MAX_RESTS", limit)
+            plan = plan_shared_prefix(ids, mask, T)
+            _reassembled(plan, ids, mask)
+            sizes[name] = plan.prefix_ids.numel() + plan.suffix_ids.numel()
+        assert sizes["every rest"] <= sizes["grid"] <= 1.01 * sizes["every rest"] < ids.numel(), sizes
+
+
 def test_plan_is_none_when_nothing_is_shared_or_padding_is_not_on_the_left():
     ids, mask, T = _rows([1, 2], [3, 4], [5, 6])
     assert plan_shared_prefix(ids, mask, T) is None
