@@ -2,13 +2,13 @@
 
 A batch row is ``[left padding | context | completion | right padding]``. Rows whose contexts start
 alike — the ``G`` completions of one prompt (the student), or teacher contexts that share the chat
-template, the prompt and often the demonstration — form a *run*. Each run's common prefix is computed
-once (``U`` rows) and its key/value cache indexed out to the run's rows; each row then runs only the
-rest of its context and its completion. Gradients flow back through the indexed
-cache and sum over the run, so outputs and gradients equal the plain forward's up to float rounding.
+template, the prompt and often the demonstration — share a prefix. Each shared prefix is computed once
+(``U`` rows) and its key/value cache indexed out to the rows that begin with it; each row then runs only
+the rest of its context and its completion. Gradients flow back through the indexed cache and sum over
+those rows, so outputs and gradients equal the plain forward's up to float rounding.
 Both forwards are padded batches, so the cost is ``U·S + B·(R + T)`` positions (``S`` the longest shared
-prefix, ``R`` the longest rest of a context) instead of ``B·(C + T)``; runs are chosen to minimise it, and
-a batch where sharing would not pay runs the plain forward.
+prefix, ``R`` the longest rest of a context) instead of ``B·(C + T)``; the prefixes are chosen to minimise
+it, and a batch where sharing would not pay runs the plain forward.
 """
 
 from __future__ import annotations
