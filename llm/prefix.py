@@ -91,25 +91,25 @@ def _best_prefixes(ctx: list[list[int]], width: int, num_tokens: int) -> Optiona
     B, lengths = len(ctx), [len(c) for c in ctx]
     common = _common_lengths(ctx)
     cuts = {c for row in common for c in row} | {n - 1 for n in lengths} | {0}
-    rests = sorted({n - a for n in lengths for a in cuts if 1 <= n - a < max(lengths)})
+    longest = max(lengths)
+    rests = sorted({n - a for n in lengths for a in cuts if 1 <= n - a < longest})
     grid = sorted({k * len(rests) // MAX_RESTS for k in range(MAX_RESTS)}) if len(rests) > MAX_RESTS else range(len(rests))
     best, best_cost, best_at = None, B * (width + num_tokens), None
 
-    def attempt(k: int) -> int:
+    def improves(k: int) -> bool:
         nonlocal best, best_cost, best_at
         nodes, node_of = _prefix_nodes(lengths, common, rests[k])
         cost = len(nodes) * max(d for d, _ in nodes) + B * (rests[k] + num_tokens)
-        if cost < best_cost:
-            best, best_cost, best_at = (nodes, node_of), cost, k
-        return len(nodes)
+        if cost >= best_cost:
+            return False
+        best, best_cost, best_at = (nodes, node_of), cost, k
+        return True
 
     previous = -1
     for k in grid:
         if B * (rests[k] + num_tokens) >= best_cost:
             break  # from here on the suffixes alone cost more
-        before = best_at
-        attempt(k)
-        if best_at != before:
+        if improves(k):
             start = previous + 1  # the grid point before the new best: its level starts after it
         previous = k
     if best_at is not None and len(rests) > MAX_RESTS:  # the first rest since the grid point before with as few prefixes
@@ -121,7 +121,7 @@ def _best_prefixes(ctx: list[list[int]], width: int, num_tokens: int) -> Optiona
             else:
                 lo = mid + 1
         if lo < best_at:
-            attempt(lo)
+            improves(lo)
     return best
 
 
