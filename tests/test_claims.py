@@ -91,7 +91,7 @@ def test_claims_command_quick_reports_and_records_walltime(quick, capsys):
     settings, (fig,) = record["settings"], record["figures"]
     assert record["wall_time_s"] > 0 and settings["runs"] == settings["skipped_already_done"] and "--scale quick" in settings["command"]
     assert fig["value"] == record["wall_time_s"] and fig["unit"] == "s" and fig["target"] is None  # a budget only for canonical
-    assert record["name"] == "claims_walltime" and record["created"].endswith("Z")
+    assert record["name"] == "wall" and record["created"].endswith("Z")  # the file's stem, as run_all names results
 
 
 def test_walltime_record_has_the_canonical_budget_as_its_target():
@@ -100,9 +100,10 @@ def test_walltime_record_has_the_canonical_budget_as_its_target():
     from sdpo_sim.commands.claims import walltime_record
 
     res = {"wall_time_s": 950.04, "sweep": SimpleNamespace(counts={"total": 82, "ok": 80, "skipped": 2}, tuning={"runs": 24})}
-    record = walltime_record(SimpleNamespace(scale="canonical", workers=2), res)
+    record = walltime_record(SimpleNamespace(scale="canonical", workers=2, record_walltime="results/claims_walltime.json"), res)
     (fig,) = record["figures"]
     assert fig["target"] == "<= 1" and fig["met"] is False and fig["ratio"] == pytest.approx(950.0 / 900, abs=1e-3)
+    assert "82 runs + 24 tuning runs" in fig["figure"] and record["name"] == "claims_walltime"
     assert record["settings"]["tuning_runs"] == 24 and "80 runs ran" in fig["note"]
 
 
