@@ -328,12 +328,12 @@ class Trainer:
                                            self.method.entropy_target, self.method.entropy_gain)
                            if self.method.method == "hybrid" else None)
         dist = self.acc.distributed_type.name
-        share, sharded = self.cfg.share_prompt_prefix, self.sharded
-        if share is True and (recipe.model.gradient_checkpointing or sharded):
+        share = self.cfg.share_prompt_prefix
+        if share is True and (recipe.model.gradient_checkpointing or self.sharded):
             raise ValueError("training.share_prompt_prefix=true needs model.gradient_checkpointing=false (checkpointed layers "
                              "return no key/value cache) and an unsharded model (a two-rank FSDP2 run crashed with it); "
                              "use share_prompt_prefix: auto or false")
-        self.share_prefix = share is True or (share == "auto" and not recipe.model.gradient_checkpointing and not sharded)
+        self.share_prefix = share is True or (share == "auto" and not recipe.model.gradient_checkpointing and not self.sharded)
         if recipe.generation.backend == "vllm":
             self.generate = VLLMGenerator(recipe.generation, self.method.temperature, self.cfg.max_new_tokens, recipe.model.path, recipe.model.dtype)
         else:
@@ -655,7 +655,7 @@ class Trainer:
     def replica_difference(self) -> float:
         """Largest difference between processes of any trainable parameter's sum (0 when replicas are in sync;
         NaN for a sharded model, which has no replicas)."""
-        if is_sharded(self.unwrapped):
+        if self.sharded:
             return math.nan
         sums = torch.stack([p.detach().float().sum() for p in self.unwrapped.parameters() if p.requires_grad]).to(self.acc.device)
         if self.acc.num_processes == 1:
