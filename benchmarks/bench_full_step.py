@@ -52,10 +52,14 @@ def _prompts(tok, n: int) -> list[tuple[str, str]]:
 
 
 def _mean_prompt_tokens(model_dir, n: int) -> float:
+    """Mean length of the student prompts as the trainer tokenises them (``llm.context.prompt_ids``)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    return statistics.mean(len(tok(text, add_special_tokens=False)["input_ids"]) for _, text in _prompts(tok, n))
+    from llm.context import prompt_ids
+    from llm.recipe import load_recipe, resolve_recipe_path
+
+    tok, limit = AutoTokenizer.from_pretrained(model_dir), load_recipe(resolve_recipe_path("tiny-cpu")).training.max_prompt_length
+    return statistics.mean(len(prompt_ids(tok, p, limit)) for p, _ in _prompts(tok, n))
 
 
 def run_worker(args) -> dict:
