@@ -29,12 +29,41 @@ def _choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"MethodConfig.{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
 
 
-def _number(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False) -> None:
+def check_number(owner: str, name: str, value: Any, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
+                 why: str = "") -> None:
+    """Refuse anything but a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``), naming
+    ``owner.name``, the allowed range and (``why``) where the bound comes from."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and (value > lo if lo_open else value >= lo) and value <= hi
     if not ok:
         lo_s = f"({lo}" if lo_open else f"[{lo}"
-        raise ValueError(f"MethodConfig.{name}={value!r} must be a number in {lo_s}, {hi}]")
+        raise ValueError(f"{owner}.{name}={value!r} must be a number in {lo_s}, {hi}]" + (f" ({why})" if why else ""))
+
+
+def _number(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False, why: str = "") -> None:
+    check_number("MethodConfig", name, value, lo, hi, lo_open=lo_open, why=why)
+
+
+# Magnitude bounds. Logits are float32: float32 exp overflows past 88.7 nats, and a softmax is one-hot to
+# float32's 2**-24 resolution once two logits differ by ln(2**24) = 16.6 nats. A setting that moves a logit
+# (or a weight) by far more than that in one step cannot be meant; each bound below says which arithmetic it guards.
+# is_clip: the truncated weight min(exp(logp - old_logp), c) multiplies a token's loss; c = 1e3 already lets one
+# token outweigh a thousand on-policy ones (ln 1e3 = 6.9 nats of staleness), so a larger cap never binds.
+MAX_IS_CLIP = 1e3
+# epsilon: the PPO ratio is clipped to [1 - eps, 1 + eps]; eps = 1e3 admits ratios of 1e3 (6.9 nats): larger never binds.
+MAX_EPSILON = 1e3
+# divergence_tau: the controller is sigmoid((D - tau)/(tau/3)) on a float32 batch mean D (7 significant digits):
+# below 1e-6 its slope 3/tau turns float32 rounding of D into a 0/1 switch; a per-token divergence of 1e3 nats is
+# ten times float32 exp's whole range (88.7 nats), so a larger threshold is never crossed.
+TAU_RANGE = (1e-6, 1e3)
+# entropy_gain: alpha_mix in [0, 1] moves by gain·(H - H*) per step; at 1e3 a 1e-3-nat error already swings it fully.
+MAX_ENTROPY_GAIN = 1e3
+# entropy_target: a per-token entropy is at most ln(vocabulary size), 11.9 nats for 150k tokens (the toy world checks ln V).
+MAX_ENTROPY_TARGET = 1e3
+# temperature: logits are theta/temperature and Adam moves theta by ~lr per step. At 1e-3 one step at the smallest
+# lr of the packaged specs (0.02) moves a logit by 20 nats > 16.6 (one-hot after the first update); at 1e3 the logits
+# move by at most lr/1e3 per step, so the policy stays uniform over any step budget.
+TEMPERATURE_RANGE = (1e-3, 1e3)
 
 
 @dataclass
@@ -80,25 +109,25 @@ class MethodConfig:
             raise ValueError(f"MethodConfig.support='sampled' needs alpha=1.0 (reverse KL), got alpha={self.alpha!r}")
         if not isinstance(self.add_tail, bool):
             raise ValueError(f"MethodConfig.add_tail={self.add_tail!r} must be true or false")
-        _number("is_clip", self.is_clip, 0.0, lo_open=True)
+        _number("is_clip", self.is_clip, 0.0, MAX_IS_CLIP, lo_open=True, why="a larger cap never binds")
         _choice("teacher_kind", self.teacher_kind, TEACHER_KINDS)
         _number("teacher_rate", self.teacher_rate, 0.0, 1.0)
         _choice("controller", self.controller, CONTROLLERS)
         _number("alpha_mix", self.alpha_mix, 0.0, 1.0)
-        _number("divergence_tau", self.divergence_tau, 0.0, lo_open=True)
+        _number("divergence_tau", self.divergence_tau, *TAU_RANGE, why="nats per token")
         if self.entropy_target is not None:
-            _number("entropy_target", self.entropy_target, 0.0)
+            _number("entropy_target", self.entropy_target, 0.0, MAX_ENTROPY_TARGET, why="nats per token")
         if self.method == "hybrid" and self.controller == "entropy" and self.entropy_target is None:
             raise ValueError("MethodConfig.entropy_target must be set (nats per token) when controller='entropy'")
-        _number("entropy_gain", self.entropy_gain, 0.0)
+        _number("entropy_gain", self.entropy_gain, 0.0, MAX_ENTROPY_GAIN)
         if not isinstance(self.num_generations, int) or isinstance(self.num_generations, bool) or self.num_generations < 1:
             raise ValueError(f"MethodConfig.num_generations={self.num_generations!r} must be a positive integer")
         if self.method in ("grpo", "sdpo", "hybrid") and self.num_generations < 2:
             raise ValueError(f"MethodConfig.num_generations must be ≥ 2 for method={self.method!r} (groups need siblings)")
         _choice("scale_rewards", self.scale_rewards, SCALES)
         _choice("loss_type", self.loss_type, LOSS_TYPES)
-        _number("epsilon", self.epsilon, 0.0)
-        _number("temperature", self.temperature, 0.0, lo_open=True)
+        _number("epsilon", self.epsilon, 0.0, MAX_EPSILON, why="a larger clip never binds")
+        _number("temperature", self.temperature, *TEMPERATURE_RANGE)
         return self
 
     # ----- construction and serialisation -----

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import exact, metrics, rng
-from .config import MethodConfig
+from .config import MethodConfig, check_number
 from .feedback import CHANNELS, Judge
 from .losses import AlphaController, aggregate, divergence, group_advantages, hybrid_loss, policy_gradient_token_loss, sdpo_token_loss
 from .policies import POLICIES, TabularPolicy
@@ -34,16 +34,33 @@ HISTORY_COLUMNS = (
 )
 
 
+# Magnitude bounds of RunConfig (see sdpo_sim/config.py for the float32 facts: exp overflows past 88.7 nats, a softmax is
+# one-hot once two logits differ by ln(2**24) = 16.6 nats).
+# noise, hint_noise: rewards and token contributions lie in [0, 1]; sigma = 1e3 is a signal-to-noise ratio of 1e-3 per
+# reading (nothing is learnable in any budget). The arithmetic limit is var_e = sigma**2 in float64 (teachers.py), past 1.3e154.
+MAX_NOISE = 1_000  # an int, so messages read [0, 1000]
+# beta: teacher logits l + beta·A are float32 with A ~ 1 (units of s): beta = 1e3 moves a logit 60x past the 16.6 nats
+# where the teacher's softmax is already one-hot; beyond that only float32 overflow (3.4e38) changes anything.
+MAX_BETA = 1_000  # an int, so messages read [0, 1000]
+# lr: Adam's first update moves every parameter by ~lr (SGD's gradients are at most ~1/temperature per parameter). The
+# packaged tuning grids reach lr = 10; lr = 1e3 moves a logit 60x past 16.6 nats in one step, and larger values only
+# differ by float32 overflow of theta (3.4e38 after lr·steps).
+MAX_LR = 1_000  # an int, so messages read [0, 1000]
+# task_seed: Task seeds torch's generator with 10_007·task_seed + 1, which must fit in an unsigned 64-bit integer.
+MAX_TASK_SEED = (2**64 - 2) // 10_007
+# seed_start + seeds: the run seeds are torch.arange(seed_start, seed_start + seeds), int64.
+MAX_SEED_END = 2**63 - 1
+# memory: one [runs, B, T, V] float32 tensor (several live per step) and the exact [runs, V**T] float64 tables must
+# each stay within 2**27 elements (512 MiB / 1 GiB); larger runs are not toy-world runs.
+MAX_ELEMENTS = 2**27
+
+
 def _fail(name: str, value: Any, rule: str) -> None:
     raise ValueError(f"RunConfig.{name}={value!r} {rule}")
 
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_num(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -86,21 +103,30 @@ class RunConfig:
             if value not in allowed:
                 _fail(name, value, f"is not allowed; choose one of {', '.join(map(repr, allowed))}")
         for name in ("noise", "hint_noise"):
-            if not _is_num(getattr(self, name)) or getattr(self, name) < 0:
-                _fail(name, getattr(self, name), "must be a finite number ≥ 0")
-        if not _is_num(self.rho) or not 0 <= self.rho <= 1:
-            _fail("rho", self.rho, "must be a number in [0, 1]")
-        for name in ("beta", "lr"):
-            if not _is_num(getattr(self, name)) or getattr(self, name) <= 0:
-                _fail(name, getattr(self, name), "must be a finite number > 0")
-        for name, lo in (("steps", 0), ("seeds", 1), ("seed_start", 0), ("task_seed", 0), ("batch_size", 1), ("eval_every", 1)):
+            check_number("RunConfig", name, getattr(self, name), 0, MAX_NOISE, why="rewards lie in [0, 1]")
+        check_number("RunConfig", "rho", self.rho, 0, 1)
+        check_number("RunConfig", "beta", self.beta, 0, MAX_BETA, lo_open=True)
+        check_number("RunConfig", "lr", self.lr, 0, MAX_LR, lo_open=True, why="one Adam step moves a logit by ~lr nats")
+        for name, lo in (("steps", 1), ("seeds", 1), ("seed_start", 0), ("task_seed", 0), ("batch_size", 1), ("eval_every", 1)):
             if not _is_int(getattr(self, name)) or getattr(self, name) < lo:
-                _fail(name, getattr(self, name), f"must be an integer ≥ {lo}")
+                _fail(name, getattr(self, name), f"must be an integer ≥ {lo}" + (" (a run trains for at least one step)" if name == "steps" else ""))
+        if self.task_seed > MAX_TASK_SEED:
+            _fail("task_seed", self.task_seed, f"must be ≤ {MAX_TASK_SEED} (10007·task_seed + 1 seeds a 64-bit generator)")
+        if self.seed_start + self.seeds - 1 > MAX_SEED_END:
+            _fail("seed_start", self.seed_start, f"+ seeds - 1 must be ≤ 2**63 - 1 = {MAX_SEED_END} (run seeds are int64)")
         check_size(self.vocab_size, self.seq_len)
         if self.batch_size % self.method.num_generations:
             _fail("batch_size", self.batch_size, f"must be a multiple of num_generations={self.method.num_generations}")
-        if self.threshold is not None and not _is_num(self.threshold):
-            _fail("threshold", self.threshold, "must be a finite number or null")
+        for what, size in (("seeds × batch_size × seq_len × vocab_size", self.seeds * self.batch_size * self.seq_len * self.vocab_size),
+                           ("seeds × vocab_size**seq_len", self.seeds * self.vocab_size**self.seq_len)):
+            if size > MAX_ELEMENTS:
+                _fail("seeds", self.seeds, f"is too large: {what} = {size:,} exceeds 2**27 = {MAX_ELEMENTS:,} elements per tensor; "
+                                           "use fewer seeds, a smaller batch or a smaller world")
+        if self.threshold is not None:
+            check_number("RunConfig", "threshold", self.threshold, 0, 1, why="rewards lie in [0, 1]; null: the initial median reward")
+        if self.method.entropy_target is not None and self.method.entropy_target > math.log(self.vocab_size):
+            _fail("entropy_target", self.method.entropy_target,
+                  f"must be ≤ ln(vocab_size) = {math.log(self.vocab_size):.3f} nats (the largest per-token entropy)")
         if self.teacher == "demo" and self.feedback != "demo":
             _fail("teacher", self.teacher, f"needs feedback='demo' (a sibling demonstration), got feedback={self.feedback!r}")
         if self.method.method in ("sdpo", "hybrid") and self.method.num_generations < 2:
