@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -24,8 +25,24 @@ COMMANDS = {
 }
 
 
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130  # 130 = 128 + SIGINT, what shells report for Ctrl-C
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse under the project's bad-input rule: one line on stderr and exit 2 (no usage block).
+    Subcommand parsers are of the same class (``add_subparsers`` uses the parent's)."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(text: object) -> str:
+    """``text`` with its line breaks folded into spaces (a YAML error, say, spans several lines)."""
+    return re.sub(r"\s*\n\s*", " ", str(text)).strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdpo-sim", description="sdpo-lab toy world: exact SDPO vs REINFORCE/GRPO experiments.")
+    parser = Parser(prog="sdpo-sim", description="sdpo-lab toy world: exact SDPO vs REINFORCE/GRPO experiments.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS.values():
@@ -34,12 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one subcommand. Bad input: one line, exit 2. Ctrl-C: one line, exit 130 (a sweep says how many runs it
+    kept). An operating-system failure (disk full, ...): one line, exit 1."""
     args = build_parser().parse_args(argv)
+    prog = f"sdpo-sim {args.command}"
     try:
         return int(args.func(args) or 0)
     except ValueError as err:  # bad input: one clear line, no traceback
-        print(f"sdpo-sim {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt as err:
+        kept = getattr(err, "kept", None)  # sdpo_sim.sweep.Interrupted
+        print("interrupted" + ("" if kept is None else f": {kept} runs kept; run the same command again to resume"), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as err:  # not bad input (that was checked before anything was created): the machine refused
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

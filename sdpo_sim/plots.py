@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from .io import atomic_write  # noqa: E402
+from .io import atomic_write, check_output_dir  # noqa: E402
 
 # conditions a figure either shows or holds fixed (arm = method, with the hybrid controller)
 FACTORS = ("arm", "feedback", "noise", "rho", "teacher", "beta", "hint_noise", "policy", "alpha", "support", "teacher_kind",
@@ -212,7 +212,7 @@ def write_figures(tables: Union[dict, Sequence[dict]], out: Union[str, Path] = "
     unknown = sorted(set(names) - set(FIGURES))
     if unknown:
         raise ValueError(f"unknown figure(s) {unknown}; choose from {', '.join(FIGURES)}")
-    out = Path(out)
+    out = check_output_dir(out, "figures directory")
     written = {}
     with sns.axes_style("whitegrid"), plt.rc_context({"svg.hashsalt": "sdpo-lab", "figure.max_open_warning": 0}):
         for name in names:

@@ -5,14 +5,17 @@ final per-token entropy stays at or above a floor, the one with the highest mean
 Configurations whose teacher cannot exist in an LLM (``oracle`` reads the exact advantage,
 ``seed-paper`` the reward table, ``null`` is a control) are never candidates.
 
-The base recipe is read as plain YAML (``sdpo_sim`` never imports ``llm``); only its ``method:``
+The base recipe is read as plain YAML (``sdpo_sim`` never imports ``llm``; the default is found as ``llm``'s
+package data, :func:`default_base`); only its ``method:``
 block (and ``task.feedback`` when it has one) changes. What does not transfer is reported: the
 learning rate, and every toy-world-only setting (teacher model, rho, beta, noise, world size, ...).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -21,7 +24,7 @@ import pandas as pd
 import yaml
 
 from .config import MethodConfig
-from .io import atomic_write_text
+from .io import atomic_write_text, check_output_file
 from .stats import bootstrap_ci
 
 METRICS = ("final_reward", "auc")
@@ -40,7 +43,24 @@ TOY_ONLY = {
     "steps": "a step budget does not transfer across worlds", "batch_size": "toy batch size (recipe: prompts_per_step × num_generations)",
     "optimizer": "the recipe's optimizer is AdamW", "threshold": "binary threshold of the toy judge",
 }
-DEFAULT_BASE = Path("llm/recipes/tiny-cpu.yaml")
+DEFAULT_RECIPE = "recipes/tiny-cpu.yaml"  # inside the llm package (pyproject: [tool.setuptools.package-data] llm)
+
+
+def default_base() -> Path:
+    """The packaged ``llm/recipes/tiny-cpu.yaml``, from any working directory, without importing ``llm``.
+
+    ``importlib.util.find_spec`` of a top-level name only searches the import path (no module code runs, and
+    the editable install's finder answers too), whereas ``importlib.resources.files("llm")`` would execute
+    ``llm/__init__``: the toy world must not import LLM code. An unrelated package named ``llm`` is caught
+    by the recipe file not being there."""
+    spec = importlib.util.find_spec("llm")
+    places = list(spec.submodule_search_locations or []) if spec is not None else []
+    for place in places:
+        path = Path(place) / DEFAULT_RECIPE
+        if path.is_file():
+            return path
+    raise ValueError("the default base recipe ships with sdpo-lab's `llm` package, which is not importable here "
+                     f"(looked in {places or 'no llm package'}); pass --base PATH to an LLM recipe")
 
 
 @dataclass
@@ -71,7 +91,7 @@ def candidates(seeds: pd.DataFrame, metric: str = "final_reward") -> pd.DataFram
 
 def select(seeds: pd.DataFrame, *, entropy_floor: float = 0.5, metric: str = "final_reward", method: Optional[str] = None) -> tuple[dict, pd.DataFrame, str]:
     """Apply the rule; returns (chosen full config, ranked candidate table with an ``eligible`` column, rule text)."""
-    if not isinstance(entropy_floor, (int, float)) or entropy_floor < 0:
+    if not isinstance(entropy_floor, (int, float)) or isinstance(entropy_floor, bool) or not math.isfinite(entropy_floor) or entropy_floor < 0:
         raise ValueError(f"entropy_floor={entropy_floor!r} must be a number ≥ 0 (nats per token)")
     table = candidates(seeds, metric)
     eligible = ~table["teacher"].isin(NOT_IN_LLM) & (table["entropy"] >= entropy_floor)
@@ -86,18 +106,29 @@ def select(seeds: pd.DataFrame, *, entropy_floor: float = 0.5, metric: str = "fi
     return json.loads(best["config"]), table, rule
 
 
-def promote(sweep_dir: Union[str, Path], *, base: Union[str, Path] = DEFAULT_BASE, out: Optional[Union[str, Path]] = None,
+def promote(sweep_dir: Union[str, Path], *, base: Optional[Union[str, Path]] = None, out: Optional[Union[str, Path]] = None,
             entropy_floor: float = 0.5, metric: str = "final_reward", method: Optional[str] = None) -> Promotion:
-    """Select a configuration from a sweep and build (and optionally write) the LLM recipe."""
+    """Select a configuration from a sweep and build (and optionally write) the LLM recipe.
+
+    Checked in this order, before anything is written: the sweep directory, the base recipe (``None``:
+    :func:`default_base`), the output path, the rule."""
     from .sweep import load_tables
 
-    base = Path(base)
+    tables = load_tables(sweep_dir)
+    base = default_base() if base is None else Path(base)
+    if base.is_dir():
+        raise ValueError(f"base recipe {str(base)!r} is a directory; pass --base PATH to an LLM recipe file (e.g. llm/recipes/tiny-cpu.yaml)")
     if not base.is_file():
-        raise ValueError(f"base recipe {str(base)!r} does not exist (the LLM recipes live in llm/recipes/; pass --base PATH)")
-    recipe = yaml.safe_load(base.read_text())
+        raise ValueError(f"base recipe {str(base)!r} does not exist; pass --base PATH to an LLM recipe file (e.g. llm/recipes/tiny-cpu.yaml)")
+    try:
+        recipe = yaml.safe_load(base.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"base recipe {base} is not valid YAML: {err}") from None
     if not isinstance(recipe, dict) or not isinstance(recipe.get("method"), dict):
         raise ValueError(f"base recipe {base} has no `method:` mapping; is it an LLM recipe?")
-    chosen, table, rule = select(load_tables(sweep_dir)["seeds"], entropy_floor=entropy_floor, metric=metric, method=method)
+    if out is not None:
+        check_output_file(out, "recipe output file")
+    chosen, table, rule = select(tables["seeds"], entropy_floor=entropy_floor, metric=metric, method=method)
     method_block = MethodConfig.from_dict({k: v for k, v in chosen.items() if k in MethodConfig.field_names()}).to_dict()
     recipe = {**recipe, "method": method_block}
     notes = []

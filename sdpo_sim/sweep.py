@@ -25,9 +25,9 @@ import concurrent.futures as cf
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import itertools
 import json
-import multiprocessing
 import subprocess
 import time
 import traceback
@@ -41,11 +41,13 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import __version__
-from .io import atomic_write, atomic_write_text
+from .io import atomic_write, atomic_write_text, check_output_dir, remove_stale_temporaries
+from .workers import WorkerPool, sigint_ignored, stopping
 
 SPEC_KEYS = ("name", "description", "base", "grid", "cases", "blocks", "tuning")
 BLOCK_KEYS = ("name", "base", "grid", "cases")
 BACKENDS = ("process", "serial", "ray")
+PACKAGED_SPECS = ("claims", "main", "quick")  # names `sdpo-sim sweep` resolves to sdpo_sim/specs/*.yaml
 META_COLUMNS = ("block", "run_id", "status", "package_version", "git_commit")
 
 ConfigFn = Callable[[dict], dict]  # flat mapping -> full validated flat config (raises ValueError)
@@ -144,8 +146,11 @@ class Spec:
     def load(cls, path: Union[str, Path]) -> "Spec":
         """Read a YAML spec with a safe loader."""
         path = Path(path)
+        expected = f"a sweep spec file (YAML) or a packaged spec name ({' | '.join(PACKAGED_SPECS)}) is expected"
+        if path.is_dir():
+            raise ValueError(f"spec {str(path)!r} is a directory; {expected}")
         if not path.is_file():
-            raise ValueError(f"spec file {str(path)!r} does not exist")
+            raise ValueError(f"spec file {str(path)!r} does not exist; {expected}")
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
@@ -261,6 +266,8 @@ def is_done(runs_dir: Path, rid: str) -> bool:
 
 def execute_one(run_fn: RunFn, rid: str, config: dict, runs_dir: str, meta: dict) -> dict:
     """Worker body: run one config, write history then the JSON marker atomically; never raises."""
+    if stopping():  # a worker told to stop (Ctrl-C in the parent) runs nothing more; the run stays pending
+        return {"run_id": rid, "status": "stopped", "error": "stopped"}
     runs = Path(runs_dir)
     meta_path, hist_path = _paths(runs, rid)
     start = time.perf_counter()
@@ -294,43 +301,29 @@ def _single_thread():
         torch.set_num_threads(before)
 
 
-def _init_worker(threads: int) -> None:
-    try:
-        import torch
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep, raised once its workers are stopped: ``kept`` finished runs are on disk."""
 
-        torch.set_num_threads(threads)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    def __init__(self, kept: int) -> None:
+        super().__init__(kept)
+        self.kept = kept
 
 
-class WorkerPool:
-    """Spawned worker processes, started on first use and shared by the tuning and evaluation phases."""
+def kept_runs(out: Union[str, Path]) -> int:
+    """How many finished (ok) runs, tuning runs included, a sweep directory holds."""
+    runs_dir = Path(out) / "runs"
+    return sum(1 for meta in runs_dir.glob("*.json") if is_done(runs_dir, meta.stem)) if runs_dir.is_dir() else 0
 
-    def __init__(self, workers: int) -> None:
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ValueError(f"workers={workers!r} must be a positive integer")
-        self.workers = workers
-        self._pool: Optional[cf.ProcessPoolExecutor] = None
 
-    def get(self) -> cf.ProcessPoolExecutor:
-        if self._pool is None:
-            ctx = multiprocessing.get_context("spawn")
-            self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init_worker, initargs=(1,))
-        return self._pool
-
-    def reset(self) -> None:
-        """Drop a broken pool (a worker died); the next :meth:`get` starts a fresh one."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-
-    def __enter__(self) -> "WorkerPool":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+def check_backend(workers: Any, backend: str) -> None:
+    """Refuse a worker count or backend that cannot run, before anything is created (Ray must be importable)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not allowed; choose one of {', '.join(map(repr, BACKENDS))}")
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise ValueError(f"workers={workers!r} must be a positive integer (1 runs in this process)")
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ValueError("backend='ray' needs Ray, which is not installed; install the extra (pip install 'sdpo-lab[ray]') "
+                         "or choose backend 'process' or 'serial'")
 
 
 def execute(
@@ -350,11 +343,9 @@ def execute(
     ``serial`` (in this process), ``ray`` (a Ray cluster; needs the ``ray`` extra and a filesystem
     shared by the workers). ``pool`` lets several calls share the worker processes.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not allowed; choose one of {', '.join(map(repr, BACKENDS))}")
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ValueError(f"workers={workers!r} must be a positive integer")
+    check_backend(workers, backend)
     runs_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(runs_dir)  # left by a worker killed mid-write (its run is not marked done: it reruns)
     pending = [p for p in planned if not is_done(runs_dir, p.run_id)]
     meta = {"package_version": __version__, "git_commit": git_commit()}
     outcome = {"total": len(planned), "skipped": len(planned) - len(pending), "ok": 0, "failed": []}
@@ -368,43 +359,56 @@ def execute(
         bar.update(1)
         bar.set_postfix(failed=len(outcome["failed"]))
 
-    if backend == "ray":
-        _execute_ray(pending, runs_dir, run_fn, meta, record)
-    elif backend == "serial" or workers == 1 or len(pending) <= 1:
-        with _single_thread():  # tabular runs are many tiny ops: extra threads only contend
-            for p in pending:
-                record(execute_one(run_fn, p.run_id, p.config, str(runs_dir), meta))
-    else:
-        own = pool is None
-        pool = WorkerPool(workers) if own else pool
-        try:
-            futures = {pool.get().submit(execute_one, run_fn, p.run_id, p.config, str(runs_dir), meta): p for p in pending}
-            broken = False
-            for fut in cf.as_completed(futures):
-                p = futures[fut]
-                try:
-                    record(fut.result())
-                except Exception as err:  # the worker process itself died (e.g. killed, out of memory)
-                    broken = True
-                    error = f"worker process failed: {type(err).__name__}: {err}"
-                    if not is_done(runs_dir, p.run_id):
-                        rec = {"run_id": p.run_id, "config": p.config, **meta, "status": "failed", "summary": None, "error": error}
-                        atomic_write_text(_paths(runs_dir, p.run_id)[0], json.dumps(rec, indent=1, default=str))
-                    record({"run_id": p.run_id, "status": "failed", "error": error})
-            if broken:
-                pool.reset()
-        finally:
-            if own:
-                pool.__exit__(None, None, None)
-    bar.close()
+    try:
+        if backend == "ray":
+            _execute_ray(pending, runs_dir, run_fn, meta, record)
+        elif backend == "serial" or workers == 1 or len(pending) <= 1:
+            with _single_thread():  # tabular runs are many tiny ops: extra threads only contend
+                for p in pending:
+                    record(execute_one(run_fn, p.run_id, p.config, str(runs_dir), meta))
+        else:
+            with contextlib.ExitStack() as stack:
+                if pool is None:  # a pool of its own, stopped on the way out (at once on Ctrl-C)
+                    pool = stack.enter_context(WorkerPool(workers))
+                _execute_pool(pending, runs_dir, run_fn, meta, record, pool)
+    finally:
+        bar.close()
     return outcome
 
 
-def _execute_ray(pending: Sequence[Planned], runs_dir: Path, run_fn: RunFn, meta: dict, record: Callable[[dict], None]) -> None:
+def _execute_pool(pending: Sequence[Planned], runs_dir: Path, run_fn: RunFn, meta: dict, record: Callable[[dict], None],
+                  pool: WorkerPool) -> None:
+    """Run ``pending`` on the pool's workers; a worker that dies fails its run and the pool is replaced.
+    On Ctrl-C the pending runs are cancelled and the workers stopped before ``KeyboardInterrupt`` goes on."""
+    futures = {}
     try:
-        import ray
-    except ImportError:
-        raise ValueError("backend='ray' needs Ray, which is not installed; install the extra: pip install 'sdpo-lab[ray]'") from None
+        for p in pending:
+            futures[pool.submit(execute_one, run_fn, p.run_id, p.config, str(runs_dir), meta)] = p
+        broken = False
+        for fut in cf.as_completed(futures):
+            p = futures[fut]
+            try:
+                record(fut.result())
+            except Exception as err:  # the worker process itself died (e.g. killed, out of memory)
+                broken = True
+                error = f"worker process failed: {type(err).__name__}: {err}"
+                if not is_done(runs_dir, p.run_id):
+                    rec = {"run_id": p.run_id, "config": p.config, **meta, "status": "failed", "summary": None, "error": error}
+                    atomic_write_text(_paths(runs_dir, p.run_id)[0], json.dumps(rec, indent=1, default=str))
+                record({"run_id": p.run_id, "status": "failed", "error": error})
+        if broken:
+            pool.reset()
+    except KeyboardInterrupt:
+        with sigint_ignored():
+            for fut in futures:
+                fut.cancel()
+            pool.stop()
+        raise
+
+
+def _execute_ray(pending: Sequence[Planned], runs_dir: Path, run_fn: RunFn, meta: dict, record: Callable[[dict], None]) -> None:
+    import ray  # check_backend made sure it is installed
+
     ray.init(ignore_reinit_error=True)
     remote = ray.remote(execute_one)
     refs = [remote.remote(run_fn, p.run_id, p.config, str(runs_dir), meta) for p in pending]
@@ -547,22 +551,36 @@ def run_sweep(
     config_fn: ConfigFn = toy_config,
     run_fn: RunFn = toy_run,
 ) -> SweepResult:
-    """Validate, (tune,) run what is missing, and write the tidy tables. Resumable; see the module doc."""
+    """Validate everything (spec, every grid point, workers, backend, output directory) before creating
+    anything, then (tune,) run what is missing and write the tidy tables. Resumable; see the module doc.
+    Ctrl-C stops the workers and raises :class:`Interrupted` with the number of runs kept."""
+    try:
+        return _run_sweep(spec, Path(out), workers=workers, backend=backend, progress=progress, config_fn=config_fn, run_fn=run_fn)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(kept_runs(out)) from None
+
+
+def _run_sweep(spec: Union[Spec, str, Path], out: Path, *, workers: int, backend: str, progress: bool,
+               config_fn: ConfigFn, run_fn: RunFn) -> SweepResult:
+    check_backend(workers, backend)
     if not isinstance(spec, Spec):
         spec = Spec.load(spec)
-    out = Path(out)
     planned = plan(spec, config_fn)
     tuning_record = None
+    check_output_dir(out, "sweep output directory")
     if spec.tuning is None:
         check_compatible(out, spec, {p.run_id for p in planned})
-        atomic_write_text(out / "spec.yaml", yaml.safe_dump(spec.raw, sort_keys=False))
     else:
         from .tuning import TuningSpec, exempt_blocks, tune
 
         tspec = TuningSpec.from_dict(spec.tuning, _known_fields(config_fn))
         wanted = {p.run_id for p in tspec.plan(expand(spec), config_fn, exempt_blocks(spec))} | {p.run_id for p in planned} | {loose_id(p.config, ["lr"]) for p in planned}
         check_compatible(out, spec, wanted, ignore=["lr"])  # refuse before running anything
-        atomic_write_text(out / "spec.yaml", yaml.safe_dump(spec.raw, sort_keys=False))
+    # everything is validated: from here on the sweep creates its directory
+    atomic_write_text(out / "spec.yaml", yaml.safe_dump(spec.raw, sort_keys=False))
+    remove_stale_temporaries(out)  # tables half-written by a sweep that was killed
     with WorkerPool(workers) as pool:
         if spec.tuning is not None:
             tuning_record, planned = tune(spec, tspec, out, config_fn=config_fn, run_fn=run_fn, workers=workers, backend=backend, progress=progress, pool=pool)
@@ -588,6 +606,10 @@ def run_sweep(
 def load_tables(out: Union[str, Path]) -> dict[str, pd.DataFrame]:
     """Read a finished sweep's tables (``history``, ``summary``, ``seeds``) from Parquet."""
     out = Path(out)
+    if not out.exists():
+        raise ValueError(f"sweep directory {str(out)!r} does not exist; give a directory written by `sdpo-sim sweep SPEC --out DIR`")
+    if not out.is_dir():
+        raise ValueError(f"{str(out)!r} is a file, not a sweep directory; give a directory written by `sdpo-sim sweep SPEC --out DIR`")
     if not (out / "summary.parquet").is_file():
         raise ValueError(f"{out} holds no sweep results (no summary.parquet); run `sdpo-sim sweep SPEC --out {out}` first")
     tables = {}

@@ -28,8 +28,10 @@ def add_parser(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..claims import run_claims
-    from ..io import atomic_write_text
+    from ..io import atomic_write_text, check_output_file
 
+    if args.record_walltime:
+        check_output_file(args.record_walltime, "--record-walltime file")
     out = Path(args.out or ("outputs/claims" if args.scale == "canonical" else f"outputs/claims-{args.scale}"))
     res = run_claims(args.scale, out=out, report_dir=args.report and Path(args.report), figures_dir=args.figures and Path(args.figures),
                      workers=args.workers, progress=args.progress, spec=args.spec, sweep_kwargs={"backend": args.backend},

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import argparse
 
+from .sweep import positive_int
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("promote", help="write an LLM recipe whose method block is the sweep's best configuration",
                               description="Rule: highest mean final exact reward among configurations whose mean final per-token entropy "
                                           "≥ --entropy-floor (oracle/seed-paper/null teachers excluded). Prints what does not transfer.")
     p.add_argument("sweep", help="a finished sweep directory")
-    p.add_argument("--base", default="llm/recipes/tiny-cpu.yaml", help="LLM recipe to start from (default llm/recipes/tiny-cpu.yaml)")
+    p.add_argument("--base", default=None, help="LLM recipe to start from (default: the packaged llm/recipes/tiny-cpu.yaml, from any directory)")
     p.add_argument("--out", default=None, help="where to write the recipe (default SWEEP/promoted-recipe.yaml)")
     p.add_argument("--entropy-floor", type=float, default=0.5, help="minimal mean final per-token entropy, nats (default 0.5)")
     p.add_argument("--metric", default="final_reward", choices=["final_reward", "auc"], help="what 'best' maximises (default final_reward)")
     p.add_argument("--method", default=None, choices=["reinforce", "grpo", "sdpo", "hybrid"], help="only consider this method")
-    p.add_argument("--top", type=int, default=5, help="show this many candidates")
+    p.add_argument("--top", type=positive_int, default=5, help="show this many candidates")
     p.set_defaults(func=main)
 
 

@@ -5,9 +5,20 @@ from __future__ import annotations
 import argparse
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count flag (``--workers``, ``--top``): an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or str(value) != text.strip().lstrip("+"):
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def add_workers(parser: argparse.ArgumentParser) -> None:
     """``--workers`` and ``--backend``, shared by every command that runs a sweep."""
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2; 1 runs in this process)")
+    parser.add_argument("--workers", type=positive_int, default=2, help="worker processes (default 2; 1 runs in this process)")
     parser.add_argument("--backend", default="process", choices=["process", "serial", "ray"], help="where runs execute (ray needs the `ray` extra)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -27,8 +38,9 @@ def resolve_spec(name: str):
     from pathlib import Path
 
     from ..claims import spec_path
+    from ..sweep import PACKAGED_SPECS
 
-    if not Path(name).exists() and name in ("claims", "main", "quick"):
+    if not Path(name).exists() and name in PACKAGED_SPECS:
         return spec_path("canonical" if name == "claims" else name)
     return Path(name)
 
