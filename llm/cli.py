@@ -2,8 +2,11 @@
 
 - ``sdpo-llm train --recipe R [--resume] [--set section.field=value ...]`` (also under ``accelerate launch``);
 - ``sdpo-llm plan --recipe R --gpus-per-node N --nodes M --gpu-memory-gb G``: per-GPU memory plan, no weights loaded;
-- ``sdpo-llm make-tiny [--out DIR]``: build (and pretrain) the tiny CPU model (``llm.tiny``);
+- ``sdpo-llm make-tiny [--out DIR]``: build (and pretrain) the tiny CPU model (``llm.make_tiny``);
 - ``sdpo-llm proof``: the proof-that-it-learns script (``llm.proof``).
+
+Bad input exits 2 with one line on stderr (``sdpo-llm COMMAND: error: ...``) and no traceback; Ctrl-C
+exits 130 with one line (for ``train``: the step reached and how to resume).
 """
 
 from __future__ import annotations
@@ -11,11 +14,34 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import sys
 from typing import Optional, Sequence
 
-DISPATCH = {"make-tiny": "llm.tiny", "proof": "llm.proof"}  # subcommands owned by other modules: main(argv) -> int
+# subcommands owned by other modules, imported when run (they import torch): main(argv) -> int
+DISPATCH = {"make-tiny": "llm.make_tiny", "proof": "llm.proof"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr (exit 2), pointing at ``--help``
+    instead of printing the usage block."""
+
+    def error(self, message: str):  # noqa: D102 — argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _interrupted_train(trainer) -> str:
+    """The one line printed when ``sdpo-llm train`` is interrupted: the step reached and how to resume."""
+    from .checkpoint import latest_checkpoint
+
+    out, done = trainer.cfg.output_dir, trainer.steps_done
+    latest = latest_checkpoint(out)
+    if latest is None:
+        return (f"sdpo-llm train: interrupted at step {done} of {trainer.cfg.steps}; no checkpoint saved yet in {out} "
+                "(training.save_every sets how often), so --resume would start from step 0")
+    return (f"sdpo-llm train: interrupted at step {done} of {trainer.cfg.steps}; run the same command with --resume to "
+            f"continue from the last checkpoint ({latest})")
 
 
 def _recipe(args):
@@ -28,12 +54,18 @@ def cmd_train(args) -> int:
     from .trainer import NonFiniteLossError, Trainer
 
     recipe = _recipe(args)  # validated before any model loads
+    trainer = Trainer(recipe)  # checks the output directory and the dtype before loading weights
+    main_process = int(os.environ.get("RANK", "0")) == 0
     try:
-        rows = Trainer(recipe).train(resume=args.resume)
+        rows = trainer.train(resume=args.resume)
     except NonFiniteLossError as err:
         print(f"sdpo-llm train: stopped: {err}", file=sys.stderr)
         return 3
-    if rows and int(os.environ.get("RANK", "0")) == 0:
+    except KeyboardInterrupt:
+        if main_process:
+            print(_interrupted_train(trainer), file=sys.stderr)
+        return 130
+    if rows and main_process:
         last = rows[-1]
         print(f"done: step {last['step']}  reward {last['reward']:.3f}  entropy {last['entropy']:.3f}  "
               f"metrics in {recipe.training.output_dir}/metrics.jsonl")
@@ -43,6 +75,10 @@ def cmd_train(args) -> int:
 def cmd_plan(args) -> int:
     from .memory_plan import format_plan, memory_plan
 
+    if args.micro_batch is not None and args.micro_batch < 1:
+        raise ValueError(f"--micro-batch={args.micro_batch} must be a positive integer (omit it for the recipe's share)")
+    if not math.isfinite(args.gpu_memory_gb):
+        raise ValueError(f"--gpu-memory-gb={args.gpu_memory_gb} must be a finite number of GiB > 0")
     recipe = _recipe(args)
     plan = memory_plan(recipe, gpus_per_node=args.gpus_per_node, nodes=args.nodes, gpu_memory_gb=args.gpu_memory_gb,
                        strategy=args.strategy, micro_batch=args.micro_batch)
@@ -51,7 +87,7 @@ def cmd_plan(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdpo-llm", description="sdpo-lab LLM path: SDPO, GRPO, REINFORCE and hybrid on transformers.")
+    parser = OneLineParser(prog="sdpo-llm", description="sdpo-lab LLM path: SDPO, GRPO, REINFORCE and hybrid on transformers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, fn, help_ in (("train", cmd_train, "train a recipe (works under accelerate launch)"),
                             ("plan", cmd_plan, "print the per-GPU memory plan of a recipe without loading weights")):
@@ -74,15 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in DISPATCH:
-        return int(importlib.import_module(DISPATCH[argv[0]]).main(argv[1:]) or 0)
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] in DISPATCH:
+        command, run = argv[0], lambda: importlib.import_module(DISPATCH[argv[0]]).main(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, lambda: args.func(args)
     try:
-        return int(args.func(args) or 0)
+        return int(run() or 0)
     except ValueError as err:  # bad input: one clear line, no traceback
-        print(f"sdpo-llm {args.command}: error: {err}", file=sys.stderr)
+        print(f"sdpo-llm {command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # train reports its own step; this is everything else
+        print(f"sdpo-llm {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
 """A tiny Qwen3-style causal LM and a character-level tokenizer, built locally (no hub access).
 
 ``build_tiny(out_dir)`` writes a directory that ``AutoModelForCausalLM.from_pretrained(out_dir)`` and
-``AutoTokenizer.from_pretrained(out_dir)`` load offline. ``sdpo-llm make-tiny`` (:func:`main`) also
-pretrains it briefly (``llm.tiny_pretrain``) so that it can use feedback in its context.
+``AutoTokenizer.from_pretrained(out_dir)`` load offline (random weights). ``sdpo-llm make-tiny``
+(:mod:`llm.make_tiny`) also pretrains it briefly (``llm.tiny_pretrain``) so that it can use feedback in
+its context, and records how in :data:`METADATA_FILE`, which the trainer reads (:func:`untrained_warning`).
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import string
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -41,6 +42,21 @@ def build_char_tokenizer():
     )
 
 
+def check_tiny_sizes(*, hidden_size: int, num_layers: int, num_heads: int = 4, num_kv_heads: int = 2,
+                     max_positions: int = 512) -> None:
+    """Raise ``ValueError`` naming the size that cannot build a model: each a positive integer,
+    ``hidden_size`` divisible by ``num_heads`` (head_dim = hidden_size / num_heads) and ``num_heads`` by ``num_kv_heads``."""
+    for name, value in (("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads),
+                        ("num_kv_heads", num_kv_heads), ("max_positions", max_positions)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError(
+            f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}, "
+            f"and num_heads by num_kv_heads={num_kv_heads}"
+        )
+
+
 def build_tiny_model(
     tokenizer,
     *,
@@ -55,15 +71,8 @@ def build_tiny_model(
     """A randomly initialised ``Qwen3ForCausalLM`` sized for ``tokenizer`` (tied embeddings)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    for name, value in (("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads),
-                        ("num_kv_heads", num_kv_heads), ("max_positions", max_positions)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive integer")
-    if hidden_size % num_heads or num_heads % num_kv_heads:
-        raise ValueError(
-            f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}, "
-            f"and num_heads by num_kv_heads={num_kv_heads}"
-        )
+    check_tiny_sizes(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                     max_positions=max_positions)
     config = Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -128,38 +137,25 @@ def build_tiny_reward_model(
     return save_pretrained_dir(Qwen3ForSequenceClassification(config), tokenizer, out_dir)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``sdpo-llm make-tiny --out DIR [--pretrain-steps N]``: build (and briefly pretrain) a tiny model."""
-    parser = argparse.ArgumentParser(prog="sdpo-llm make-tiny", description=main.__doc__)
-    parser.add_argument("--out", default="outputs/tiny-model", help="output directory")
-    parser.add_argument("--hidden-size", type=int, default=64, help="64 is the size the proof verifies")
-    parser.add_argument("--num-layers", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pretrain-steps", type=int, default=None,
-                        help="supervised steps teaching the model to use feedback in context "
-                             "(default: llm.tiny_pretrain's default; 0 = random weights)")
-    parser.add_argument("--task", default=None, help="built-in task the pretraining data comes from "
-                        "(default: the recipe's task, else word-constraints)")
-    parser.add_argument("--recipe", default=None, help="pretrain on this recipe's task and teacher-context templates "
-                        "(a shipped name like tiny-cpu or a YAML path; default: the trainer's default templates)")
-    args = parser.parse_args(argv)
-    if args.pretrain_steps is not None and args.pretrain_steps < 0:
-        parser.error(f"--pretrain-steps={args.pretrain_steps} must be >= 0")
-    context, task = None, args.task
-    if args.recipe is not None:  # validated before any model is built
-        from .recipe import load_recipe, resolve_recipe_path
-
-        recipe = load_recipe(resolve_recipe_path(args.recipe))
-        context, task = recipe.context, task or recipe.task.name
-    out = build_tiny(args.out, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed)
-    if args.pretrain_steps != 0:
-        from .tiny_pretrain import DEFAULT_STEPS, pretrain_dir
-
-        steps = DEFAULT_STEPS if args.pretrain_steps is None else args.pretrain_steps
-        pretrain_dir(out, task=task or "word-constraints", steps=steps, seed=args.seed, context=context)
-    print(f"tiny model written to {out}")
-    return 0
+# ----------------------------------------------------------------------------- build record
+METADATA_FILE = "sdpo_tiny.json"  # written by `sdpo-llm make-tiny` beside the weights
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def read_metadata(model_dir: Union[str, Path]) -> Optional[dict[str, Any]]:
+    """The build record of a tiny model directory, or None when it has none (or an unreadable one)."""
+    path = Path(model_dir) / METADATA_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def untrained_warning(model_dir: Union[str, Path]) -> Optional[str]:
+    """A one-line warning when ``model_dir`` records zero pretraining steps (random weights), else None."""
+    meta = read_metadata(model_dir)
+    if meta is None or meta.get("pretrain_steps") != 0:
+        return None
+    return (f"model.path={str(model_dir)!r} is a tiny model built with 0 pretraining steps (random weights): it cannot "
+            "use feedback in its context, so SDPO's self-teacher has nothing to teach; rebuild it with "
+            "`sdpo-llm make-tiny --out DIR --overwrite` (default pretraining) unless random weights are what you want")

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from sdpo_sim.config import MethodConfig
-from sdpo_sim.io import atomic_write_text
+from sdpo_sim.io import atomic_write_text, check_output_dir
 from sdpo_sim.losses import (
     AlphaController,
     aggregate,
@@ -48,6 +48,7 @@ from .logging import MetricsLogger
 from .prefix import plan_shared_prefix, positions, shared_prefix_outputs
 from .recipe import Recipe, check_model_path
 from .teacher import make_teacher
+from .tiny import untrained_warning
 
 log = logging.getLogger(__name__)
 PROMPTS, GENERATION, FEEDBACK = 0, 1, 2  # streams of sample_seed(seed, step, stream, ...)
@@ -64,6 +65,9 @@ def load_model_and_tokenizer(recipe: Recipe):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_path(recipe)
+    warning = untrained_warning(recipe.model.path)
+    if warning:
+        log.warning(warning)
     spec = recipe.model
     kwargs: dict[str, Any] = {"dtype": "auto" if spec.dtype == "auto" else getattr(torch, spec.dtype)}
     if spec.attn_implementation:
@@ -83,6 +87,35 @@ def load_model_and_tokenizer(recipe: Recipe):
         model = get_peft_model(model, LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                                                  target_modules=list(spec.lora.target_modules), task_type="CAUSAL_LM"))
     return model, tokenizer
+
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+# accelerate keeps float32 trainable weights under these (FSDP upcasts them; DeepSpeed holds float32 master weights)
+SHARDED_TYPES = ("FSDP", "DEEPSPEED")
+
+
+def check_trainable_precision(recipe: Recipe, distributed_type: str, model: Optional[torch.nn.Module] = None) -> None:
+    """Refuse half-precision trainable weights under the plain, unsharded AdamW (until issue 15 adds mixed precision).
+
+    AdamW moves a weight ``w`` by about ``lr`` per step; bfloat16 keeps 8 significant bits, so any move smaller
+    than ``|w|·2⁻⁹`` rounds back to ``w`` (e.g. lr 1e-5 on |w| = 0.02 is 5e-4 of it, below 2⁻⁹ ≈ 2e-3): most
+    updates are lost. Without ``model``: from the recipe (``model.dtype`` bfloat16/float16 without LoRA, whose
+    adapters peft keeps in float32), before any weight loads. With ``model``: its trainable parameters (``auto``).
+    """
+    if distributed_type in SHARDED_TYPES:
+        return
+    dtype = recipe.model.dtype
+    if model is None:
+        found = dtype if dtype in ("bfloat16", "float16") and recipe.model.lora is None else None
+    else:
+        halves = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad and p.dtype in HALF_DTYPES})
+        found = halves[0] if halves else None
+    if found is None:
+        return
+    resolved = "" if dtype == found else f" (resolved to {found})"
+    raise ValueError(f"model.dtype={dtype!r}{resolved} would train {found} weights with plain AdamW, which rounds most "
+                     "updates away; set model.dtype: float32, or run sharded under the FSDP2 accelerate config "
+                     "(accelerate launch --config_file llm/accelerate/fsdp2.yaml), which keeps float32 weights")
 
 
 # ----------------------------------------------------------------------------- batch tensors
@@ -283,6 +316,7 @@ class Trainer:
 
         self.recipe = recipe.validate()
         self.method, self.cfg = recipe.method, recipe.training
+        check_output_dir(self.cfg.output_dir, "training.output_dir")  # before any weights load
         self.task = task if task is not None else get_task(recipe.task.name)
         if judge is not None:
             self.judge = judge
@@ -303,10 +337,12 @@ class Trainer:
             from .generation import require_vllm
 
             require_vllm()  # fail before loading any weights
+        check_trainable_precision(recipe, self.acc.distributed_type.name)
 
         torch.manual_seed(self.cfg.seed)
         random.seed(self.cfg.seed)
         model, self.tokenizer = load_model_and_tokenizer(recipe)
+        check_trainable_precision(recipe, self.acc.distributed_type.name, model)  # what 'auto' resolved to
         vocab = model.get_output_embeddings().weight.shape[0]
         fused = self.cfg.fused_loss
         self.fused = self.distil and (fused is True or (fused == "auto" and vocab >= self.cfg.fused_min_vocab))
@@ -340,6 +376,7 @@ class Trainer:
             self.generate = TransformersGenerator(recipe.generation, self.method.temperature, self.cfg.max_new_tokens,
                                                   self.tokenizer, synced_gpus=dist in ("FSDP", "DEEPSPEED") and world > 1)
         self.start_step, self.nonfinite_steps, self.nonfinite_run = 0, 0, 0
+        self.steps_done = 0  # steps completed so far in this run (read when it is interrupted)
         self.out = Path(self.cfg.output_dir)
 
     # -- small helpers ---------------------------------------------------------------------------
@@ -606,12 +643,13 @@ class Trainer:
             self.recipe.save(self.out / "recipe.yaml")
         logger = MetricsLogger(self.out, enabled=main, tensorboard=self.cfg.tensorboard, resume_step=self.start_step)
         rows = []
+        self.steps_done = self.start_step
         bar = tqdm(range(self.start_step, self.cfg.steps), disable=not main, desc=f"sdpo-llm {self.method.method}", unit="step")
         try:
             for step in bar:
                 metrics = self.step(step)
                 info, log_ratio = metrics.pop("_heatmap")
-                done = step + 1
+                done = self.steps_done = step + 1
                 if done % self.cfg.log_every == 0 or done == self.cfg.steps:
                     logger.log(done, metrics)
                     rows.append({"step": done, **metrics})
