@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -22,9 +23,28 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 FEEDBACK_KINDS = ("binary", "ordinal", "continuous", "critique", "none")
 BACKENDS = ("transformers", "vllm")
 AUTO_CHOICES = ("auto", True, False)
+# AdamW moves every weight by about the learning rate per step whatever the gradient's scale; above 1 a single
+# step moves each weight by more than the ~0.02 scale a transformer's weights start at, fifty times over
+MAX_LEARNING_RATE = 1.0
+MAX_TASK_NOISE = 100.0
 DEFAULT_REPROMPT = "{prompt}{demo}{feedback}\nCorrectly solve the original task.\n"
 DEFAULT_DEMO = "\nA correct solution:\n{demo}\n"
 DEFAULT_FEEDBACK = "\nFeedback on your earlier attempt:\n{feedback}\n"
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader that also reads ``1e-5`` as a float: YAML 1.1 (PyYAML) wants a dot (``1.0e-5``)
+    and would hand the trainer the string ``'1e-5'``."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` parsed by :class:`RecipeLoader` (safe: no Python tags)."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 — a SafeLoader subclass
 
 
 def _fail(section: str, name: str, value: Any, must: str) -> None:
@@ -105,7 +125,8 @@ class TaskSpec:
     def validate(self) -> None:
         _str("task", "name", self.name)
         _choice("task", "feedback", self.feedback, FEEDBACK_KINDS)
-        _num("task", "noise", self.noise, 0.0)
+        # scores lie in [0, 1]: a noise std of 100 already buries them under noise 100× their range
+        _num("task", "noise", self.noise, 0.0, MAX_TASK_NOISE)
         _num("task", "threshold", self.threshold, 0.0, 1.0)
         _str("task", "judge", self.judge, optional=True)
 
@@ -166,10 +187,13 @@ class TrainingSpec:
     def validate(self) -> None:
         s = "training"
         _int(s, "steps", self.steps, 1)
-        _num(s, "learning_rate", self.learning_rate, 0.0, lo_open=True)
+        _num(s, "learning_rate", self.learning_rate, 0.0, MAX_LEARNING_RATE, lo_open=True)
         _int(s, "prompts_per_step", self.prompts_per_step, 1)
         _int(s, "max_new_tokens", self.max_new_tokens, 1)
         _num(s, "weight_decay", self.weight_decay, 0.0)
+        if self.learning_rate * self.weight_decay >= 1:  # AdamW scales each weight by (1 − lr·wd) per step
+            _fail(s, "weight_decay", self.weight_decay, f"times training.learning_rate={self.learning_rate!r} must be < 1 "
+                  "(AdamW multiplies every weight by 1 − lr·weight_decay each step)")
         _num(s, "max_grad_norm", self.max_grad_norm, 0.0, lo_open=True)
         if not (isinstance(self.adam_betas, list) and len(self.adam_betas) == 2
                 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.adam_betas)):
@@ -289,20 +313,31 @@ class Recipe:
 def parse_override(text: str) -> tuple[str, Any]:
     """``"training.steps=5"`` → ``("training.steps", 5)``; the value is parsed as YAML (safe)."""
     key, sep, value = text.partition("=")
-    if not sep or not key:
+    if not sep or not key.strip():
         raise ValueError(f"--set {text!r} must look like section.field=value")
-    return key.strip(), yaml.safe_load(value)
+    try:
+        return key.strip(), load_yaml(value)
+    except yaml.YAMLError as err:
+        reason = str(err).splitlines()[0]
+        raise ValueError(f"--set {text!r}: the value is not valid YAML ({reason}); quote strings, e.g. key='a: b'") from None
 
 
 def load_recipe(path: Union[str, Path], overrides: Optional[Mapping[str, Any]] = None) -> Recipe:
     """Read and validate a recipe YAML file (safe loader) without touching any model."""
     path = Path(path)
+    shipped = ", ".join(p.stem for p in shipped_recipes())
+    if path.is_dir():
+        raise ValueError(f"recipe {path} is a directory; give a recipe YAML file or a shipped name ({shipped})")
     if not path.is_file():
-        raise ValueError(f"recipe file {path} does not exist (shipped recipes: {', '.join(p.name for p in shipped_recipes())})")
+        raise ValueError(f"recipe file {path} does not exist; give a recipe YAML file or a shipped name ({shipped})")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from None
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"recipe file {path} is not a UTF-8 text file; a recipe is YAML") from None
+    except OSError as err:
+        raise ValueError(f"recipe file {path} cannot be read ({err.strerror})") from None
     recipe = Recipe.from_dict(data or {}, source=str(path))
     return recipe.with_overrides(overrides) if overrides else recipe
 
