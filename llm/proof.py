@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import time
@@ -22,7 +21,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from sdpo_sim.io import atomic_write, atomic_write_text
+from sdpo_sim.io import atomic_write, atomic_write_text, check_output_dir
+
+from .cli import OneLineParser
 
 PROOF_METHODS = ("sdpo", "grpo", "hybrid")
 EVAL_SEED = 12345
@@ -286,7 +287,7 @@ def write_outputs(result: dict, figures_dir: Path, stem: str = "llm_proof") -> l
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``sdpo-llm proof``: pretrain a tiny model, train it with SDPO/GRPO/hybrid, write figures/llm_proof.*"""
-    parser = argparse.ArgumentParser(prog="sdpo-llm proof", description=main.__doc__)
+    parser = OneLineParser(prog="sdpo-llm proof", description=main.__doc__)
     parser.add_argument("--scale", default="full", choices=("full", "ci"))
     parser.add_argument("--out", default="outputs/llm-proof", help="working directory (model, runs)")
     parser.add_argument("--figures", default="figures", help="where llm_proof.{png,svg,csv} go")
@@ -295,6 +296,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the preset)")
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (overrides the preset)")
     args = parser.parse_args(argv)
+    try:  # the output places before anything is built (the preset, seeds and model are checked by run_proof)
+        check_output_dir(args.out, "--out")
+        check_output_dir(args.figures, "--figures")
+    except ValueError as err:
+        parser.error(str(err))
     cfg = preset(args.scale)
     if args.seeds is not None:
         cfg = replace(cfg, seeds=tuple(range(args.seeds)))

@@ -95,6 +95,9 @@ ROWS = [
     (["proof", "--seeds", "1"], 2, "needs at least 2 seeds"),
     (["proof", "--steps", "0"], 2, "ProofConfig.steps=0 must be a positive integer"),
     (["proof", "--model", "recipes"], 2, "holds no saved model (config.json missing)"),
+    (["proof", "--scale", "bogus"], 2, "invalid choice: 'bogus'"),
+    (["proof", "--out", "afile.txt"], 2, "--out 'afile.txt' is an existing file"),
+    (["proof", "--figures", "/proc/x"], 2, "--figures '/proc/x': cannot create"),
 ]
 SUBPROCESS_ROWS = [
     (["make-tiny", "--out", "afile.txt"], 2, "--out 'afile.txt' is an existing file"),
