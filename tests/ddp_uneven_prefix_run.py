@@ -1,10 +1,12 @@
 """Test harness (run under torchrun, 2 ranks): the Trainer's DDP model with a shared-prefix plan on rank 0
 and none on rank 1, so the ranks make different numbers of forward calls in every step (teacher forward
-without gradient, student forward, backward, AdamW). Prints ``ok <rank>`` when three such steps complete.
-Usage: ``torchrun --nproc_per_node 2 tests/ddp_uneven_prefix_run.py RECIPE.yaml``.
+without gradient, student forward, backward, AdamW). When three such steps complete, each rank writes
+``ok <rank>`` to its own file ``REPORT_DIR/rank-<rank>.txt`` (ranks printing to one pipe interleave: "ok 1ok 0").
+Usage: ``torchrun --nproc_per_node 2 tests/ddp_uneven_prefix_run.py RECIPE.yaml REPORT_DIR``.
 """
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -27,4 +29,4 @@ if __name__ == "__main__":
         trainer.acc.backward(((student - teacher - 1.0) ** 2).mean())
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
-    print(f"ok {rank}", flush=True)
+    Path(sys.argv[2], f"rank-{rank}.txt").write_text(f"ok {rank}\n")

@@ -3,7 +3,9 @@
 accelerate only applies FSDP on GPUs, so this harness does what its FSDP2 plugin does there —
 ``fully_shard`` on every decoder layer and on the root, optimiser built on the sharded parameters —
 and hands the result to the real :class:`llm.trainer.Trainer`.
-Usage: ``torchrun --nproc_per_node 2 tests/fsdp2_cpu_run.py RECIPE.yaml [--resume]``.
+With ``--keep DIR`` it keeps every update's gathered pre-clip gradients and full weights there (see
+``llm_helpers.keep_updates``), for a single-process run to follow.
+Usage: ``torchrun --nproc_per_node 2 tests/fsdp2_cpu_run.py RECIPE.yaml [--resume] [--keep DIR]``.
 """
 
 import sys
@@ -13,6 +15,7 @@ from torch.distributed.fsdp import fully_shard
 
 from llm.recipe import load_recipe
 from llm.trainer import Trainer
+from llm_helpers import keep_updates
 
 
 class FSDP2CPUAccelerator(Accelerator):
@@ -26,4 +29,6 @@ class FSDP2CPUAccelerator(Accelerator):
 
 if __name__ == "__main__":
     trainer = Trainer(load_recipe(sys.argv[1]), accelerator=FSDP2CPUAccelerator(cpu=True))
+    if "--keep" in sys.argv:
+        keep_updates(trainer, sys.argv[sys.argv.index("--keep") + 1])
     trainer.train(resume="--resume" in sys.argv)

@@ -26,9 +26,12 @@ def fake_config(data: dict) -> dict:
 
 def fake_run(cfg: dict):
     log = os.environ.get("FAKE_RUN_LOG")
-    if log:
-        with open(log, "a") as fh:
-            fh.write(f"{cfg['method']} {cfg['lr']} {cfg['seed_start']} {cfg['noise']}\n")
+    if log:  # one write(2) on an O_APPEND descriptor: lines from parallel workers never interleave
+        fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, f"{cfg['method']} {cfg['lr']} {cfg['seed_start']} {cfg['noise']}\n".encode())
+        finally:
+            os.close(fd)
     if cfg["fail"]:
         raise RuntimeError("boom: this run was asked to fail")
     rate = 0.2 * math.exp(-abs(math.log(cfg["lr"] / BEST_LR[cfg["method"]])))

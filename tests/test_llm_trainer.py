@@ -3,7 +3,6 @@ non-finite losses, every method and teacher kind, the teacher's weight bookkeepi
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -14,7 +13,7 @@ from llm.tasks import get_task
 from llm.teacher import Teacher
 from llm.tiny import build_tiny
 from llm.trainer import Batch, NonFiniteLossError, Trainer
-from llm_helpers import tiny_recipe
+from llm_helpers import assert_grads_close, batch_positions, follow_updates, keep_updates, kept_grads, metric_tolerance, metrics_rows, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -58,38 +57,6 @@ def test_fused_loss_equals_unfused_inside_the_trainer(tiny_dir, tmp_path, overri
         torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
-def _record_update_grads(trainer) -> list[dict]:
-    """Each optimiser update's accumulated gradients, taken before clipping (clipping to the same norm could
-    hide a scale error), appended to the returned list."""
-    grads, clip = [], trainer.acc.clip_grad_norm_
-
-    def record_then_clip(params, max_norm):
-        grads.append({n: p.grad.clone() for n, p in trainer.unwrapped.named_parameters() if p.grad is not None})
-        return clip(params, max_norm)
-
-    trainer.acc.clip_grad_norm_ = record_then_clip
-    return grads
-
-
-def _follow(leader, follower) -> None:
-    """``follower.optimizer.step`` copies in the weights ``leader`` had after the same update instead of
-    stepping, so the two trainers compute every gradient (and sample every rollout) at identical weights."""
-    after, step = [], leader.optimizer.step
-    done = {"n": 0}
-
-    def step_and_keep():
-        step()
-        after.append(_params(leader))
-
-    def copy_leader():
-        with torch.no_grad():
-            for n, p in follower.unwrapped.named_parameters():
-                p.copy_(after[done["n"]][n])
-        done["n"] += 1
-
-    leader.optimizer.step, follower.optimizer.step = step_and_keep, copy_leader
-
-
 @pytest.mark.parametrize("overrides", [
     {"method__method": "hybrid", "method__controller": "divergence", "method__loss_type": "sequence_mean"},
     {"method__method": "sdpo", "training__fused_loss": True, "training__updates_per_batch": 2},
@@ -102,38 +69,21 @@ def test_micro_batches_give_the_whole_batch_update(tiny_dir, tmp_path, overrides
     whole, micro = (Trainer(tiny_recipe(tiny_dir, tmp_path / str(size), training__micro_batch_size=size,
                                         training__learning_rate=3e-3, method__teacher_rate=0.2, **overrides))
                     for size in (0, 2))
-    grads_whole, grads_micro = _record_update_grads(whole), _record_update_grads(micro)
-    _follow(whole, micro)
+    keep_updates(whole, tmp_path / "kept")
+    grads_micro = follow_updates(micro, tmp_path / "kept")
     rows = [(whole.step(s), micro.step(s)) for s in range(whole.cfg.steps)]
-    cfg, eps = whole.cfg, torch.finfo(torch.float32).eps  # 2^-23 ≈ 1.19e-7
-    completions = cfg.prompts_per_step * whole.method.num_generations
-    # Only the order of float32 accumulation differs between the two (and kernel blocking by batch size in the
-    # forwards). A mean of n terms of size ≤ S then errs by at most ≈ n·eps·S (Higham's bound for recursive
-    # summation, (n−1)·u·Σ|t|, divided by n, with u ≤ eps). Metrics are means over n ≤ completions·max_new_tokens
-    # tokens of per-token terms ≲ log V (the tiny model is near-uniform: its log-probs have that size), so the
-    # tolerance is n·eps·log V (≈ 2e-5 here; observed differences ≤ 3e-7).
-    vocab = whole.unwrapped.get_output_embeddings().weight.shape[0]
-    metric_tol = completions * cfg.max_new_tokens * eps * math.log(vocab)
+    tol = metric_tolerance(whole)
     for a, b in rows:
         assert b["reward"] == a["reward"] and b["response_length"] == a["response_length"]  # the same samples
         for key in ("loss", "divergence", "entropy", "alpha_mix", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=0, abs=metric_tol), key
-    # Weight gradients sum one outer product per position of the batch: n ≤ completions·(max_prompt_length +
-    # max_new_tokens) terms, so each tensor gets atol n·eps·max|g| (≈ 1e-4·max|g|; observed ≤ 3e-6·max|g|);
-    # a micro-batch missing or counted twice, or normalised by its own token count, moves them by a whole
-    # fraction of max|g|.
-    positions = completions * (cfg.max_prompt_length + cfg.max_new_tokens)
-    assert len(grads_whole) == len(grads_micro) == cfg.steps * cfg.updates_per_batch
-    for ga, gb in zip(grads_whole, grads_micro):
-        assert ga.keys() == gb.keys() and ga
-        for name, g in ga.items():
-            assert g.abs().max() > 0, name
-            torch.testing.assert_close(gb[name], g, rtol=0, atol=positions * eps * float(g.abs().max()), msg=name)
+            assert b[key] == pytest.approx(a[key], rel=0, abs=tol), key
+    assert len(grads_micro) == whole.cfg.steps * whole.cfg.updates_per_batch
+    assert_grads_close(grads_micro, kept_grads(tmp_path / "kept"), batch_positions(whole.recipe))
 
 
 def _rows(out_dir):
-    rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    """The logged rows without their wall time."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in metrics_rows(out_dir)]
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dir, tmp_path):

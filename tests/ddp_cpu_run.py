@@ -1,0 +1,16 @@
+"""Test harness (run under torchrun): train a recipe with the student replicated by DDP on CPU/gloo, keeping
+every optimiser update's pre-clip gradients and the weights after it (see ``llm_helpers.keep_updates``), so a
+single-process reference run can follow the same weights and compare gradients, not post-Adam weights.
+Usage: ``torchrun --nproc_per_node 2 tests/ddp_cpu_run.py RECIPE.yaml KEEP_DIR``.
+"""
+
+import sys
+
+from llm.recipe import load_recipe
+from llm.trainer import Trainer
+from llm_helpers import keep_updates
+
+if __name__ == "__main__":
+    trainer = Trainer(load_recipe(sys.argv[1]))
+    keep_updates(trainer, sys.argv[2])
+    trainer.train()
