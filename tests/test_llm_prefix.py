@@ -5,7 +5,6 @@ model's float32 RMSNorm upcast is taken out), and the trainer's switch must refu
 from __future__ import annotations
 
 import inspect
-import math
 import random
 import warnings
 
@@ -17,7 +16,7 @@ from llm.recipe import load_recipe, resolve_recipe_path
 from llm.tiny import build_char_tokenizer, build_tiny, build_tiny_model
 from llm.prefix import cache_keyword, plan_shared_prefix
 from llm.trainer import Trainer, completion_outputs
-from llm_helpers import tiny_recipe
+from llm_helpers import assert_grads_close, metric_tolerance, tiny_recipe
 
 
 def _rows(*contexts, T=2):
@@ -203,10 +202,9 @@ def test_shared_prefix_in_float32_matches_to_rounding():
     ids, mask, T = _batch(len(tok))
     out_p, grads_p = _outputs_and_grads(model, ids, mask, T, False, share=False)
     out_s, grads_s = _outputs_and_grads(model, ids, mask, T, False, share=True)
+    # logits |z| ≲ 1 through two layers of dot products over ≤ 96 terms: ≲ 96·eps·|z| ≈ 1e-5 (observed ≤ 1.2e-7)
     torch.testing.assert_close(out_s, out_p, rtol=1e-5, atol=1e-5)
-    for name, g in grads_p.items():
-        scale = g.abs().max().item()
-        assert (grads_s[name] - g).abs().max().item() <= 1e-4 * scale + 1e-7, name
+    assert_grads_close([grads_s], [grads_p], ids.numel())  # one gradient term per position: see llm_helpers
 
 
 def test_no_shared_rows_falls_back_to_one_forward():
@@ -275,9 +273,9 @@ def test_trainer_loss_and_gradients_are_the_same_with_and_without_sharing(tiny_d
         loss.backward()
         results[share] = (float(loss.detach()), {n: p.grad.clone() for n, p in trainer.unwrapped.named_parameters() if p.grad is not None})
         trainer.optimizer.zero_grad(set_to_none=True)
-    assert abs(results[False][0]) > 1e-6 and math.isclose(results[True][0], results[False][0], rel_tol=1e-5)
-    for name, g in results[False][1].items():
-        torch.testing.assert_close(results[True][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    tol = metric_tolerance(trainer)  # float32 accumulation order: see llm_helpers
+    assert abs(results[False][0]) > 10 * tol and results[True][0] == pytest.approx(results[False][0], rel=0, abs=tol)
+    assert_grads_close([results[True][1]], [results[False][1]], batch.input_ids.numel())
 
 
 def test_share_prompt_prefix_bad_value_and_impossible_combination(tiny_dir, tmp_path):

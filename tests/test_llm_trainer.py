@@ -51,10 +51,9 @@ def test_fused_loss_equals_unfused_inside_the_trainer(tiny_dir, tmp_path, overri
     assert info["distilled"] > 0
     loss_u, grads_u = _loss_and_grads(trainer, batch, fused=False)
     loss_f, grads_f = _loss_and_grads(trainer, batch, fused=True)
-    assert abs(loss_u) > 1e-4 and math.isclose(loss_u, loss_f, rel_tol=1e-5)
-    assert grads_u.keys() == grads_f.keys() and grads_u
-    for name in grads_u:
-        torch.testing.assert_close(grads_f[name], grads_u[name], rtol=1e-4, atol=1e-7, msg=name)
+    tol = metric_tolerance(trainer)  # float32 accumulation order: see llm_helpers
+    assert abs(loss_u) > 10 * tol and loss_f == pytest.approx(loss_u, rel=0, abs=tol)
+    assert_grads_close([grads_f], [grads_u], batch.input_ids.numel())
 
 
 @pytest.mark.parametrize("overrides", [
@@ -162,9 +161,9 @@ def test_the_teacher_reads_only_the_rows_with_a_context(tiny_dir, tmp_path, fuse
     assert teacher_rows == [rows.numel()]
     alone = Batch(**{f: None if getattr(batch, f) is None else getattr(batch, f)[rows] for f in Batch.__dataclass_fields__})
     loss_ref, grads_ref = _loss_and_grads(trainer, alone, fused, counts)
-    assert abs(loss) > 1e-6 and math.isclose(loss, loss_ref, rel_tol=1e-5)
-    for name, g in grads_ref.items():
-        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-7, msg=name)
+    tol = metric_tolerance(trainer)  # float32 accumulation order: see llm_helpers
+    assert abs(loss) > 10 * tol and loss == pytest.approx(loss_ref, rel=0, abs=tol)
+    assert_grads_close([grads], [grads_ref], batch.input_ids.numel())
     teacher_rows.clear()
     batch.distill_mask = torch.zeros_like(batch.distill_mask)
     loss, _ = trainer.compute_loss(batch)
