@@ -14,14 +14,7 @@ from llm.tiny import build_tiny
 from llm.trainer import load_model_and_tokenizer
 from llm_helpers import tiny_recipe
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run no faster on more threads, and much slower on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread for tiny models
 
 
 @pytest.fixture(scope="module")

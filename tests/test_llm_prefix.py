@@ -13,7 +13,7 @@ import torch
 from transformers.models.qwen3 import modeling_qwen3
 
 from llm.recipe import load_recipe, resolve_recipe_path
-from llm.tiny import build_char_tokenizer, build_tiny, build_tiny_model
+from llm.tiny import build_char_tokenizer, build_tiny_model
 from llm.prefix import cache_keyword, plan_shared_prefix
 from llm.trainer import Trainer, completion_outputs
 from llm_helpers import assert_grads_close, metric_tolerance, tiny_recipe
@@ -251,11 +251,6 @@ def test_cache_keyword_follows_the_model_class_through_wrappers():
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # no deprecated keyword on the installed transformers
         completion_outputs(model, ids, mask, T, hidden=False, share_prefix=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny-model"), hidden_size=32, num_layers=1, seed=1)
 
 
 def test_trainer_loss_and_gradients_are_the_same_with_and_without_sharing(tiny_dir, tmp_path):

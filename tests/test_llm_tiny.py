@@ -9,20 +9,7 @@ from llm.make_tiny import main
 from llm.tiny import build_tiny
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run no faster on more threads, and much slower on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny"), hidden_size=32, num_layers=1, seed=3)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread for tiny models
 
 
 def test_loads_offline_and_roundtrips_characters(tiny_dir):

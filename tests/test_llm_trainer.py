@@ -11,14 +11,8 @@ import torch
 from llm.feedback import Judgement
 from llm.tasks import get_task
 from llm.teacher import Teacher
-from llm.tiny import build_tiny
 from llm.trainer import Batch, NonFiniteLossError, Trainer
 from llm_helpers import assert_grads_close, batch_positions, follow_updates, keep_updates, kept_grads, metric_tolerance, metrics_rows, tiny_recipe
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("tiny-model"), hidden_size=32, num_layers=1, seed=1)
 
 
 def _params(trainer):
