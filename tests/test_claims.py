@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
 
 import numpy as np
 import pandas as pd
@@ -79,10 +81,13 @@ def test_evaluate_refuses_an_empty_sweep():
         evaluate({"seeds": pd.DataFrame(), "history": pd.DataFrame()})
 
 
-def test_claims_command_quick_reports_and_records_walltime(quick, capsys):
+def test_claims_command_quick_reports_and_records_walltime(quick, capsys, monkeypatch):
     from sdpo_sim.cli import main
 
     out, _ = quick
+    # every run is already done, so the real wall time can round to 0.0 s on a fast machine: a clock that
+    # advances 1 s per reading makes the recorded figure positive however fast the machine is
+    monkeypatch.setattr(time, "perf_counter", itertools.count(0.0, 1.0).__next__)
     code = main(["claims", "--quick", "--out", str(out / "sweep"), "--report", str(out / "cli"), "--no-figures", "--workers", "1",
                  "--no-progress", "--record-walltime", str(out / "wall.json")])
     text = capsys.readouterr().out
