@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .io import atomic_write, atomic_write_text, check_output_dir, remove_stale_temporaries
-from .workers import WorkerPool, sigint_ignored, stopping
+from .workers import WorkerPool, exit_if_stopping, sigint_ignored
 
 SPEC_KEYS = ("name", "description", "base", "grid", "cases", "blocks", "tuning")
 BLOCK_KEYS = ("name", "base", "grid", "cases")
@@ -266,8 +266,13 @@ def is_done(runs_dir: Path, rid: str) -> bool:
 
 def execute_one(run_fn: RunFn, rid: str, config: dict, runs_dir: str, meta: dict) -> dict:
     """Worker body: run one config, write history then the JSON marker atomically; never raises."""
-    if stopping():  # a worker told to stop (Ctrl-C in the parent) runs nothing more; the run stays pending
-        return {"run_id": rid, "status": "stopped", "error": "stopped"}
+    try:
+        return _execute_one(run_fn, rid, config, runs_dir, meta)
+    finally:  # a worker told to stop (Ctrl-C in the parent) leaves once the run has unwound; the run stays pending
+        exit_if_stopping()
+
+
+def _execute_one(run_fn: RunFn, rid: str, config: dict, runs_dir: str, meta: dict) -> dict:
     runs = Path(runs_dir)
     meta_path, hist_path = _paths(runs, rid)
     start = time.perf_counter()
@@ -400,8 +405,6 @@ def _execute_pool(pending: Sequence[Planned], runs_dir: Path, run_fn: RunFn, met
             pool.reset()
     except KeyboardInterrupt:
         with sigint_ignored():
-            for fut in futures:
-                fut.cancel()
             pool.stop()
         raise
 

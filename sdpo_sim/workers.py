@@ -24,6 +24,8 @@ import sys
 import threading
 from typing import Any, Iterator, Optional
 
+from tqdm import std as tqdm_std
+
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PARENT_POLL_S = 0.5  # how often the portable fallback checks that the parent still lives
 STOP_GRACE_S = 10.0  # how long a stopped worker may take to finish its SIGTERM clean-up before it is killed
@@ -31,13 +33,19 @@ STOP_GRACE_S = 10.0  # how long a stopped worker may take to finish its SIGTERM 
 _stopping = threading.Event()  # set in a worker once the parent asked it to stop (SIGTERM)
 
 
-def stopping() -> bool:
-    """Whether this process is a worker that was asked to stop: it should start no new run."""
-    return _stopping.is_set()
+def exit_if_stopping() -> None:
+    """In a worker told to stop (SIGTERM): leave now, once the run under way has unwound (its atomic writes removed
+    their temporary files). ``os._exit`` is safe because a worker owns no semaphores (see :func:`init_worker`), and
+    needed because the executor's worker loop would catch the ``SystemExit`` and wait for more work."""
+    if _stopping.is_set():
+        os._exit(128 + signal.SIGTERM)
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    """Worker SIGTERM: start nothing new, and unwind the run under way (its ``finally`` clauses run)."""
+    """Worker SIGTERM: unwind the run under way (its ``finally`` clauses run), then :func:`exit_if_stopping`.
+    Only the first one unwinds: a second SIGTERM must not interrupt that clean-up."""
+    if _stopping.is_set():
+        return
     _stopping.set()
     raise SystemExit(128 + signum)
 
@@ -72,6 +80,10 @@ def init_worker(threads: int, parent: int) -> None:
     if os.getppid() != parent:  # the parent died before the death signal was armed
         os._exit(1)
     _watch_parent(parent)
+    # tqdm's default lock is a multiprocessing RLock, a named semaphore registered with the resource tracker; a
+    # worker that is stopped or dies with its parent would leave it behind ("leaked semaphore" warnings). Runs
+    # in a worker share no progress bar, so a thread lock is enough and the worker owns no semaphore.
+    tqdm_std.tqdm.set_lock(threading.RLock())
     try:
         import torch
 
@@ -136,12 +148,18 @@ class WorkerPool:
             self._pool = None
 
     def stop(self) -> None:
-        """Cancel pending work and stop the workers now (SIGTERM; SIGKILL after :data:`STOP_GRACE_S`)."""
+        """Cancel pending work and stop the workers now (SIGTERM; SIGKILL after :data:`STOP_GRACE_S`), then wait
+        for the executor to wind down."""
         if self._pool is None:
             return
         pool, self._pool = self._pool, None
-        # the executor's own table of live workers; Python 3.14 has pool.terminate_workers() for this
-        processes = list(getattr(pool, "_processes", {}).values())
+        # The executor's own table of live workers and its manager thread, taken before shutdown() drops them
+        # (Python 3.14 has pool.terminate_workers() for this).
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        manager = getattr(pool, "_executor_manager_thread", None)
+        # The manager thread cancels what has not started (cancelling futures here instead would make Python
+        # 3.11's manager thread raise InvalidStateError when it then fails them for the stopped workers).
+        pool.shutdown(wait=False, cancel_futures=True)
         for proc in processes:
             if proc.is_alive():
                 proc.terminate()
@@ -150,7 +168,8 @@ class WorkerPool:
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-        pool.shutdown(wait=True, cancel_futures=True)
+        if manager is not None:
+            manager.join(STOP_GRACE_S)
 
     def __enter__(self) -> "WorkerPool":
         return self

@@ -17,8 +17,9 @@ def add_parser(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..claims import run_claims
+    from ..io import check_output_dir
 
-    out = Path(args.out)
+    out = check_output_dir(args.out, "output directory")  # before the banner: a refused run prints only its error
     print(f"sdpo-sim main: the claims experiments at small scale (spec sdpo_sim/specs/main.yaml) into {out}/ ...", flush=True)
     res = run_claims("main", out=out, workers=args.workers, progress=args.progress, command="sdpo-sim main", sweep_kwargs={"backend": args.backend})
     print()
