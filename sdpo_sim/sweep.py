@@ -155,6 +155,8 @@ class Spec:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: not valid YAML: {err}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}: not a text file; a sweep spec is YAML text") from None
         return cls.from_dict(data, source=str(path))
 
 

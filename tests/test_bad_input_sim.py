@@ -49,6 +49,7 @@ ROWS = [
     (["sweep", "missing.yaml", "--out", "o"], 2, "spec file 'missing.yaml' does not exist", {}),
     (["sweep", "bad.yaml", "--out", "o"], 2, "not valid YAML", {"bad.yaml": "base: {steps: [1, 2\ngrid: :\n"}),
     (["sweep", "bad.yaml", "--out", "o"], 2, "a sweep spec must be a mapping", {"bad.yaml": "- 1\n- 2\n"}),
+    (["sweep", "bin.yaml", "--out", "o"], 2, "not a text file; a sweep spec is YAML text", {"bin.yaml": bytes(range(128, 256))}),
     (["sweep", "bad.yaml", "--out", "o"], 2, "unknown top-level key(s) 'grdi'", {"bad.yaml": "grdi: {method: [sdpo]}\n"}),
     (["sweep", "bad.yaml", "--out", "o"], 2, "unknown field(s) 'nois'", {"bad.yaml": spec_with(base={"nois": 0.1})}),
     (["sweep", "bad.yaml", "--out", "o"], 2, "must be a non-empty list of values", {"bad.yaml": spec_with(grid={"method": "sdpo"})}),
@@ -157,8 +158,9 @@ def tree(*roots: Path) -> list[str]:
 
 
 def prepare(tmp_path: Path, argv: list, files: dict, sweep_dir: Path) -> list:
-    for name, text in files.items():
-        (tmp_path / name).write_text(text)
+    for name, content in files.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     return [a.replace("{SWEEP}", str(sweep_dir)) for a in argv]
 
 
