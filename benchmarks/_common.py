@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))  # so that `sdpo_sim` imports even when run from a plain checkout
 
-from sdpo_sim.io import atomic_write_text  # noqa: E402
+from sdpo_sim.core.io import atomic_write_text  # noqa: E402
 
 
 def figure(

@@ -51,7 +51,7 @@ def _step_fn(variant: str, hs, ht, w, mask, alpha: float, topk: int, chunk_size)
     """One forward + backward of ``variant``; returns a closure."""
     import torch
 
-    from sdpo_sim.losses import fused_linear_sdpo_loss, sdpo_token_loss
+    from sdpo_sim.core.losses import fused_linear_sdpo_loss, sdpo_token_loss
 
     if variant.startswith("trl"):
         from trl.experimental.sdpo import loss_utils as trl_sdpo
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     raw = {v: _combine(rs) for v, rs in runs.items()}
 
-    from sdpo_sim.losses import default_chunk_size
+    from sdpo_sim.core.losses import default_chunk_size
 
     settings = {
         "N": args.n, "V": args.v, "H": args.h, "dtype": "float32", "alpha": args.alpha, "topk": args.topk,

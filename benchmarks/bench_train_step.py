@@ -75,7 +75,7 @@ def _update_fn(variant: str, model, inputs, args):
 
     if variant in ("ours", "ours_unshared"):
         from llm.trainer import completion_outputs, sdpo_loss
-        from sdpo_sim.config import MethodConfig
+        from sdpo_sim.core.method import MethodConfig
 
         method = MethodConfig(method="sdpo", alpha=1.0, support="full", loss_type="sequence_mean")
         share = args.share_prefix and variant == "ours"

@@ -16,7 +16,7 @@ import time
 import torch
 
 from _common import RESULTS_DIR, ROOT  # noqa: F401  (puts the repository on sys.path)
-from sdpo_sim.io import atomic_write_text
+from sdpo_sim.core.io import atomic_write_text
 from sdpo_sim.train import RunConfig, run
 
 LRS = (0.01, 0.03, 0.1, 0.3)

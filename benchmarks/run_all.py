@@ -26,7 +26,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, ROOT  # noqa: E402
 
-from sdpo_sim.io import atomic_write_text  # noqa: E402
+from sdpo_sim.core.io import atomic_write_text  # noqa: E402
 
 BENCH_DIR = ROOT / "benchmarks"
 

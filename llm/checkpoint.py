@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from sdpo_sim.io import atomic_write, atomic_write_text
+from sdpo_sim.core.io import atomic_write, atomic_write_text
 
 from .teacher import local_tensor, trainable_named_parameters
 

@@ -19,16 +19,10 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from sdpo_sim.core.cli_args import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OneLineParser, one_line
+
 # subcommands owned by other modules, imported when run (they import torch): main(argv) -> int
 DISPATCH = {"make-tiny": "llm.make_tiny", "proof": "llm.proof"}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose usage errors are one line on stderr (exit 2), pointing at ``--help``
-    instead of printing the usage block."""
-
-    def error(self, message: str):  # noqa: D102 — argparse's hook
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _interrupted_train(trainer) -> str:
@@ -64,7 +58,7 @@ def cmd_train(args) -> int:
     except KeyboardInterrupt:
         if main_process:
             print(_interrupted_train(trainer), file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     if rows and main_process:
         last = rows[-1]
         print(f"done: step {last['step']}  reward {last['reward']:.3f}  entropy {last['entropy']:.3f}  "
@@ -119,11 +113,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(run() or 0)
     except ValueError as err:  # bad input: one clear line, no traceback
-        print(f"sdpo-llm {command}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        print(f"sdpo-llm {command}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:  # train reports its own step; this is everything else
         print(f"sdpo-llm {command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Open-ended feedback: judges return a ``Judgement``; renderers turn it into feedback text.
 
-The four text kinds mirror the toy world's feedback channels (DESIGN.md §3), with the noise
+The four text kinds mirror the toy world's feedback channels (docs/design.md §3), with the noise
 ``ε ~ N(0, noise²)`` added to the score *before* quantisation:
 
 - ``binary``:     ``1[score + ε > threshold]``          → ``"verdict: pass"`` / ``"verdict: fail"``
@@ -10,18 +10,16 @@ The four text kinds mirror the toy world's feedback channels (DESIGN.md §3), wi
 
 (The toy world's fifth channel, ``demo`` — the best sibling — is built by the trainer's teacher
 context, not by a judge.) A judge is any callable ``(prompt, completion) -> Judgement``;
-:func:`load_judge` builds one from a task name, a local reward-model directory or ``"module:callable"``.
+:func:`llm.judges.load_judge` builds one from a task name, a local reward-model directory or ``"module:callable"``.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -110,63 +108,3 @@ def render_feedback(
     if kind == "critique" and judgement.critique:
         text += f"; {judgement.critique}"
     return text
-
-
-# ----------------------------------------------------------------------------- judges
-class RewardModelJudge:
-    """A sequence-classification reward model from a LOCAL directory; score squashed into [0, 1].
-
-    One logit: ``score = sigmoid(logit)``; several labels: ``score = softmax(logits)[-1]`` (the last
-    label is "good"). The text scored is ``prompt + completion``.
-    """
-
-    def __init__(self, path: Union[str, Path], *, max_length: int = 1024, device: str = "cpu") -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        path = Path(path)
-        if not path.is_dir():
-            raise ValueError(f"reward model path {str(path)!r} does not exist or is not a directory")
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval()
-        self.max_length, self.device, self.__name__ = max_length, device, f"reward_model({path})"
-
-    def __call__(self, prompt: str, completion: str) -> Judgement:
-        import torch
-
-        enc = self.tokenizer(prompt + completion, return_tensors="pt", truncation=True, max_length=self.max_length)
-        with torch.no_grad():
-            logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits[0].float()
-        score = torch.sigmoid(logits[0]) if logits.numel() == 1 else torch.softmax(logits, -1)[-1]
-        return Judgement(float(score))
-
-
-def load_judge(spec: Union[str, Judge]) -> Judge:
-    """A judge from ``spec``: a callable (returned as is), ``"module:callable"``, a local
-    reward-model directory, or a built-in task name (its rule-based judge)."""
-    if callable(spec):
-        return spec
-    if not isinstance(spec, str) or not spec:
-        raise ValueError(f"judge spec {spec!r} must be a callable or a non-empty string")
-    if Path(spec).is_dir():
-        return RewardModelJudge(spec)
-    if ":" in spec and not spec.startswith((".", "/")):
-        module_name, _, attr = spec.partition(":")
-        try:
-            obj = importlib.import_module(module_name)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"judge spec {spec!r}: cannot import {attr!r} from module {module_name!r} ({err})") from None
-        if not callable(obj):
-            raise ValueError(f"judge spec {spec!r} names a {type(obj).__name__}, which is not callable")
-        return obj
-    from .tasks import TASKS, get_task
-
-    if spec in TASKS:
-        return get_task(spec).judge
-    if "/" in spec or spec.startswith("."):
-        raise ValueError(f"judge spec {spec!r} looks like a path, but no reward-model directory exists there")
-    raise ValueError(
-        f"judge spec {spec!r} is not understood; use a built-in task name ({', '.join(sorted(TASKS))}), "
-        "a local reward-model directory, or 'module:callable'"
-    )

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from sdpo_sim.io import atomic_write_text
+from sdpo_sim.core.io import atomic_write_text
 
 
 def _clean(value: Any) -> Any:

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from sdpo_sim.io import check_output_dir
+from sdpo_sim.core.io import check_output_dir
 
-from .cli import OneLineParser
+from sdpo_sim.core.cli_args import OneLineParser
 from .recipe import ContextSpec, load_recipe, resolve_recipe_path
 from .tasks import get_task
 from .tiny import METADATA_FILE, build_char_tokenizer, build_tiny_model, check_tiny_sizes, save_pretrained_dir

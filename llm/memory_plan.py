@@ -114,7 +114,7 @@ def memory_plan(
         acts = layers * seqs * tokens * h * b + 17 * seqs * tokens * h * b
     else:
         acts = 17 * layers * seqs * tokens * h * b
-    from sdpo_sim.losses import default_chunk_size
+    from sdpo_sim.core.losses import default_chunk_size
 
     chunk = t.chunk_size or default_chunk_size(v)
     logits = 3 * chunk * v * 4 if fused else 3 * seqs * t.max_new_tokens * v * 4

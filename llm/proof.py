@@ -21,9 +21,17 @@ from typing import Optional, Sequence
 
 import torch
 
-from sdpo_sim.io import atomic_write, atomic_write_text, check_output_dir
+from sdpo_sim.core.cli_args import OneLineParser
+from sdpo_sim.core.io import atomic_write, atomic_write_text, check_output_dir
 
-from .cli import OneLineParser
+from .context import prompt_ids, render_reprompt
+from .feedback import render_feedback
+from .generation import TransformersGenerator
+from .recipe import ContextSpec, GenerationSpec, Recipe
+from .tasks import get_task
+from .tiny import build_tiny
+from .tiny_pretrain import PretrainConfig, pretrain_dir
+from .trainer import Trainer
 
 PROOF_METHODS = ("sdpo", "grpo", "hybrid")
 EVAL_SEED = 12345
@@ -87,10 +95,6 @@ def preset(scale: str) -> ProofConfig:
 # ----------------------------------------------------------------------------- pieces
 def make_pretrained_model(out_dir: Path, cfg: ProofConfig) -> Path:
     """Tiny model with the in-context feedback ability, pretrained on the proof's own context templates."""
-    from .recipe import ContextSpec
-    from .tiny import build_tiny
-    from .tiny_pretrain import PretrainConfig, pretrain_dir
-
     path = build_tiny(out_dir, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.model_seed)
     pretrain_dir(path, "word-constraints", context=ContextSpec(**PROOF_CONTEXT),
                  config=PretrainConfig(steps=cfg.pretrain_steps, learning_rate=cfg.pretrain_lr, seed=cfg.model_seed, warmup_steps=10))
@@ -99,8 +103,6 @@ def make_pretrained_model(out_dir: Path, cfg: ProofConfig) -> Path:
 
 def proof_recipe(model_path: Path, method: str, seed: int, out_dir: Path, cfg: ProofConfig):
     """The tiny-cpu-like recipe of one proof run (validated by :class:`llm.recipe.Recipe`)."""
-    from .recipe import Recipe
-
     method_block = {"method": method, "alpha": 1.0, "support": "full", "teacher_kind": "ema", "teacher_rate": 0.05,
                     "controller": "constant", "alpha_mix": 0.5, "num_generations": cfg.num_generations,
                     "scale_rewards": "group", "loss_type": "token_mean", "temperature": 1.0}
@@ -117,10 +119,6 @@ def proof_recipe(model_path: Path, method: str, seed: int, out_dir: Path, cfg: P
 
 def _sample_scores(model, tokenizer, cfg: ProofConfig, prompts: list[str], contexts: list[str], seed: int) -> tuple[list[str], list[float]]:
     """Sample ``cfg.eval_samples`` completions per context; judge each against its prompt."""
-    from .context import prompt_ids
-    from .generation import TransformersGenerator
-    from .recipe import GenerationSpec
-    from .tasks import get_task
 
     task = get_task("word-constraints")
     gen = TransformersGenerator(GenerationSpec(), 1.0, cfg.max_new_tokens, tokenizer)
@@ -139,10 +137,6 @@ def evaluate(model, tokenizer, cfg: ProofConfig, *, seed: int = EVAL_SEED, with_
     first attempt in context (the self-teacher's view): the score of the second answer is returned —
     a direct measure of the in-context ability the pretraining gave it.
     """
-    from .context import render_reprompt
-    from .feedback import render_feedback
-    from .recipe import ContextSpec
-    from .tasks import get_task
 
     task = get_task("word-constraints")
     prompts = task.sample_prompts(random.Random(seed), cfg.eval_prompts)
@@ -158,8 +152,6 @@ def evaluate(model, tokenizer, cfg: ProofConfig, *, seed: int = EVAL_SEED, with_
 
 def run_one(model_path: Path, method: str, seed: int, out_dir: Path, cfg: ProofConfig) -> tuple[list[dict], float]:
     """Train one copy with the real trainer; return its logged rows and its final evaluation reward."""
-    from .trainer import Trainer
-
     trainer = Trainer(proof_recipe(model_path, method, seed, out_dir, cfg))
     rows = trainer.train()
     return rows, evaluate(trainer.unwrapped, trainer.tokenizer, cfg)
@@ -184,7 +176,6 @@ def run_proof(out_dir: Path, cfg: ProofConfig, *, progress: bool = True, model_p
 
     ``model_path``: reuse a model pretrained by an earlier proof run (same config) instead of pretraining.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg.validate()
     threads = torch.get_num_threads()

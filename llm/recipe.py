@@ -1,6 +1,6 @@
 """Recipes: one YAML file describes an LLM run (model, task, method, training, generation, context).
 
-The ``method:`` block is exactly a :class:`sdpo_sim.config.MethodConfig` mapping, so a recipe's
+The ``method:`` block is exactly a :class:`sdpo_sim.core.method.MethodConfig` mapping, so a recipe's
 method runs unchanged in the toy world. Everything is validated by :func:`load_recipe` *before* any
 model is loaded; errors name the offending field (``training.learning_rate=...``).
 """
@@ -16,8 +16,8 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
-from sdpo_sim.config import MethodConfig
-from sdpo_sim.io import atomic_write_text
+from sdpo_sim.core.method import MethodConfig
+from sdpo_sim.core.io import atomic_write_text
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 FEEDBACK_KINDS = ("binary", "ordinal", "continuous", "critique", "none")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from sdpo_sim.config import TEACHER_KINDS
+from sdpo_sim.core.method import TEACHER_KINDS
 
 
 def local_tensor(param: torch.Tensor) -> torch.Tensor:

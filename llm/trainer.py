@@ -1,11 +1,11 @@
 """The LLM trainer: one training step, read top to bottom, for sdpo / grpo / reinforce / hybrid.
 
-``Trainer.step`` follows the same order as the toy world's loop (DESIGN.md §6)::
+``Trainer.step`` follows the same order as the toy world's loop (docs/design.md §6)::
 
     sample a group per prompt → judge (safe) → render feedback → teacher contexts
-    → teacher & student forwards → shared loss from sdpo_sim.losses → optimiser step (+ teacher update)
+    → teacher & student forwards → shared loss from sdpo_sim.core.losses → optimiser step (+ teacher update)
 
-Every loss comes from :mod:`sdpo_sim.losses`; this module only moves tensors into their shapes.
+Every loss comes from :mod:`sdpo_sim.core.losses`; this module only moves tensors into their shapes.
 Distributed runs use accelerate (DDP, FSDP2, DeepSpeed): each process handles ``prompts_per_step /
 num_processes`` prompts, and losses are normalised by *global* token/sequence counts so that the
 gradient equals a single-process run on the same global batch.
@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from accelerate import Accelerator
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from sdpo_sim.config import MethodConfig
-from sdpo_sim.io import atomic_write_text, check_output_dir
-from sdpo_sim.losses import (
+from sdpo_sim.core.io import atomic_write_text, check_output_dir
+from sdpo_sim.core.losses import (
     AlphaController,
     aggregate,
     divergence,
@@ -40,13 +40,17 @@ from sdpo_sim.losses import (
     sdpo_token_loss,
     truncated_importance_weight,
 )
+from sdpo_sim.core.method import MethodConfig
 
 from .checkpoint import is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint
 from .context import build_contexts, context_ids_for_batch, prompt_ids
-from .generation import TransformersGenerator, VLLMGenerator, sample_seed
+from .feedback import noisy_score, render_feedback, safe_judge
+from .generation import TransformersGenerator, VLLMGenerator, require_vllm, sample_seed
+from .judges import load_judge
 from .logging import MetricsLogger
 from .prefix import plan_shared_prefix, positions, shared_prefix_outputs
 from .recipe import Recipe, check_model_path
+from .tasks import get_task
 from .teacher import make_teacher
 from .tiny import untrained_warning
 
@@ -202,7 +206,7 @@ def completion_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     return out.logits[:, :-1]
 
 
-# ----------------------------------------------------------------------------- losses (all from sdpo_sim.losses)
+# ----------------------------------------------------------------------------- losses (all from sdpo_sim.core.losses)
 
 def per_token_sdpo_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, completion_ids: torch.Tensor, method: MethodConfig) -> torch.Tensor:
     """SDPO's per-token loss ``D(student_t, stopgrad(teacher_t))`` of a batch, ``[B, T]``, from ``[B, T, V]`` logits
@@ -310,10 +314,6 @@ class Trainer:
     """Runs a :class:`~llm.recipe.Recipe` under accelerate. ``Trainer(recipe).train()``."""
 
     def __init__(self, recipe: Recipe, *, accelerator=None, task=None, judge: Optional[Callable] = None):
-        from accelerate import Accelerator
-
-        from .tasks import get_task
-
         self.recipe = recipe.validate()
         self.method, self.cfg = recipe.method, recipe.training
         check_output_dir(self.cfg.output_dir, "training.output_dir")  # before any weights load
@@ -321,8 +321,6 @@ class Trainer:
         if judge is not None:
             self.judge = judge
         elif recipe.task.judge:
-            from .feedback import load_judge
-
             self.judge = load_judge(recipe.task.judge)
         else:
             self.judge = self.task.judge
@@ -334,8 +332,6 @@ class Trainer:
         self.distil = self.method.method in ("sdpo", "hybrid")
         self.use_pg = self.method.method in ("reinforce", "grpo", "hybrid")
         if recipe.generation.backend == "vllm":
-            from .generation import require_vllm
-
             require_vllm()  # fail before loading any weights
         check_trainable_precision(recipe, self.acc.distributed_type.name)
 
@@ -427,8 +423,6 @@ class Trainer:
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
         row_prompts = [p for p in prompts for _ in range(g)]
         # 2. judge (a failing judge costs only that sample its feedback) and 3. render feedback
-        from .feedback import noisy_score, render_feedback, safe_judge
-
         judgements = [safe_judge(self.judge, p, t) for p, t in zip(row_prompts, texts)]
         scores, feedback = [], []
         for i, j in enumerate(judgements):
@@ -486,7 +480,7 @@ class Trainer:
 
     # -- 5: forwards and the shared loss -----------------------------------------------------------
     def compute_loss(self, batch: Batch, counts: Optional[dict] = None, alpha_mix: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
-        """Teacher forward (no gradient), student forward, and the method's loss from ``sdpo_sim.losses``.
+        """Teacher forward (no gradient), student forward, and the method's loss from ``sdpo_sim.core.losses``.
 
         ``counts``: global normalisers of the step's whole batch (default: this batch's, see :meth:`_counts`);
         ``alpha_mix``: the hybrid's mixing weight when already known (else the controller advances on this batch).
@@ -678,7 +672,10 @@ class Trainer:
         """The model's full (gathered) state dict; with ``cpu_offload`` only rank 0 receives it."""
         if self.acc.distributed_type.name == "DEEPSPEED":
             return self.acc.get_state_dict(self.model)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         return get_model_state_dict(self.unwrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload))
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from sdpo_sim.config import MethodConfig
+from sdpo_sim.core.method import MethodConfig
 from sdpo_sim.promote import promote
 from sdpo_sim.sweep import Spec, run_sweep
 

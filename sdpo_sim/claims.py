@@ -1,4 +1,4 @@
-"""The claims report: each claim of the reference simulation study (DESIGN.md §2), measured.
+"""The claims report: each claim of the reference simulation study (docs/design.md §2), measured.
 
 :func:`evaluate` reads a sweep made from ``specs/claims.yaml`` (or its smaller siblings ``main`` and
 ``quick``: same block names) and returns one :class:`Claim` per statement, each with per-condition
@@ -20,14 +20,15 @@ import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .io import atomic_write_text, check_output_dir
-from .plots import with_arm
+from .core.io import atomic_write_text, check_output_dir
+from .plots import with_arm, write_figures
 from .stats import bootstrap_ci, first_crossing, paired_difference, summarize
+from .sweep import Interrupted, Spec, kept_runs, run_sweep
 
 HOLDS, CONDITIONAL, FAILS, MISSING = "holds", "holds only under stated conditions", "does not hold", "not measured"
 FEEDBACK_ORDER = ("binary", "ordinal", "continuous", "critique")
@@ -283,7 +284,7 @@ def claim_hybrid(seeds: pd.DataFrame) -> Claim:
             continue
         e, r = e.iloc[0], r.iloc[0]
         ent = part.groupby("arm")["entropy"].mean()
-        note = (f"final entropy (nats): " + ", ".join(f"{a} {v:.2f}" for a, v in ent.items()) +
+        note = ("final entropy (nats): " + ", ".join(f"{a} {v:.2f}" for a, v in ent.items()) +
                 f"; reward difference {_fmt(r['mean'], signed=True)} [{_fmt(r['ci_lo'])}, {_fmt(r['ci_hi'])}]")
         c.conditions.append(Condition(f"noise={noise:g}", e["mean"], e["ci_lo"], e["ci_hi"], int(e["n"]),
                                       _above(e["ci_lo"], 0.0) and _above(r["ci_lo"], -0.01), note))
@@ -388,7 +389,7 @@ def render_markdown(claims: Sequence[Claim], rep: Sequence[dict], meta: dict) ->
         f"wall time of this invocation {meta.get('wall_time_s', float('nan')):.0f} s on {meta.get('workers')} worker(s)); "
         f"sdpo-lab {meta.get('package_version')} at commit `{meta.get('git_commit')}`, {meta.get('date')}.",
         "",
-        "Every number is measured in the exact toy world (DESIGN.md §3); CIs are 95% percentile-bootstrap intervals over "
+        "Every number is measured in the exact toy world (docs/design.md §3); CIs are 95% percentile-bootstrap intervals over "
         "(task seed, seed) units, paired where two arms are compared. Learning rates: " + meta.get("lr_rule", "as given") + ". "
         "Verdict rules are fixed in advance: a range claim passes a condition when its CI overlaps the range; a threshold or "
         "direction claim when the whole CI is on the claimed side; *holds* = every condition passes, *holds only under stated "
@@ -464,8 +465,6 @@ def run_claims(scale: str = "canonical", *, out: Path, report_dir: Optional[Path
     Every output place is checked before the sweep runs; Ctrl-C raises :class:`~sdpo_sim.sweep.Interrupted`."""
     import time
 
-    from .plots import write_figures
-    from .sweep import Interrupted, Spec, kept_runs, run_sweep
 
     start = time.perf_counter()
     spec_file = Path(spec) if spec else spec_path(scale)

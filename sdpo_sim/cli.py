@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import re
 import sys
 from typing import Optional, Sequence
 
 from . import __version__
+from .core.cli_args import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OneLineParser, one_line
 
 # subcommand -> module; the order is the order of `sdpo-sim --help`
 COMMANDS = {
@@ -25,24 +25,8 @@ COMMANDS = {
 }
 
 
-EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130  # 130 = 128 + SIGINT, what shells report for Ctrl-C
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse under the project's bad-input rule: one line on stderr and exit 2 (no usage block).
-    Subcommand parsers are of the same class (``add_subparsers`` uses the parent's)."""
-
-    def error(self, message: str) -> None:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
-
-
-def one_line(text: object) -> str:
-    """``text`` with its line breaks folded into spaces (a YAML error, say, spans several lines)."""
-    return re.sub(r"\s*\n\s*", " ", str(text)).strip()
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="sdpo-sim", description="sdpo-lab toy world: exact SDPO vs REINFORCE/GRPO experiments.")
+    parser = OneLineParser(prog="sdpo-sim", description="sdpo-lab toy world: exact SDPO vs REINFORCE/GRPO experiments.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS.values():

@@ -1,4 +1,4 @@
-"""Exact quantities of any autoregressive policy over an enumerable sequence space (DESIGN.md §3).
+"""Exact quantities of any autoregressive policy over an enumerable sequence space (docs/design.md §3).
 
 A policy is given by ``seq_logprobs [..., V**T]``, the log-probability of every sequence in
 ``itertools.product`` order (leading axes, e.g. ``[runs]``, are carried through). Everything is

@@ -1,4 +1,4 @@
-"""The judge: what the environment says about each completion (DESIGN.md §3, feedback channels).
+"""The judge: what the environment says about each completion (docs/design.md §3, feedback channels).
 
 The judge may read the reward table (it *is* the environment). Noise ``ε ~ N(0, σ²)`` is added to
 the reward before quantisation; critique hints get their own noise ``σ_h``.

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from .io import atomic_write, check_output_dir  # noqa: E402
+from .core.io import atomic_write, check_output_dir  # noqa: E402
 
 # conditions a figure either shows or holds fixed (arm = method, with the hybrid controller)
 FACTORS = ("arm", "feedback", "noise", "rho", "teacher", "beta", "hint_noise", "policy", "alpha", "support", "teacher_kind",

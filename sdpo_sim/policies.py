@@ -1,4 +1,4 @@
-"""Tabular policies, vectorised over many independent runs (DESIGN.md §3).
+"""Tabular policies, vectorised over many independent runs (docs/design.md §3).
 
 Parameters ``θ`` have shape ``[runs, T, C, V]``: ``C = V`` contexts for ``markov`` (``θ[t, y_{t−1}, v]``;
 position 0 uses context 0) and ``C = 1`` for ``factored`` (``θ[t, v]``). Logits are ``θ / temperature``.

@@ -18,14 +18,15 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import pandas as pd
 import yaml
 
-from .config import MethodConfig
-from .io import atomic_write_text, check_output_file
+from .core.io import atomic_write_text, check_output_file
+from .core.method import MethodConfig
 from .stats import bootstrap_ci
+from .tables import load_tables
 
 METRICS = ("final_reward", "auc")
 NOT_IN_LLM = ("oracle", "seed-paper", "null")
@@ -112,8 +113,6 @@ def promote(sweep_dir: Union[str, Path], *, base: Optional[Union[str, Path]] = N
 
     Checked in this order, before anything is written: the sweep directory, the base recipe (``None``:
     :func:`default_base`), the output path, the rule."""
-    from .sweep import load_tables
-
     tables = load_tables(sweep_dir)
     base = default_base() if base is None else Path(base)
     if base.is_dir():

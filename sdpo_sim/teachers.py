@@ -1,4 +1,4 @@
-"""Self-teachers of the toy world: models of a network re-reading its attempt with feedback (DESIGN.md §3).
+"""Self-teachers of the toy world: models of a network re-reading its attempt with feedback (docs/design.md §3).
 
 Every teacher is called as ``teacher(logits, attempt, feedback, knowledge)`` and sees exactly that:
 the student's (or the EMA/frozen teacher network's) logits ``[runs, B, T, V]``, the attempt
@@ -94,7 +94,7 @@ def truncated_normal_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class BayesTeacher:
-    """Posterior-mean credit of a Gaussian model of the attempt's token credits (DESIGN.md §3 ``bayes``).
+    """Posterior-mean credit of a Gaussian model of the attempt's token credits (docs/design.md §3 ``bayes``).
 
     Prior per taken token ``x_t ~ N(μ_t, σ0²)`` from :class:`SelfKnowledge`. Observations:
     the score as a noisy sum ``w = Σ_t x_t + e``, ``e ~ N(0, σ² + (LINK_SD·s)²)``, with ``w`` the

@@ -1,7 +1,7 @@
-"""One vectorised training loop for every method of the toy world (DESIGN.md §3).
+"""One vectorised training loop for every method of the toy world (docs/design.md §3).
 
 Read :func:`run` to see a method work: sample a group → judge → feedback → teacher logits → the
-shared loss from :mod:`sdpo_sim.losses` → Adam update, for ``cfg.seeds`` independent runs at once
+shared loss from :mod:`sdpo_sim.core.losses` → Adam update, for ``cfg.seeds`` independent runs at once
 (tensors ``[runs, B, T, V]``), with exact metrics at evaluation steps.
 """
 
@@ -16,9 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import exact, metrics, rng
-from .config import MethodConfig, check_number
+from .core.method import MethodConfig, check_number
 from .feedback import CHANNELS, Judge
-from .losses import AlphaController, aggregate, divergence, group_advantages, hybrid_loss, policy_gradient_token_loss, sdpo_token_loss
+from .core.losses import AlphaController, aggregate, divergence, group_advantages, hybrid_loss, policy_gradient_token_loss, sdpo_token_loss
 from .policies import POLICIES, TabularPolicy
 from .teachers import TEACHERS, BayesTeacher, DemoTeacher, OracleTeacher, SeedPaperTeacher, SelfKnowledge
 from .world import Task, check_size

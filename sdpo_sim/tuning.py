@@ -26,7 +26,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import pandas as pd
 
-from .io import atomic_write_text
+from .core.io import atomic_write_text
+from .execution import execute
+from .stats import per_seed_metrics, summarize
+from .sweep_spec import expand, validate_points
+from .tables import collect, write_table
 
 CRITERIA = ("auc", "final")
 TUNING_KEYS = ("lr", "seeds", "seed_start", "criterion", "per", "where", "blocks", "steps")
@@ -91,8 +95,6 @@ class TuningSpec:
         return {**point, **changes}
 
     def plan(self, points: Sequence[tuple[str, dict]], config_fn, exempt: Sequence[str] = ()) -> list:
-        from .sweep import validate_points
-
         chosen = [(b, p) for b, p in points if b not in exempt and self.selects(b, config_fn(p))]  # where matches defaults too
         if not chosen:
             raise ValueError(f"tuning: no grid point matches where={self.where} blocks={self.blocks}")
@@ -128,8 +130,6 @@ def exempt_blocks(spec) -> set:
 
 def select(per_seed: pd.DataFrame, tspec: TuningSpec) -> tuple[pd.DataFrame, dict]:
     """Score every (group, lr) and pick the best lr per group. Returns (score table, {group key: lr})."""
-    from .stats import summarize
-
     value = "auc" if tspec.criterion == "auc" else "final_reward"
     scores = summarize(per_seed, value, [*tspec.per, "lr"])
     chosen = {}
@@ -143,9 +143,6 @@ def select(per_seed: pd.DataFrame, tspec: TuningSpec) -> tuple[pd.DataFrame, dic
 
 def tune(spec, tspec: TuningSpec, out: Path, *, config_fn, run_fn, workers: int, backend: str, progress: bool, pool=None):
     """Run the tuning grid, choose the lrs, write ``tuning.json``/``.csv``; return (record, evaluation plan)."""
-    from .stats import per_seed_metrics
-    from .sweep import check_compatible, collect, execute, expand, validate_points, write_table
-
     points = expand(spec)
     exempt = exempt_blocks(spec)
     tuning_plan = tspec.plan(points, config_fn, exempt)

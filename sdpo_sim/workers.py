@@ -4,7 +4,7 @@
   it, and are spawned with SIGINT blocked so that even their start-up (before the initializer runs) cannot
   print a ``KeyboardInterrupt`` traceback. The parent then cancels what is pending and stops the workers
   with SIGTERM, which a worker turns into ``SystemExit`` so the atomic writes under way remove their
-  temporary files (:func:`sdpo_sim.io.atomic_write`), and then leaves (:func:`exit_if_stopping`).
+  temporary files (:func:`sdpo_sim.core.io.atomic_write`), and then leaves (:func:`exit_if_stopping`).
 - A worker dies with its parent, even when the parent is SIGKILLed: on Linux the kernel sends it SIGKILL
   (``prctl(PR_SET_PDEATHSIG)``); everywhere a daemon thread also watches ``os.getppid()`` and exits when the
   parent is gone. With every worker gone, the multiprocessing resource tracker (whose pipe the workers

@@ -1,4 +1,4 @@
-"""Seeded open-ended tasks whose reward is known exactly for every sequence (DESIGN.md §3).
+"""Seeded open-ended tasks whose reward is known exactly for every sequence (docs/design.md §3).
 
 ``raw(y) = w_local·Σ_t q[t, y_t]/√T + w_coh·Σ_t b[y_{t−1}, y_t]/√(T−1) + w_motif·motif(y) + w_div·div(y)``,
 rescaled affinely to [0, 1] over all ``V**T`` sequences. ``motif(y)`` is the best agreement of any

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from sdpo_sim.config import METHODS, TEACHER_KINDS, MethodConfig
+from sdpo_sim.core.method import METHODS, TEACHER_KINDS, MethodConfig
 
 NON_DEFAULT = dict(
     method="hybrid", alpha=0.5, support="topk", topk=100, add_tail=False, is_clip=3.0, teacher_kind="trust_region",

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from llm.feedback import FEEDBACK_KINDS, Judgement, RewardModelJudge, load_judge, render_feedback, safe_judge
+from llm.feedback import FEEDBACK_KINDS, Judgement, render_feedback, safe_judge
+from llm.judges import RewardModelJudge, load_judge
 from llm.tasks import WordSpec, judge_word, word_prompt
 
 PROMPT = word_prompt(WordSpec(length=4, required="r", forbidden="e", ending="t"))

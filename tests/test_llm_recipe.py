@@ -8,7 +8,7 @@ import yaml
 from llm.cli import main as cli_main
 from llm.memory_plan import KNOWN_CONFIGS, format_plan, memory_plan, parameter_count
 from llm.recipe import Recipe, check_model_path, load_recipe, parse_override, resolve_recipe_path, shipped_recipes
-from sdpo_sim.config import MethodConfig
+from sdpo_sim.core.method import MethodConfig
 
 
 def _write(tmp_path, data, name="r.yaml"):

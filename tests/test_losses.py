@@ -1,7 +1,7 @@
-"""sdpo_sim.losses against closed forms and brute force (float64, tiny vocabularies).
+"""sdpo_sim.core.losses against closed forms and brute force (float64, tiny vocabularies).
 
 References here are written independently of the library: plain-Python sums over the vocabulary,
-hand-computed numbers, and textbook closed forms; they share no code with ``sdpo_sim.losses``.
+hand-computed numbers, and textbook closed forms; they share no code with ``sdpo_sim.core.losses``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from sdpo_sim.losses import (
+from sdpo_sim.core.losses import (
     AlphaController,
     aggregate,
     divergence,

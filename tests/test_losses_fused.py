@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdpo_sim.losses import default_chunk_size, fused_linear_sdpo_loss, sdpo_token_loss
+from sdpo_sim.core.losses import default_chunk_size, fused_linear_sdpo_loss, sdpo_token_loss
 
 F64 = torch.float64
 N, H, V = 13, 5, 11  # N is prime: most chunk sizes do not divide it

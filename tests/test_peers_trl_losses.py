@@ -24,7 +24,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("trl is required under CI=true: install the `peers` extra (./lab test does)") from err
     pytest.skip(f"trl not installed ({err}); install the `peers` extra", allow_module_level=True)
 
-from sdpo_sim.losses import (
+from sdpo_sim.core.losses import (
     aggregate,
     divergence,
     fused_linear_sdpo_loss,

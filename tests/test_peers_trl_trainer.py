@@ -31,8 +31,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from llm.tiny import build_char_tokenizer, build_tiny_model
 from llm.trainer import completion_outputs, sdpo_loss
-from sdpo_sim.config import MethodConfig
-from sdpo_sim.losses import truncated_importance_weight
+from sdpo_sim.core.method import MethodConfig
+from sdpo_sim.core.losses import truncated_importance_weight
 
 pytestmark = pytest.mark.peers
 B, P, C, T = 4, 5, 9, 6  # completions, prompt length, teacher-context length, completion length

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from sdpo_sim.config import MethodConfig
+from sdpo_sim.core.method import MethodConfig
 from sdpo_sim.promote import promote
 from sdpo_sim.sweep import Spec, run_sweep
 

@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..claims import run_claims
-    from ..io import atomic_write_text, check_output_file
+    from ..core.io import atomic_write_text, check_output_file
 
     if args.record_walltime:
         check_output_file(args.record_walltime, "--record-walltime file")

@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..plots import FIGURES, write_figures
-    from ..sweep import load_tables
+    from ..tables import load_tables
 
     written = write_figures([load_tables(d) for d in args.dirs], args.out, names=args.only)
     for name in args.only or FIGURES:

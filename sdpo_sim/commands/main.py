@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ..claims import run_claims
-    from ..io import check_output_dir
+    from ..core.io import check_output_dir
 
     out = check_output_dir(args.out, "output directory")  # before the banner: a refused run prints only its error
     print(f"sdpo-sim main: the claims experiments at small scale (spec sdpo_sim/specs/main.yaml) into {out}/ ...", flush=True)

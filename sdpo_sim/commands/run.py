@@ -12,7 +12,7 @@ import math
 import typing
 from dataclasses import fields
 
-from ..config import MethodConfig
+from ..core.method import MethodConfig
 from ..train import RunConfig, run
 
 

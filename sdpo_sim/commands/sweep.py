@@ -38,7 +38,7 @@ def resolve_spec(name: str):
     from pathlib import Path
 
     from ..claims import spec_path
-    from ..sweep import PACKAGED_SPECS
+    from ..sweep_spec import PACKAGED_SPECS
 
     if not Path(name).exists() and name in PACKAGED_SPECS:
         return spec_path("canonical" if name == "claims" else name)

@@ -68,7 +68,7 @@ TEMPERATURE_RANGE = (1e-3, 1e3)
 
 @dataclass
 class MethodConfig:
-    """A method's settings (DESIGN.md §5). Construct with :meth:`from_dict` from plain mappings."""
+    """A method's settings (docs/design.md §5). Construct with :meth:`from_dict` from plain mappings."""
 
     method: str = "sdpo"
     # -- distillation (sdpo, hybrid) --
