@@ -30,17 +30,15 @@ from tqdm.auto import tqdm
 
 from sdpo_sim.core.io import atomic_write_text, check_output_dir
 from sdpo_sim.core.losses import (
-    AlphaController,
     aggregate,
-    divergence,
     fused_linear_sdpo_loss,
-    group_advantages,
     hybrid_loss,
     policy_gradient_token_loss,
     sdpo_token_loss,
     truncated_importance_weight,
 )
 from sdpo_sim.core.method import MethodConfig
+from sdpo_sim.core.statistics import token_statistics
 
 from .checkpoint import is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint
 from .context import build_contexts, context_ids_for_batch, prompt_ids
@@ -286,16 +284,15 @@ def token_stats(student, teacher, completion_ids, alpha: float, weight=None, tea
     t_rows = None if teacher is None else teacher.reshape(b * t, -1)
     toks = completion_ids.reshape(-1)
     ent, div, ratio = (torch.zeros(b * t) for _ in range(3))
-    for s in range(0, b * t, chunk_size):
+    tw = weight if teacher_weight is None else teacher_weight
+    for s in range(0, b * t, chunk_size):  # one [chunk, V] block of logits at a time (core.statistics defines each statistic)
         sl = slice(s, s + chunk_size)
-        s_logp = torch.log_softmax((s_rows[sl] if weight is None else s_rows[sl] @ weight.T).float(), -1)
-        ent[sl] = -(s_logp.exp() * s_logp).sum(-1).cpu()
-        if t_rows is not None:
-            tw = weight if teacher_weight is None else teacher_weight
-            t_logp = torch.log_softmax((t_rows[sl] if weight is None else t_rows[sl] @ tw.T).float(), -1)
-            div[sl] = divergence(s_logp, t_logp, alpha).cpu()
-            y = toks[sl].unsqueeze(-1)
-            ratio[sl] = (t_logp.gather(-1, y) - s_logp.gather(-1, y)).squeeze(-1).cpu()
+        s_logits = s_rows[sl] if weight is None else s_rows[sl] @ weight.T
+        t_logits = None if t_rows is None else (t_rows[sl] if weight is None else t_rows[sl] @ tw.T)
+        e, d, r = token_statistics(s_logits, t_logits, toks[sl], alpha)
+        ent[sl] = e.cpu()
+        if t_logits is not None:
+            div[sl], ratio[sl] = d.cpu(), r.cpu()
     return ent.reshape(b, t), div.reshape(b, t), ratio.reshape(b, t)
 
 
@@ -329,8 +326,6 @@ class Trainer:
         world = self.acc.num_processes
         if self.cfg.prompts_per_step % world:
             raise ValueError(f"training.prompts_per_step={self.cfg.prompts_per_step} must be divisible by the number of processes ({world})")
-        self.distil = self.method.method in ("sdpo", "hybrid")
-        self.use_pg = self.method.method in ("reinforce", "grpo", "hybrid")
         if recipe.generation.backend == "vllm":
             require_vllm()  # fail before loading any weights
         check_trainable_precision(recipe, self.acc.distributed_type.name)
@@ -341,7 +336,7 @@ class Trainer:
         check_trainable_precision(recipe, self.acc.distributed_type.name, model)  # what 'auto' resolved to
         vocab = model.get_output_embeddings().weight.shape[0]
         fused = self.cfg.fused_loss
-        self.fused = self.distil and (fused is True or (fused == "auto" and vocab >= self.cfg.fused_min_vocab))
+        self.fused = self.method.distills and (fused is True or (fused == "auto" and vocab >= self.cfg.fused_min_vocab))
         if self.fused and self.method.teacher_kind == "trust_region":
             if fused is True:
                 raise ValueError("training.fused_loss=true is not available with method.teacher_kind='trust_region' "
@@ -356,9 +351,7 @@ class Trainer:
         no_forward_buffer_sync(self.model)
         self.sharded = is_sharded(self.unwrapped)
         self.teacher = make_teacher(self.method.teacher_kind, self.method.teacher_rate, self.unwrapped)
-        self.controller = (AlphaController(self.method.controller, self.method.alpha_mix, self.method.divergence_tau,
-                                           self.method.entropy_target, self.method.entropy_gain)
-                           if self.method.method == "hybrid" else None)
+        self.controller = self.method.make_controller()
         dist = self.acc.distributed_type.name
         share = self.cfg.share_prompt_prefix
         if share is True and (recipe.model.gradient_checkpointing or self.sharded):
@@ -435,7 +428,7 @@ class Trainer:
             feedback.append(None if spec.task.feedback == "none" else
                             render_feedback(j, spec.task.feedback, noise=spec.task.noise, rng=random.Random(noise_seed), threshold=spec.task.threshold))
         # 4. teacher contexts: feedback and/or the best successful sibling, never itself
-        if self.distil:
+        if self.method.distills:
             contexts = build_contexts(row_prompts, texts, scores, feedback, g, spec.context)
             ctx_ids = context_ids_for_batch(self.tokenizer, row_prompts, texts, contexts, feedback, spec.context)
         else:
@@ -474,7 +467,7 @@ class Trainer:
         fill = torch.nanmean(groups, dim=1, keepdim=True).nan_to_num(0.0).expand_as(groups)
         r = torch.where(groups.isnan(), fill, groups).reshape(-1)
         all_r = self.acc.gather(r.to(self.acc.device)).cpu() if self.acc.num_processes > 1 else r
-        adv = group_advantages(all_r, g, m.scale_rewards) if m.method == "grpo" else group_advantages(all_r, all_r.numel(), "none")
+        adv = m.advantages(all_r)
         n = r.numel()
         return adv[self.acc.process_index * n:(self.acc.process_index + 1) * n]
 
@@ -491,7 +484,7 @@ class Trainer:
         head = self.unwrapped.get_output_embeddings().weight if self.fused else None
         stats: dict[str, Any] = {}
         teacher_out = teacher_head = None
-        if self.distil:  # the teacher reads its context, then the same completion; its weights are swapped in and out
+        if self.method.distills:  # the teacher reads its context, then the same completion; its weights are swapped in and out
             # rows without a context get no distillation loss, so the teacher reads only the others (a sharded
             # model runs the forward on every process even with none: its collectives must match)
             rows = batch.distill_mask.nonzero().squeeze(-1)
@@ -509,19 +502,19 @@ class Trainer:
                 teacher_head = terms[0][1][1]  # the teacher's own LM head when it has stored weights (fused path)
         student_out = completion_outputs(self.model, batch.input_ids, batch.attention_mask, T, hidden=self.fused,
                                          share_prefix=self.share_prefix) / temp
-        if self.distil and rows.numel() < student_out.shape[0]:  # rows the teacher skipped: the student's own outputs
+        if self.method.distills and rows.numel() < student_out.shape[0]:  # rows the teacher skipped: the student's own outputs
             teacher_out = student_out.detach().index_copy(0, rows, teacher_out) if rows.numel() else student_out.detach()
         comp_mask = batch.completion_mask
         ent, div, ratio = token_stats(student_out.detach(), None if teacher_out is None else teacher_out.detach(),
                                       batch.completion_ids, m.alpha, weight=head, teacher_weight=teacher_head)
         # log π(y_t) feeds the policy gradient and the importance ratios of reused rollouts; plain SDPO with one
         # update per batch never reads it, so it is not computed (saves a log-softmax, or chunked LM-head matmuls)
-        needs_logp = self.use_pg or self.cfg.updates_per_batch > 1 or batch.old_logp is not None
+        needs_logp = self.method.uses_policy_gradient or self.cfg.updates_per_batch > 1 or batch.old_logp is not None
         logp = token_logprobs(student_out, batch.completion_ids, head) if needs_logp else None
         if batch.old_logp is None and self.cfg.updates_per_batch > 1:
             batch.old_logp = logp.detach()  # behaviour policy = the policy that sampled (first update)
         terms_loss = {}
-        if self.distil:
+        if self.method.distills:
             d_mask = comp_mask * batch.distill_mask.unsqueeze(-1)
             isw = None if batch.old_logp is None else truncated_importance_weight(logp, batch.old_logp, m.is_clip)
             sd = sdpo_loss(student_out, teacher_out, batch.completion_ids, d_mask, m, max_len=max_len, weight=head,
@@ -530,7 +523,7 @@ class Trainer:
             terms_loss["sdpo"] = sd * self._share(float(count), counts["sdpo"])
             stats["divergence_sum"], stats["distilled_tokens"] = float((div * d_mask.cpu()).sum()), float(d_mask.sum())
             stats["log_ratio"] = ratio
-        if self.use_pg:
+        if self.method.uses_policy_gradient:
             pg_mask = comp_mask * batch.judged.unsqueeze(-1)
             pg_tok = policy_gradient_token_loss(logp, batch.advantages, batch.old_logp, epsilon=m.epsilon)
             pg = aggregate(pg_tok, pg_mask, m.loss_type, max_len)
@@ -542,7 +535,7 @@ class Trainer:
             stats["alpha_mix"] = float(alpha_mix)
             loss = hybrid_loss(terms_loss["sdpo"], terms_loss["pg"], alpha_mix)
         else:
-            loss = terms_loss["sdpo"] if self.distil else terms_loss["pg"]
+            loss = terms_loss["sdpo"] if self.method.distills else terms_loss["pg"]
         return loss, stats
 
     # -- the step ----------------------------------------------------------------------------------
@@ -590,8 +583,8 @@ class Trainer:
         out = {
             "reward": S(info["reward_sum"]) / max(1.0, S(info["judged"])),
             "entropy": S(stats["entropy_sum"]) / max(1.0, tokens),
-            "divergence": S(stats["divergence_sum"]) / max(1.0, S(stats["distilled_tokens"])) if self.distil else math.nan,
-            "alpha_mix": stats.get("alpha_mix", 1.0 if self.method.method == "sdpo" else (0.0 if not self.distil else math.nan)),
+            "divergence": S(stats["divergence_sum"]) / max(1.0, S(stats["distilled_tokens"])) if self.method.distills else math.nan,
+            "alpha_mix": stats.get("alpha_mix", 1.0 if self.method.method == "sdpo" else (0.0 if not self.method.distills else math.nan)),
             "response_length": S(info["length_sum"]) / max(1.0, completions),
             "loss": S(float(loss.detach())) / self.acc.num_processes,
             "nonfinite_steps": self.nonfinite_steps,

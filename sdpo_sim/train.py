@@ -16,11 +16,24 @@ import torch
 from tqdm.auto import tqdm
 
 from . import exact, metrics, rng
+from .core.losses import (
+    aggregate,
+    hybrid_loss,
+    policy_gradient_token_loss,
+    sdpo_token_loss,
+)
 from .core.method import MethodConfig, check_number
+from .core.statistics import token_statistics
 from .feedback import CHANNELS, Judge
-from .core.losses import AlphaController, aggregate, divergence, group_advantages, hybrid_loss, policy_gradient_token_loss, sdpo_token_loss
 from .policies import POLICIES, TabularPolicy
-from .teachers import TEACHERS, BayesTeacher, DemoTeacher, OracleTeacher, SeedPaperTeacher, SelfKnowledge
+from .teachers import (
+    TEACHERS,
+    BayesTeacher,
+    DemoTeacher,
+    OracleTeacher,
+    SeedPaperTeacher,
+    SelfKnowledge,
+)
 from .world import Task, check_size
 
 OPTIMIZERS = ("adam", "sgd")
@@ -241,14 +254,11 @@ def _teacher_network_logits(m: MethodConfig, policy: TabularPolicy, logits: torc
     return (1 - m.teacher_rate) * policy.logits(theta_init, seqs) + m.teacher_rate * logits.detach()
 
 
-@torch.no_grad()
 def _teacher_stats(logits: torch.Tensor, teacher_logits: torch.Tensor, seqs: torch.Tensor, mask: torch.Tensor, alpha: float):
-    """Batch-mean divergence ``[runs]`` over masked tokens and SDPO's per-token credit
+    """Batch-mean divergence ``[runs]`` over masked tokens and SDPO's per-token distillation signal
     ``log p_T(y_t) − log p_θ(y_t)`` ``[runs, B, T]`` (0 where there is no distillation loss)."""
-    s_logp, t_logp = torch.log_softmax(logits, -1), torch.log_softmax(teacher_logits.float(), -1)
-    div = (divergence(s_logp, t_logp, alpha) * mask).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
-    credit = (t_logp - s_logp).gather(-1, seqs.unsqueeze(-1)).squeeze(-1) * mask
-    return div, credit
+    _, div, signal = token_statistics(logits, teacher_logits, seqs, alpha, with_entropy=False)
+    return (div * mask).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1), signal * mask
 
 
 def run(cfg: RunConfig, *, progress: bool = False) -> RunResult:
@@ -268,9 +278,7 @@ def run(cfg: RunConfig, *, progress: bool = False) -> RunResult:
     knowledge = SelfKnowledge(judge, cfg.rho, seed=cfg.task_seed)
     teacher = {"bayes": BayesTeacher, "null": BayesTeacher, "demo": DemoTeacher, "oracle": OracleTeacher}.get(cfg.teacher)
     teacher = teacher(cfg.beta) if teacher else SeedPaperTeacher(task.q, cfg.beta)
-    distil = m.method in ("sdpo", "hybrid")
-    use_pg = m.method in ("reinforce", "grpo", "hybrid")
-    controller = AlphaController(m.controller, m.alpha_mix, m.divergence_tau, m.entropy_target, m.entropy_gain) if m.method == "hybrid" else None
+    controller = m.make_controller()
 
     rows = []
     for step in tqdm(range(cfg.steps + 1), disable=not progress, desc=f"{m.method}/{cfg.teacher}", unit="step"):
@@ -283,15 +291,12 @@ def run(cfg: RunConfig, *, progress: bool = False) -> RunResult:
         fb = judge(seqs, cfg.feedback, group_size=m.num_generations, noise=cfg.noise, hint_noise=cfg.hint_noise, seeds=seeds, step=step)
         exact_now = metrics.exact_state(task, policy, theta, theta_init, seqs) if evaluate else None
         # 3. policy-gradient term: REINFORCE (batch-mean baseline) or GRPO (group-normalised)
-        if use_pg:
-            if m.method == "grpo":
-                adv = group_advantages(fb.score, m.num_generations, m.scale_rewards)
-            else:
-                adv = group_advantages(fb.score, B, "none")  # r − batch mean
+        if m.uses_policy_gradient:
+            adv = m.advantages(fb.score)  # GRPO: group-normalised; REINFORCE/hybrid: r − batch mean
             pg_loss = _per_run(policy_gradient_token_loss(logp, adv, epsilon=m.epsilon), None, m.loss_type)
             credit = adv.unsqueeze(-1).expand(-1, -1, T)
         # 4. self-teacher logits and the distillation term
-        if distil:
+        if m.distills:
             base = _teacher_network_logits(m, policy, logits, teacher_theta, theta_init, seqs)
             if cfg.teacher == "oracle":  # the only teacher given A*
                 a_star = exact.action_values(task.rewards, policy.seq_logprobs(theta.detach().double()), seqs)
@@ -315,7 +320,7 @@ def run(cfg: RunConfig, *, progress: bool = False) -> RunResult:
             alpha_mix = controller.update(divergence=div, entropy=entropy)
             loss = hybrid_loss(sd_loss, pg_loss, alpha_mix).sum()
             credit = alpha_mix.view(-1, 1, 1) * sd_credit + (1 - alpha_mix.view(-1, 1, 1)) * credit
-        elif distil:
+        elif m.distills:
             loss, credit = sd_loss.sum(), sd_credit
         else:
             loss = pg_loss.sum()
@@ -327,7 +332,7 @@ def run(cfg: RunConfig, *, progress: bool = False) -> RunResult:
             rows.append({
                 "seed": seeds, "step": torch.full((R,), step), "reward": exact_now["reward"], "entropy": exact_now["entropy"],
                 "seq_entropy": exact_now["seq_entropy"], "kl_init": exact_now["kl_init"],
-                "divergence": div if distil else torch.full((R,), float("nan")), "alpha_mix": alpha_mix,
+                "divergence": div if m.distills else torch.full((R,), float("nan")), "alpha_mix": alpha_mix,
                 "credit_pearson": metrics.pearson(credit, a_star), "credit_spearman": metrics.spearman(credit, a_star),
                 "credit_pearson_within": metrics.pearson_within(credit, a_star),
                 "grad_cos": metrics.cosine(-theta.grad, exact_now["grad_J"]), "batch_reward": task.reward(seqs).mean(1),

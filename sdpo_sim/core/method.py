@@ -14,11 +14,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
+import torch
 import yaml
 
 from .io import atomic_write_text
-
-from .losses import CONTROLLERS, LOSS_TYPES, SCALES, SUPPORTS
+from .losses import (
+    CONTROLLERS,
+    LOSS_TYPES,
+    SCALES,
+    SUPPORTS,
+    AlphaController,
+    group_advantages,
+)
 
 METHODS = ("reinforce", "grpo", "sdpo", "hybrid")
 TEACHER_KINDS = ("live", "ema", "frozen", "trust_region")
@@ -129,6 +136,34 @@ class MethodConfig:
         _number("epsilon", self.epsilon, 0.0, MAX_EPSILON, why="a larger clip never binds")
         _number("temperature", self.temperature, *TEMPERATURE_RANGE)
         return self
+
+    # ----- what the method does (both worlds' loops ask these; nothing else decides it) -----
+    @property
+    def distills(self) -> bool:
+        """Whether the loss has the distillation term ``D(π_θ, stopgrad π_T)`` (sdpo, hybrid)."""
+        return self.method in ("sdpo", "hybrid")
+
+    @property
+    def uses_policy_gradient(self) -> bool:
+        """Whether the loss has the policy-gradient term ``−A·log π_θ(y_t)`` (reinforce, grpo, hybrid)."""
+        return self.method in ("reinforce", "grpo", "hybrid")
+
+    def make_controller(self) -> Optional[AlphaController]:
+        """The hybrid's ``alpha_mix`` controller (``None`` for the pure methods)."""
+        if self.method != "hybrid":
+            return None
+        return AlphaController(self.controller, self.alpha_mix, self.divergence_tau, self.entropy_target, self.entropy_gain)
+
+    def advantages(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-completion advantages ``[..., N]`` from scores ``[..., N]`` (N completions of one batch, groups of
+        ``num_generations`` consecutive ones):
+
+        - grpo: ``A_i = (r_i − mean_group(r)) / scale`` (``scale_rewards``: group std, batch std or 1);
+        - reinforce, hybrid: ``A_i = r_i − mean_batch(r)`` (a batch-mean baseline, no scaling).
+        """
+        if self.method == "grpo":
+            return group_advantages(scores, self.num_generations, self.scale_rewards)
+        return group_advantages(scores, scores.shape[-1], "none")
 
     # ----- construction and serialisation -----
     @classmethod
