@@ -74,7 +74,8 @@ def _update_fn(variant: str, model, inputs, args):
     T = inputs["completion_ids"].shape[1]
 
     if variant in ("ours", "ours_unshared"):
-        from llm.trainer import completion_outputs, sdpo_loss
+        from llm.losses import sdpo_loss
+        from llm.models import completion_outputs
         from sdpo_sim.core.method import MethodConfig
 
         method = MethodConfig(method="sdpo", alpha=1.0, support="full", loss_type="sequence_mean")

@@ -5,7 +5,10 @@
     sample a group per prompt → judge (safe) → render feedback → teacher contexts
     → teacher & student forwards → shared loss from sdpo_sim.core.losses → optimiser step (+ teacher update)
 
-Every loss comes from :mod:`sdpo_sim.core.losses`; this module only moves tensors into their shapes.
+One step is read in three files: this one (forwards, loss, update, the loop), :mod:`llm.rollout` (prompts →
+completions → judge → feedback → teacher contexts → a :class:`~llm.batch.Batch`) and :mod:`sdpo_sim.core.losses`
+(every loss; :mod:`llm.losses` only shapes transformer outputs for it). Model loading is :mod:`llm.models`, batch
+packing :mod:`llm.batch`, prefix sharing :mod:`llm.prefix`.
 Distributed runs use accelerate (DDP, FSDP2, DeepSpeed): each process handles ``prompts_per_step /
 num_processes`` prompts, and losses are normalised by *global* token/sequence counts so that the
 gradient equals a single-process run on the same global batch.
@@ -19,290 +22,43 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 from accelerate import Accelerator
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from sdpo_sim.core.io import atomic_write_text, check_output_dir
 from sdpo_sim.core.losses import (
     aggregate,
-    fused_linear_sdpo_loss,
     hybrid_loss,
     policy_gradient_token_loss,
-    sdpo_token_loss,
     truncated_importance_weight,
 )
-from sdpo_sim.core.method import MethodConfig
-from sdpo_sim.core.statistics import token_statistics
 
+from .batch import Batch, merge_stats, select_rows
 from .checkpoint import is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint
-from .context import build_contexts, context_ids_for_batch, prompt_ids
-from .feedback import noisy_score, render_feedback, safe_judge
-from .generation import TransformersGenerator, VLLMGenerator, require_vllm, sample_seed
+from .generation import TransformersGenerator, VLLMGenerator, require_vllm
 from .judges import load_judge
 from .logging import MetricsLogger
-from .prefix import plan_shared_prefix, positions, shared_prefix_outputs
-from .recipe import Recipe, check_model_path
+from .losses import sdpo_loss, token_logprobs, token_stats
+from .models import (
+    check_trainable_precision,
+    completion_outputs,
+    load_model_and_tokenizer,
+    no_forward_buffer_sync,
+)
+from .recipe import Recipe
+from .rollout import rollout
 from .tasks import get_task
 from .teacher import make_teacher
-from .tiny import untrained_warning
 
 log = logging.getLogger(__name__)
-PROMPTS, GENERATION, FEEDBACK = 0, 1, 2  # streams of sample_seed(seed, step, stream, ...)
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised when ``training.max_consecutive_nonfinite`` steps in a row had a non-finite loss."""
-
-
-# ----------------------------------------------------------------------------- model loading
-
-def load_model_and_tokenizer(recipe: Recipe):
-    """Load the recipe's model and tokenizer (after :func:`check_model_path`), apply LoRA and checkpointing."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    check_model_path(recipe)
-    warning = untrained_warning(recipe.model.path)
-    if warning:
-        log.warning(warning)
-    spec = recipe.model
-    kwargs: dict[str, Any] = {"dtype": "auto" if spec.dtype == "auto" else getattr(torch, spec.dtype)}
-    if spec.attn_implementation:
-        kwargs["attn_implementation"] = spec.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(spec.path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if spec.lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        if spec.gradient_checkpointing:
-            model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
-                                                 target_modules=list(spec.lora.target_modules), task_type="CAUSAL_LM"))
-    return model, tokenizer
-
-
-HALF_DTYPES = (torch.bfloat16, torch.float16)
-# accelerate keeps float32 trainable weights under these (FSDP upcasts them; DeepSpeed holds float32 master weights)
-SHARDED_TYPES = ("FSDP", "DEEPSPEED")
-
-
-def check_trainable_precision(recipe: Recipe, distributed_type: str, model: Optional[torch.nn.Module] = None) -> None:
-    """Refuse half-precision trainable weights under the plain, unsharded AdamW (until issue 15 adds mixed precision).
-
-    AdamW moves a weight ``w`` by about ``lr`` per step; bfloat16 keeps 8 significant bits, so any move smaller
-    than ``|w|·2⁻⁹`` rounds back to ``w`` (e.g. lr 1e-5 on |w| = 0.02 is 5e-4 of it, below 2⁻⁹ ≈ 2e-3): most
-    updates are lost. Without ``model``: from the recipe (``model.dtype`` bfloat16/float16 without LoRA, whose
-    adapters peft keeps in float32), before any weight loads. With ``model``: its trainable parameters (``auto``).
-    """
-    if distributed_type in SHARDED_TYPES:
-        return
-    dtype = recipe.model.dtype
-    if model is None:
-        found = dtype if dtype in ("bfloat16", "float16") and recipe.model.lora is None else None
-    else:
-        halves = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad and p.dtype in HALF_DTYPES})
-        found = halves[0] if halves else None
-    if found is None:
-        return
-    resolved = "" if dtype == found else f" (resolved to {found})"
-    raise ValueError(f"model.dtype={dtype!r}{resolved} would train {found} weights with plain AdamW, which rounds most "
-                     "updates away; set model.dtype: float32, or run sharded under the FSDP2 accelerate config "
-                     "(accelerate launch --config_file llm/accelerate/fsdp2.yaml), which keeps float32 weights")
-
-
-# ----------------------------------------------------------------------------- batch tensors
-
-@dataclass
-class Batch:
-    """One step's rollouts on this process. ``B`` completions, ``T`` = longest completion.
-
-    Student rows are ``[left-padded prompt | completion | right padding]``; teacher rows the same
-    with the teacher context in place of the prompt.
-    """
-
-    input_ids: torch.Tensor  # [B, P+T]
-    attention_mask: torch.Tensor  # [B, P+T]
-    teacher_input_ids: torch.Tensor  # [B, C+T]
-    teacher_attention_mask: torch.Tensor  # [B, C+T]
-    completion_ids: torch.Tensor  # [B, T]
-    completion_mask: torch.Tensor  # [B, T] float, 1 on real completion tokens
-    distill_mask: torch.Tensor  # [B] float, 1 when the completion has a teacher context
-    judged: torch.Tensor  # [B] float, 1 when the judge returned a verdict
-    advantages: torch.Tensor  # [B]
-    old_logp: Optional[torch.Tensor] = None  # [B, T] behaviour log-probs (set when rollouts are reused)
-
-    def split(self, size: int) -> list["Batch"]:
-        """Micro-batches of at most ``size`` completions (``size`` 0: the whole batch)."""
-        n = self.completion_ids.shape[0]
-        if not size or size >= n:
-            return [self]
-        return [Batch(**{f: (None if getattr(self, f) is None else getattr(self, f)[i:i + size]) for f in self.__dataclass_fields__})
-                for i in range(0, n, size)]
-
-
-def pack_rows(prefixes: list[list[int]], completions: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[left-padded prefix | right-padded completion]`` ids and attention mask, ``[B, P+T]``."""
-    p_len = max(len(p) for p in prefixes)
-    t_len = max(len(c) for c in completions)
-    ids = torch.full((len(prefixes), p_len + t_len), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, (p, c) in enumerate(zip(prefixes, completions)):
-        ids[i, p_len - len(p):p_len] = torch.tensor(p, dtype=torch.long)
-        ids[i, p_len:p_len + len(c)] = torch.tensor(c, dtype=torch.long)
-        mask[i, p_len - len(p):p_len + len(c)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def select_rows(ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``rows [b]`` of a left-padded batch ``ids``/``mask [B, L]``, without the leading columns none of them
-    uses: ``[b, L']``. The whole batch as it is when ``rows`` are all of its rows."""
-    if rows.numel() == ids.shape[0]:
-        return ids, mask
-    ids, mask = ids[rows], mask[rows]
-    used = mask.any(0).nonzero()
-    start = int(used[0]) if used.numel() else 0
-    return ids[:, start:], mask[:, start:]
-
-
-def no_forward_buffer_sync(model) -> None:
-    """Stop DDP broadcasting module buffers in forwards (a collective in each forward after a gradient forward).
-
-    With it, ranks making different numbers of forward calls — a shared-prefix plan (two calls) on one rank
-    and none on another — would pair unrelated collectives and hang. A transformer's buffers (rotary
-    frequencies) are constants, made equal on every rank by DDP's initial sync, so nothing is lost.
-    """
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model.forward_sync_buffers = False  # the name torch ≥ 2.13 reads
-        model.broadcast_buffers = False  # the name earlier torch reads
-
-
-def completion_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_tokens: int, *, hidden: bool,
-                       share_prefix: bool = False) -> torch.Tensor:
-    """Outputs at the positions that predict the last ``num_tokens`` tokens: logits ``[B, T, V]`` or
-    final (normed) hidden states ``[B, T, H]`` (``hidden=True``, for the fused loss).
-
-    ``share_prefix``: consecutive rows that begin alike (a prompt's group) run their common prefix once
-    (:mod:`llm.prefix`); same outputs and gradients up to float rounding.
-    """
-    plan = plan_shared_prefix(input_ids, attention_mask, num_tokens) if share_prefix else None
-    if plan is not None:
-        return shared_prefix_outputs(model, plan, num_tokens, hidden=hidden)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask), use_cache=False,
-                logits_to_keep=1 if hidden else num_tokens + 1, output_hidden_states=hidden)
-    if hidden:
-        return out.hidden_states[-1][:, -num_tokens - 1:-1]
-    return out.logits[:, :-1]
-
-
-# ----------------------------------------------------------------------------- losses (all from sdpo_sim.core.losses)
-
-def per_token_sdpo_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, completion_ids: torch.Tensor, method: MethodConfig) -> torch.Tensor:
-    """SDPO's per-token loss ``D(student_t, stopgrad(teacher_t))`` of a batch, ``[B, T]``, from ``[B, T, V]`` logits
-    (already divided by the temperature). Unreduced and unmasked: the function to compare with peers."""
-    return sdpo_token_loss(student_logits, teacher_logits, alpha=method.alpha, support=method.support, topk=method.topk,
-                           add_tail=method.add_tail, tokens=completion_ids)
-
-
-def fused_token_weights(mask: torch.Tensor, loss_type: str, max_len: int) -> torch.Tensor:
-    """Weights ``w [B, T]`` with ``Σ loss·mask·w / Σ mask == aggregate(loss, mask, loss_type, max_len)``."""
-    n_sel = mask.sum().clamp(min=1.0)
-    if loss_type == "token_mean":
-        return torch.ones_like(mask)
-    if loss_type == "sequence_mean":
-        return (n_sel / (mask.sum(-1, keepdim=True).clamp(min=1.0) * mask.shape[0])).expand_as(mask)
-    return torch.full_like(mask, float(n_sel) / (mask.shape[0] * max_len))  # dr_grpo
-
-
-def sdpo_loss(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    completion_ids: torch.Tensor,
-    mask: torch.Tensor,
-    method: MethodConfig,
-    *,
-    max_len: int,
-    weight: Optional[torch.Tensor] = None,
-    teacher_weight: Optional[torch.Tensor] = None,
-    token_weights: Optional[torch.Tensor] = None,
-    chunk_size: Optional[int] = None,
-) -> torch.Tensor:
-    """The SDPO term, reduced by ``method.loss_type`` over ``mask [B, T]``.
-
-    Unfused: ``student``/``teacher`` are logits ``[B, T, V]``. Fused (``weight`` given): they are final
-    hidden states ``[B, T, H]`` (already divided by the temperature) and ``weight [V, H]`` the LM head;
-    ``fused_linear_sdpo_loss`` computes the same value chunk by chunk, never holding ``[B·T, V]``.
-    ``token_weights [B, T]`` (detached), e.g. truncated importance ratios, multiply the per-token loss.
-    """
-    if weight is None:
-        per_tok = per_token_sdpo_loss(student, teacher, completion_ids, method)
-        if token_weights is not None:
-            per_tok = per_tok * token_weights
-        return aggregate(per_tok, mask, method.loss_type, max_len)
-    w = fused_token_weights(mask, method.loss_type, max_len)
-    if token_weights is not None:
-        w = w * token_weights
-    h = student.shape[-1]
-    return fused_linear_sdpo_loss(
-        student.reshape(-1, h), teacher.reshape(-1, h), weight, mask.reshape(-1), teacher_weight=teacher_weight,
-        alpha=method.alpha, support=method.support, topk=method.topk, add_tail=method.add_tail, chunk_size=chunk_size,
-        tokens=completion_ids.reshape(-1), token_weights=w.reshape(-1).detach(),
-    )
-
-
-def _chunk_token_logp(h: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax((h @ weight.T).float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def token_logprobs(student: torch.Tensor, completion_ids: torch.Tensor, weight: Optional[torch.Tensor] = None, chunk_size: int = 1024) -> torch.Tensor:
-    """``log π(y_t)`` ``[B, T]`` from logits ``[B, T, V]``, or from hidden states and the LM head chunk by
-    chunk (recomputed in backward, so ``[B·T, V]`` never exists)."""
-    if weight is None:
-        return torch.log_softmax(student.float(), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    b, t, h = student.shape
-    flat, toks = student.reshape(-1, h), completion_ids.reshape(-1)
-    parts = [checkpoint(_chunk_token_logp, flat[s:s + chunk_size], weight, toks[s:s + chunk_size], use_reentrant=False)
-             for s in range(0, flat.shape[0], chunk_size)]
-    return torch.cat(parts).reshape(b, t)
-
-
-@torch.no_grad()
-def token_stats(student, teacher, completion_ids, alpha: float, weight=None, teacher_weight=None, chunk_size: int = 1024):
-    """Per-token ``entropy``, teacher–student ``divergence`` (full vocabulary, the method's alpha) and the credit
-    ``log p_T(y_t) − log p_θ(y_t)``, each ``[B, T]``; from logits, or from hidden states chunk by chunk."""
-    b, t = completion_ids.shape
-    s_rows = student.reshape(b * t, -1)
-    t_rows = None if teacher is None else teacher.reshape(b * t, -1)
-    toks = completion_ids.reshape(-1)
-    ent, div, ratio = (torch.zeros(b * t) for _ in range(3))
-    tw = weight if teacher_weight is None else teacher_weight
-    for s in range(0, b * t, chunk_size):  # one [chunk, V] block of logits at a time (core.statistics defines each statistic)
-        sl = slice(s, s + chunk_size)
-        s_logits = s_rows[sl] if weight is None else s_rows[sl] @ weight.T
-        t_logits = None if t_rows is None else (t_rows[sl] if weight is None else t_rows[sl] @ tw.T)
-        e, d, r = token_statistics(s_logits, t_logits, toks[sl], alpha)
-        ent[sl] = e.cpu()
-        if t_logits is not None:
-            div[sl], ratio[sl] = d.cpu(), r.cpu()
-    return ent.reshape(b, t), div.reshape(b, t), ratio.reshape(b, t)
-
-
-def merge_stats(parts: list[dict]) -> dict:
-    """Statistics of a batch from those of its micro-batches: sums add, per-row tensors concatenate."""
-    out = dict(parts[0])
-    for stats in parts[1:]:
-        for k, v in stats.items():
-            out[k] = torch.cat([out[k], v]) if isinstance(v, torch.Tensor) else out[k] + v if k != "alpha_mix" else v
-    return out
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -397,79 +153,10 @@ class Trainer:
         mean_div = torch.tensor(self._sum(stats["divergence_sum"]) / max(1.0, self._sum(stats["distilled_tokens"])))
         return self.controller.update(divergence=mean_div, entropy=entropy)
 
-    # -- 1-4: sample, judge, feedback, teacher contexts --------------------------------------------
+    # -- 1-4: sample, judge, feedback, teacher contexts (llm/rollout.py) ------------------------------
     def rollout(self, step: int) -> tuple[Batch, dict]:
-        """Sample this process's groups, judge them, render feedback and build the teacher contexts."""
-        cfg, m, spec = self.cfg, self.method, self.recipe
-        world, rank, g = self.acc.num_processes, self.acc.process_index, m.num_generations
-        all_prompts = self.task.sample_prompts(random.Random(sample_seed(cfg.seed, step, PROMPTS)), cfg.prompts_per_step)
-        per_rank = cfg.prompts_per_step // world
-        first = rank * per_rank
-        prompts = all_prompts[first:first + per_rank]
-        # 1. sample a group of completions per prompt
-        p_ids = [prompt_ids(self.tokenizer, p, cfg.max_prompt_length) for p in prompts]
-        seeds = [sample_seed(cfg.seed, step, GENERATION, first + i) for i in range(per_rank)]
-        if isinstance(self.generate, VLLMGenerator):  # the engine samples from the current weights
-            self.generate.load_weights(self._full_state().items())
-        groups = self.generate(self.unwrapped, p_ids, g, seeds)
-        completion_ids = [c for grp in groups for c in grp.completion_ids]
-        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
-        row_prompts = [p for p in prompts for _ in range(g)]
-        # 2. judge (a failing judge costs only that sample its feedback) and 3. render feedback
-        judgements = [safe_judge(self.judge, p, t) for p, t in zip(row_prompts, texts)]
-        scores, feedback = [], []
-        for i, j in enumerate(judgements):
-            if j is None:
-                scores.append(None)
-                feedback.append(None)
-                continue
-            noise_seed = sample_seed(cfg.seed, step, FEEDBACK, first * g + i)  # same ε for the score and its text
-            scores.append(noisy_score(j.score, spec.task.noise, random.Random(noise_seed)))
-            feedback.append(None if spec.task.feedback == "none" else
-                            render_feedback(j, spec.task.feedback, noise=spec.task.noise, rng=random.Random(noise_seed), threshold=spec.task.threshold))
-        # 4. teacher contexts: feedback and/or the best successful sibling, never itself
-        if self.method.distills:
-            contexts = build_contexts(row_prompts, texts, scores, feedback, g, spec.context)
-            ctx_ids = context_ids_for_batch(self.tokenizer, row_prompts, texts, contexts, feedback, spec.context)
-        else:
-            contexts, ctx_ids = [], [None] * len(texts)
-        student_prefix = [p for p in p_ids for _ in range(g)]
-        teacher_prefix = [c if c is not None else s for c, s in zip(ctx_ids, student_prefix)]
-        advantages = self._advantages(scores)
-        dev, pad = self.acc.device, self.tokenizer.pad_token_id
-        ids, mask = pack_rows(student_prefix, completion_ids, pad, dev)
-        t_ids, t_mask = pack_rows(teacher_prefix, completion_ids, pad, dev)
-        comp, comp_mask = pack_rows([[]] * len(completion_ids), completion_ids, pad, dev)
-        batch = Batch(
-            input_ids=ids, attention_mask=mask, teacher_input_ids=t_ids, teacher_attention_mask=t_mask,
-            completion_ids=comp, completion_mask=comp_mask.float(),
-            distill_mask=torch.tensor([float(c is not None) for c in ctx_ids], device=dev),
-            judged=torch.tensor([float(s is not None) for s in scores], device=dev),
-            advantages=advantages.to(dev),
-        )
-        true_scores = [j.score for j in judgements if j is not None]
-        info = {
-            "reward_sum": sum(true_scores), "judged": len(true_scores), "judge_failures": len(judgements) - len(true_scores),
-            "completions": len(texts), "length_sum": float(comp_mask.sum()), "texts": texts, "prompts": row_prompts,
-            "completion_ids": completion_ids, "distill_rows": [c is not None for c in ctx_ids],
-            "distilled": float(batch.distill_mask.sum()), "demos": sum(c.demo_index is not None for c in contexts),
-        }
-        return batch, info
-
-    def _advantages(self, scores: list[Optional[float]]) -> torch.Tensor:
-        """GRPO: group-normalised; REINFORCE and hybrid: ``r − batch mean`` over the *global* batch.
-
-        A completion whose judge failed is filled with its group's mean score and gets no policy-gradient loss.
-        """
-        m, g = self.method, self.method.num_generations
-        r = torch.tensor([math.nan if s is None else s for s in scores], dtype=torch.float32)
-        groups = r.view(-1, g)
-        fill = torch.nanmean(groups, dim=1, keepdim=True).nan_to_num(0.0).expand_as(groups)
-        r = torch.where(groups.isnan(), fill, groups).reshape(-1)
-        all_r = self.acc.gather(r.to(self.acc.device)).cpu() if self.acc.num_processes > 1 else r
-        adv = m.advantages(all_r)
-        n = r.numel()
-        return adv[self.acc.process_index * n:(self.acc.process_index + 1) * n]
+        """This process's rollouts of ``step`` as a packed batch, and what the metrics need (:func:`llm.rollout.rollout`)."""
+        return rollout(self, step)
 
     # -- 5: forwards and the shared loss -----------------------------------------------------------
     def compute_loss(self, batch: Batch, counts: Optional[dict] = None, alpha_mix: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:

@@ -12,7 +12,8 @@ import torch
 
 from llm.prefix import plan_shared_prefix
 from llm.recipe import load_recipe
-from llm.trainer import Trainer, completion_outputs
+from llm.models import completion_outputs
+from llm.trainer import Trainer
 
 if __name__ == "__main__":
     trainer = Trainer(load_recipe(sys.argv[1]))

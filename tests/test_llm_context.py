@@ -7,7 +7,7 @@ import pytest
 from llm.context import build_contexts, choose_demo, context_ids_for_batch, teacher_context_ids
 from llm.recipe import ContextSpec
 from llm.tiny import build_char_tokenizer
-from llm.trainer import pack_rows
+from llm.batch import pack_rows
 
 
 @pytest.fixture(scope="module")

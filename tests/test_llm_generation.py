@@ -11,7 +11,7 @@ import torch
 from llm.generation import GumbelSampler, TransformersGenerator, strip_completion, warp_logits
 from llm.recipe import GenerationSpec
 from llm.tiny import build_tiny
-from llm.trainer import load_model_and_tokenizer
+from llm.models import load_model_and_tokenizer
 from llm_helpers import tiny_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: one torch thread for tiny models

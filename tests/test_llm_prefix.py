@@ -15,7 +15,8 @@ from transformers.models.qwen3 import modeling_qwen3
 from llm.recipe import load_recipe, resolve_recipe_path
 from llm.tiny import build_char_tokenizer, build_tiny_model
 from llm.prefix import cache_keyword, plan_shared_prefix
-from llm.trainer import Trainer, completion_outputs
+from llm.models import completion_outputs
+from llm.trainer import Trainer
 from llm_helpers import assert_grads_close, metric_tolerance, tiny_recipe
 
 

@@ -30,7 +30,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     pytest.skip(f"trl not installed ({err}); install the `peers` extra", allow_module_level=True)
 
 from llm.tiny import build_char_tokenizer, build_tiny_model
-from llm.trainer import completion_outputs, sdpo_loss
+from llm.losses import sdpo_loss
+from llm.models import completion_outputs
 from sdpo_sim.core.method import MethodConfig
 from sdpo_sim.core.losses import truncated_importance_weight
 

@@ -1,0 +1,107 @@
+"""The shared loss on transformer outputs: logits ``[B, T, V]``, or final hidden states ``[B, T, H]`` with the LM head
+(the fused path, chunk by chunk). Every loss itself comes from :mod:`sdpo_sim.core.losses`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from sdpo_sim.core.losses import (
+    aggregate,
+    fused_linear_sdpo_loss,
+    sdpo_token_loss,
+)
+from sdpo_sim.core.method import MethodConfig
+from sdpo_sim.core.statistics import token_statistics
+
+
+def per_token_sdpo_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, completion_ids: torch.Tensor, method: MethodConfig) -> torch.Tensor:
+    """SDPO's per-token loss ``D(student_t, stopgrad(teacher_t))`` of a batch, ``[B, T]``, from ``[B, T, V]`` logits
+    (already divided by the temperature). Unreduced and unmasked: the function to compare with peers."""
+    return sdpo_token_loss(student_logits, teacher_logits, alpha=method.alpha, support=method.support, topk=method.topk,
+                           add_tail=method.add_tail, tokens=completion_ids)
+
+
+def fused_token_weights(mask: torch.Tensor, loss_type: str, max_len: int) -> torch.Tensor:
+    """Weights ``w [B, T]`` with ``Σ loss·mask·w / Σ mask == aggregate(loss, mask, loss_type, max_len)``."""
+    n_sel = mask.sum().clamp(min=1.0)
+    if loss_type == "token_mean":
+        return torch.ones_like(mask)
+    if loss_type == "sequence_mean":
+        return (n_sel / (mask.sum(-1, keepdim=True).clamp(min=1.0) * mask.shape[0])).expand_as(mask)
+    return torch.full_like(mask, float(n_sel) / (mask.shape[0] * max_len))  # dr_grpo
+
+
+def sdpo_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    completion_ids: torch.Tensor,
+    mask: torch.Tensor,
+    method: MethodConfig,
+    *,
+    max_len: int,
+    weight: Optional[torch.Tensor] = None,
+    teacher_weight: Optional[torch.Tensor] = None,
+    token_weights: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """The SDPO term, reduced by ``method.loss_type`` over ``mask [B, T]``.
+
+    Unfused: ``student``/``teacher`` are logits ``[B, T, V]``. Fused (``weight`` given): they are final
+    hidden states ``[B, T, H]`` (already divided by the temperature) and ``weight [V, H]`` the LM head;
+    ``fused_linear_sdpo_loss`` computes the same value chunk by chunk, never holding ``[B·T, V]``.
+    ``token_weights [B, T]`` (detached), e.g. truncated importance ratios, multiply the per-token loss.
+    """
+    if weight is None:
+        per_tok = per_token_sdpo_loss(student, teacher, completion_ids, method)
+        if token_weights is not None:
+            per_tok = per_tok * token_weights
+        return aggregate(per_tok, mask, method.loss_type, max_len)
+    w = fused_token_weights(mask, method.loss_type, max_len)
+    if token_weights is not None:
+        w = w * token_weights
+    h = student.shape[-1]
+    return fused_linear_sdpo_loss(
+        student.reshape(-1, h), teacher.reshape(-1, h), weight, mask.reshape(-1), teacher_weight=teacher_weight,
+        alpha=method.alpha, support=method.support, topk=method.topk, add_tail=method.add_tail, chunk_size=chunk_size,
+        tokens=completion_ids.reshape(-1), token_weights=w.reshape(-1).detach(),
+    )
+
+
+def _chunk_token_logp(h: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax((h @ weight.T).float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def token_logprobs(student: torch.Tensor, completion_ids: torch.Tensor, weight: Optional[torch.Tensor] = None, chunk_size: int = 1024) -> torch.Tensor:
+    """``log π(y_t)`` ``[B, T]`` from logits ``[B, T, V]``, or from hidden states and the LM head chunk by
+    chunk (recomputed in backward, so ``[B·T, V]`` never exists)."""
+    if weight is None:
+        return torch.log_softmax(student.float(), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    b, t, h = student.shape
+    flat, toks = student.reshape(-1, h), completion_ids.reshape(-1)
+    parts = [checkpoint(_chunk_token_logp, flat[s:s + chunk_size], weight, toks[s:s + chunk_size], use_reentrant=False)
+             for s in range(0, flat.shape[0], chunk_size)]
+    return torch.cat(parts).reshape(b, t)
+
+
+@torch.no_grad()
+def token_stats(student, teacher, completion_ids, alpha: float, weight=None, teacher_weight=None, chunk_size: int = 1024):
+    """Per-token ``entropy``, teacher–student ``divergence`` (full vocabulary, the method's alpha) and the credit
+    ``log p_T(y_t) − log p_θ(y_t)``, each ``[B, T]``; from logits, or from hidden states chunk by chunk."""
+    b, t = completion_ids.shape
+    s_rows = student.reshape(b * t, -1)
+    t_rows = None if teacher is None else teacher.reshape(b * t, -1)
+    toks = completion_ids.reshape(-1)
+    ent, div, ratio = (torch.zeros(b * t) for _ in range(3))
+    tw = weight if teacher_weight is None else teacher_weight
+    for s in range(0, b * t, chunk_size):  # one [chunk, V] block of logits at a time (core.statistics defines each statistic)
+        sl = slice(s, s + chunk_size)
+        s_logits = s_rows[sl] if weight is None else s_rows[sl] @ weight.T
+        t_logits = None if t_rows is None else (t_rows[sl] if weight is None else t_rows[sl] @ tw.T)
+        e, d, r = token_statistics(s_logits, t_logits, toks[sl], alpha)
+        ent[sl] = e.cpu()
+        if t_logits is not None:
+            div[sl], ratio[sl] = d.cpu(), r.cpu()
+    return ent.reshape(b, t), div.reshape(b, t), ratio.reshape(b, t)

@@ -1,0 +1,96 @@
+"""Rollouts: prompts → sampled completions → judge → feedback → teacher contexts → a packed :class:`~llm.batch.Batch`.
+
+The first half of :meth:`llm.trainer.Trainer.step`, in the order the toy world's loop uses (docs/design.md §4)."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Optional
+
+import torch
+
+from sdpo_sim.core.method import MethodConfig
+
+from .batch import Batch, pack_rows
+from .context import build_contexts, context_ids_for_batch, prompt_ids
+from .feedback import noisy_score, render_feedback, safe_judge
+from .generation import VLLMGenerator, sample_seed
+
+PROMPTS, GENERATION, FEEDBACK = 0, 1, 2  # streams of sample_seed(seed, step, stream, ...)
+
+
+def rollout(trainer, step: int) -> tuple[Batch, dict]:
+    """One step's rollouts on this process (``trainer``: a :class:`~llm.trainer.Trainer`): sample a group of completions per
+    prompt, judge them, render feedback, build each completion's teacher context and pack it all into a :class:`Batch`."""
+    cfg, m, spec = trainer.cfg, trainer.method, trainer.recipe
+    world, rank, g = trainer.acc.num_processes, trainer.acc.process_index, m.num_generations
+    all_prompts = trainer.task.sample_prompts(random.Random(sample_seed(cfg.seed, step, PROMPTS)), cfg.prompts_per_step)
+    per_rank = cfg.prompts_per_step // world
+    first = rank * per_rank
+    prompts = all_prompts[first:first + per_rank]
+    # 1. sample a group of completions per prompt
+    p_ids = [prompt_ids(trainer.tokenizer, p, cfg.max_prompt_length) for p in prompts]
+    seeds = [sample_seed(cfg.seed, step, GENERATION, first + i) for i in range(per_rank)]
+    if isinstance(trainer.generate, VLLMGenerator):  # the engine samples from the current weights
+        trainer.generate.load_weights(trainer._full_state().items())
+    groups = trainer.generate(trainer.unwrapped, p_ids, g, seeds)
+    completion_ids = [c for grp in groups for c in grp.completion_ids]
+    texts = [trainer.tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
+    row_prompts = [p for p in prompts for _ in range(g)]
+    # 2. judge (a failing judge costs only that sample its feedback) and 3. render feedback
+    judgements = [safe_judge(trainer.judge, p, t) for p, t in zip(row_prompts, texts)]
+    scores, feedback = [], []
+    for i, j in enumerate(judgements):
+        if j is None:
+            scores.append(None)
+            feedback.append(None)
+            continue
+        noise_seed = sample_seed(cfg.seed, step, FEEDBACK, first * g + i)  # same ε for the score and its text
+        scores.append(noisy_score(j.score, spec.task.noise, random.Random(noise_seed)))
+        feedback.append(None if spec.task.feedback == "none" else
+                        render_feedback(j, spec.task.feedback, noise=spec.task.noise, rng=random.Random(noise_seed), threshold=spec.task.threshold))
+    # 4. teacher contexts: feedback and/or the best successful sibling, never itself
+    if trainer.method.distills:
+        contexts = build_contexts(row_prompts, texts, scores, feedback, g, spec.context)
+        ctx_ids = context_ids_for_batch(trainer.tokenizer, row_prompts, texts, contexts, feedback, spec.context)
+    else:
+        contexts, ctx_ids = [], [None] * len(texts)
+    student_prefix = [p for p in p_ids for _ in range(g)]
+    teacher_prefix = [c if c is not None else s for c, s in zip(ctx_ids, student_prefix)]
+    advantages = global_advantages(scores, m, trainer.acc)
+    dev, pad = trainer.acc.device, trainer.tokenizer.pad_token_id
+    ids, mask = pack_rows(student_prefix, completion_ids, pad, dev)
+    t_ids, t_mask = pack_rows(teacher_prefix, completion_ids, pad, dev)
+    comp, comp_mask = pack_rows([[]] * len(completion_ids), completion_ids, pad, dev)
+    batch = Batch(
+        input_ids=ids, attention_mask=mask, teacher_input_ids=t_ids, teacher_attention_mask=t_mask,
+        completion_ids=comp, completion_mask=comp_mask.float(),
+        distill_mask=torch.tensor([float(c is not None) for c in ctx_ids], device=dev),
+        judged=torch.tensor([float(s is not None) for s in scores], device=dev),
+        advantages=advantages.to(dev),
+    )
+    true_scores = [j.score for j in judgements if j is not None]
+    info = {
+        "reward_sum": sum(true_scores), "judged": len(true_scores), "judge_failures": len(judgements) - len(true_scores),
+        "completions": len(texts), "length_sum": float(comp_mask.sum()), "texts": texts, "prompts": row_prompts,
+        "completion_ids": completion_ids, "distill_rows": [c is not None for c in ctx_ids],
+        "distilled": float(batch.distill_mask.sum()), "demos": sum(c.demo_index is not None for c in contexts),
+    }
+    return batch, info
+
+
+def global_advantages(scores: list[Optional[float]], m: MethodConfig, acc) -> torch.Tensor:
+    """GRPO: group-normalised; REINFORCE and hybrid: ``r − batch mean`` over the *global* batch.
+
+    A completion whose judge failed is filled with its group's mean score and gets no policy-gradient loss.
+    """
+    g = m.num_generations
+    r = torch.tensor([math.nan if s is None else s for s in scores], dtype=torch.float32)
+    groups = r.view(-1, g)
+    fill = torch.nanmean(groups, dim=1, keepdim=True).nan_to_num(0.0).expand_as(groups)
+    r = torch.where(groups.isnan(), fill, groups).reshape(-1)
+    all_r = acc.gather(r.to(acc.device)).cpu() if acc.num_processes > 1 else r
+    adv = m.advantages(all_r)
+    n = r.numel()
+    return adv[acc.process_index * n:(acc.process_index + 1) * n]
