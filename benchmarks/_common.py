@@ -23,6 +23,7 @@ Results file ``benchmarks/results/<name>.json`` (read by ``benchmarks/run_all.py
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -138,6 +139,29 @@ def spawn_worker(script: str, worker: str, args: list[str]) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"{Path(script).name} --worker {worker} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def parse_or_work(parser, argv, work: Callable[[Any], dict]):
+    """Add the ``--out-dir`` and (internal) ``--worker`` flags every fresh-process benchmark has, and parse ``argv``.
+    In a worker process (``--worker NAME``, see :func:`spawn_worker`) print ``work(args)`` as JSON and return
+    ``None``; otherwise return the parsed arguments for the benchmark's own main."""
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(work(args)))
+        return None
+    return args
+
+
+def trl_installed() -> bool:
+    """Whether TRL (the ``peers`` extra) can be imported; says so on stderr when it cannot."""
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("trl is not installed (peers extra): nothing to compare against", file=sys.stderr)
+        return False
+    return True
 
 
 def load_average() -> Optional[list[float]]:

@@ -25,7 +25,6 @@ per-step wall times after warm-up steps, pooled over the rounds; figure = median
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -36,7 +35,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, PeakRSS, figure, load_average, print_figures, spawn_worker, write_results  # noqa: E402
+from _common import PeakRSS, figure, load_average, parse_or_work, print_figures, trl_installed, spawn_worker, write_results  # noqa: E402
 
 NAME = "full_step"
 SUCCESS = 0.5  # score at which a sibling is a demonstration (both sides; low, so the tiny model has some)
@@ -149,16 +148,10 @@ def main(argv=None) -> int:
                    help="llm.tiny_pretrain steps before the run, so that some completions succeed and get demonstrations")
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out-dir", default=str(RESULTS_DIR))
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        print(json.dumps(run_worker(args)))
+    args = parse_or_work(p, argv, run_worker)
+    if args is None:
         return 0
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        print("trl is not installed (peers extra): nothing to compare against", file=sys.stderr)
+    if not trl_installed():
         return 1
     from tqdm import tqdm
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, PeakRSS, figure, load_average, print_figures, spawn_worker, time_calls, write_results  # noqa: E402
+from _common import PeakRSS, figure, load_average, parse_or_work, print_figures, spawn_worker, time_calls, write_results  # noqa: E402
 
 VARIANTS = ("fused", "plain", "trl_full", "fused_topk", "trl_topk")
 NAME = "fused_loss"
@@ -134,11 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads per variant (0 = torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--out-dir", default=str(RESULTS_DIR))
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        print(json.dumps(run_worker(args)))
+    args = parse_or_work(p, argv, run_worker)
+    if args is None:
         return 0
 
     variants = [v for v in args.variants.split(",") if v]

@@ -12,8 +12,8 @@ import argparse
 import time
 
 import torch
-
 from _common import figure, load_average, write_results
+
 from sdpo_sim.train import RunConfig, run
 
 TARGET_S = 60.0

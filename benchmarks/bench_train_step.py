@@ -26,14 +26,13 @@ import argparse
 import contextlib
 import gc
 import inspect
-import json
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, PeakRSS, figure, load_average, print_figures, spawn_worker, time_calls, write_results  # noqa: E402
+from _common import PeakRSS, figure, load_average, parse_or_work, print_figures, trl_installed, spawn_worker, time_calls, write_results  # noqa: E402
 
 NAME = "train_step"
 VARIANTS = ("ours", "trl")
@@ -175,16 +174,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-share-prefix", dest="share_prefix", action="store_false",
                    help="ours without the shared prompt prefix (training.share_prompt_prefix: false)")
-    p.add_argument("--out-dir", default=str(RESULTS_DIR))
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.worker:
-        print(json.dumps(run_interleaved(args) if args.worker == "interleaved" else run_worker(args)))
+    args = parse_or_work(p, argv, lambda a: run_interleaved(a) if a.worker == "interleaved" else run_worker(a))
+    if args is None:
         return 0
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        print("trl is not installed (peers extra): nothing to compare against", file=sys.stderr)
+    if not trl_installed():
         return 1
 
     from tqdm import tqdm

@@ -104,24 +104,11 @@ def save_pretrained_dir(model, tokenizer, out_dir: Union[str, Path]) -> Path:
     return out
 
 
-def build_tiny(
-    out_dir: Union[str, Path],
-    *,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    intermediate_size: Optional[int] = None,
-    max_positions: int = 512,
-    seed: int = 0,
-) -> Path:
-    """Build a tiny random Qwen3 causal LM + character tokenizer and save both into ``out_dir``."""
+def build_tiny(out_dir: Union[str, Path], **sizes) -> Path:
+    """Build a tiny random Qwen3 causal LM + character tokenizer and save both into ``out_dir``; ``sizes`` are
+    :func:`build_tiny_model`'s keywords (``hidden_size``, ``num_layers``, ..., ``seed``)."""
     tokenizer = build_char_tokenizer()
-    model = build_tiny_model(
-        tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, max_positions=max_positions, seed=seed,
-    )
-    return save_pretrained_dir(model, tokenizer, out_dir)
+    return save_pretrained_dir(build_tiny_model(tokenizer, **sizes), tokenizer, out_dir)
 
 
 def build_tiny_reward_model(

@@ -158,12 +158,10 @@ def claim_credit(seeds: pd.DataFrame, history: pd.DataFrame) -> Claim:
     for kind in ("ema", "live"):
         part = _where(frame, teacher_kind=kind)
         for fb in _feedbacks(part):
-            s = summarize(_where(part, feedback=fb, arm="sdpo"), "credit_corr")
-            if s.empty or s["n"].iloc[0] == 0:
+            r, rf = _sdpo_and_reinforce(part, frame, fb, "credit_corr")
+            if r is None:
                 continue
-            r = s.iloc[0]
-            rf = summarize(_where(frame, feedback=fb, arm="reinforce"), "credit_corr")
-            notes = [f"REINFORCE on the same feedback: {_fmt(rf['mean'].iloc[0])}"] if len(rf) and rf["n"].iloc[0] else []
+            notes = [f"REINFORCE on the same feedback: {_fmt(rf['mean'])}"] if rf is not None else []
             if len(start):
                 s0 = _where(start, feedback=fb, arm="sdpo", teacher_kind=kind, step=0)["credit_pearson"]
                 if len(s0):
@@ -189,18 +187,26 @@ def claim_credit(seeds: pd.DataFrame, history: pd.DataFrame) -> Claim:
     return c
 
 
+def _sdpo_and_reinforce(sdpo_frame: pd.DataFrame, reinforce_frame: pd.DataFrame, feedback: str, metric: str):
+    """Summary rows (mean, CI, n) of ``metric`` under ``feedback``: SDPO's from ``sdpo_frame`` and REINFORCE's from
+    ``reinforce_frame``; each ``None`` when that arm has no units (REINFORCE's too when SDPO's is missing)."""
+    s = summarize(_where(sdpo_frame, feedback=feedback, arm="sdpo"), metric)
+    if s.empty or s["n"].iloc[0] == 0:
+        return None, None
+    rf = summarize(_where(reinforce_frame, feedback=feedback, arm="reinforce"), metric)
+    return s.iloc[0], (rf.iloc[0] if len(rf) and rf["n"].iloc[0] else None)
+
+
 def claim_entropy(seeds: pd.DataFrame, history: pd.DataFrame) -> Claim:
     c = Claim("C3", "SDPO reduces policy entropy by 15–22%", "15% … 22%",
               "relative drop of per-token entropy, 1 − H(final)/H(step 0), of SDPO", "CI overlaps [15%, 22%]",
               "block main: noise 0, ρ=0.5; final step")
     main = _block(seeds, "main")
     for fb in _feedbacks(main):
-        s = summarize(_where(main, feedback=fb, arm="sdpo"), "entropy_drop")
-        if s.empty or s["n"].iloc[0] == 0:
+        r, rf = _sdpo_and_reinforce(main, main, fb, "entropy_drop")
+        if r is None:
             continue
-        r = s.iloc[0]
-        rf = summarize(_where(main, feedback=fb, arm="reinforce"), "entropy_drop")
-        note = f"REINFORCE: {_fmt(rf['mean'].iloc[0], pct=True)}" if len(rf) and rf["n"].iloc[0] else ""
+        note = f"REINFORCE: {_fmt(rf['mean'], pct=True)}" if rf is not None else ""
         matched = _entropy_at_matched(history, fb)
         if matched:
             note += f"; {matched}"
