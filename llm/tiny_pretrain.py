@@ -14,7 +14,7 @@ will read later. Each example is ``context → answer<eos>`` (loss on the answer
   must not learn that any feedback at all means "do better".
 
 So the model conditioned on a critique or demonstration puts its mass on the corrected tokens, which
-is what SDPO's self-teacher needs; conditioned on a bare score it does not improve (docs/design.md §3).
+is what SDPO's self-teacher needs; conditioned on a bare score it does not improve (DESIGN.md §3).
 """
 
 from __future__ import annotations
