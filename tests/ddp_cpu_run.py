@@ -6,6 +6,8 @@ Usage: ``torchrun --nproc_per_node 2 tests/ddp_cpu_run.py RECIPE.yaml KEEP_DIR``
 
 import sys
 
+import torch
+
 from llm.recipe import load_recipe
 from llm.trainer import Trainer
 from llm_helpers import keep_updates
@@ -14,3 +16,4 @@ if __name__ == "__main__":
     trainer = Trainer(load_recipe(sys.argv[1]))
     keep_updates(trainer, sys.argv[2])
     trainer.train()
+    torch.distributed.destroy_process_group()  # explicit teardown (see ddp_uneven_prefix_run.py)

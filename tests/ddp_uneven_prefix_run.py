@@ -30,4 +30,8 @@ if __name__ == "__main__":
         trainer.acc.backward(((student - teacher - 1.0) ** 2).mean())
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.acc.wait_for_everyone()  # both ranks are done before either tears its process group down
     Path(sys.argv[2], f"rank-{rank}.txt").write_text(f"ok {rank}\n")
+    # an explicit teardown: a rank leaving with gloo's threads alive aborted at exit ("terminate called without an
+    # active exception", SIGABRT) in a fresh-clone run on a loaded machine
+    torch.distributed.destroy_process_group()

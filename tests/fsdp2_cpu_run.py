@@ -10,6 +10,8 @@ Usage: ``torchrun --nproc_per_node 2 tests/fsdp2_cpu_run.py RECIPE.yaml [--resum
 
 import sys
 
+import torch
+
 from accelerate import Accelerator
 from torch.distributed.fsdp import fully_shard
 
@@ -32,3 +34,4 @@ if __name__ == "__main__":
     if "--keep" in sys.argv:
         keep_updates(trainer, sys.argv[sys.argv.index("--keep") + 1])
     trainer.train(resume="--resume" in sys.argv)
+    torch.distributed.destroy_process_group()  # explicit teardown (see ddp_uneven_prefix_run.py)
