@@ -19,7 +19,7 @@ import llm.make_tiny as make_tiny
 from llm.cli import main as cli_main
 from llm.make_tiny import main
 from llm.recipe import load_recipe, resolve_recipe_path
-from llm.tiny import METADATA_FILE, build_char_tokenizer, build_tiny, build_tiny_model, read_metadata, save_pretrained_dir
+from llm.tiny import build_char_tokenizer, build_tiny, build_tiny_model, read_metadata, save_pretrained_dir
 from llm.trainer import Trainer, check_trainable_precision
 
 transformers = pytest.importorskip("transformers")
@@ -27,12 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--hidden-size", "8", "--num-layers", "1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
