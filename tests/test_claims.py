@@ -10,7 +10,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sdpo_sim.claims import CONDITIONAL, FAILS, HOLDS, MISSING, Claim, Condition, claim_margin, claim_noise, evaluate, run_claims
+from sdpo_sim.claims import (
+    CONDITIONAL,
+    FAILS,
+    HOLDS,
+    MISSING,
+    VALUE_FORMATS,
+    Claim,
+    Condition,
+    evaluate,
+    render_markdown,
+    run_claims,
+)
+from sdpo_sim.claims.measure import claim_margin, claim_noise, claim_separation
+from sdpo_sim.claims.report import STYLES
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +57,45 @@ def test_claims_resume_without_rerunning(quick):
 
 
 def test_verdict_rule():
-    c = Claim("X", "s", "v", "m", "r", "set")
+    c = Claim("X", "s", "v", "m", "r", "set", "number")
     assert c.verdict == MISSING
     c.conditions = [Condition("a", 1, 0, 2, 3, True), Condition("b", 1, 0, 2, 3, False)]
     assert c.verdict == CONDITIONAL
     c.conditions[1].passes = True
     assert c.verdict == HOLDS
+
+
+def test_a_claim_refuses_an_unknown_value_format():
+    with pytest.raises(ValueError, match=r"claim X: value_format='pct' is not allowed; choose one of 'number', 'signed', 'percent', 'step'"):
+        Claim("X", "s", "v", "m", "r", "set", "pct")
+
+
+def test_every_value_format_has_a_style_in_the_report():
+    assert set(STYLES) == set(VALUE_FORMATS)
+
+
+@pytest.mark.parametrize("value_format, value, summary, detail", [
+    ("number", 0.7341, "0.734", "0.734"),
+    ("signed", 0.15, "+0.150", "0.150"),  # the sign only in the summary table
+    ("signed", -0.02, "-0.020", "-0.020"),
+    ("percent", 0.15, "15.0%", "15.0%"),
+    ("step", 20.0, "step 20", "20"),
+    ("step", float("nan"), "never", "never"),
+])
+def test_the_report_writes_each_value_format_as_documented(value_format, value, summary, detail):
+    c = Claim("X", "s", "v", "m", "r", "set", value_format, [Condition("feedback=binary", value, 0.1, 0.2, 5, True, "a note")])
+    md = render_markdown([c], [], {})
+    ci = "[10.0%, 20.0%]" if value_format == "percent" else "[0.100, 0.200]"
+    assert f"| X | s | binary: {summary} | {'—' if value_format == 'step' else ci} | set | **holds** |" in md
+    assert f"| feedback=binary | {detail} | {ci} | 5 | yes | a note |" in md
+
+
+def test_every_measured_claim_says_how_its_value_is_shown(quick):
+    _, res = quick
+    assert {c.id: c.value_format for c in res["claims"]} == {"C1": "signed", "C2": "number", "C3": "percent", "C4a": "signed", "C4b": "signed",
+                                                            "C5": "percent", "C6": "signed", "C7": "step"}
+    data = json.loads((quick[0] / "CLAIMS.json").read_text())
+    assert [c["value_format"] for c in data["claims"]] == [c.value_format for c in res["claims"]]
 
 
 def _seeds(margin: float, noise_loss: float = 0.0) -> pd.DataFrame:
@@ -115,8 +161,6 @@ def test_walltime_record_has_the_canonical_budget_as_its_target():
 @pytest.mark.parametrize("lead, expected", [({0: 0.0, 10: 0.0, 20: 0.1, 30: 0.1, 40: 0.0}, 20.0),  # ahead from 20, a tie at saturation is fine
                                             ({0: 0.0, 10: 0.1, 20: 0.1, 30: -0.1, 40: -0.1}, None)])  # ahead early, then behind: never
 def test_separation_requires_staying_ahead(lead, expected):
-    from sdpo_sim.claims import claim_separation
-
     rng = np.random.default_rng(3)
     rows = [{"block": "main", "run_id": m, "method": m, "controller": "constant", "feedback": "critique", "task_seed": 0, "seed": seed, "step": step,
              "reward": 0.5 + step / 100 + (d if m == "sdpo" else 0.0) + rng.normal(0, 0.005)}

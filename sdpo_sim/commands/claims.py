@@ -27,7 +27,7 @@ def add_parser(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..claims import run_claims
+    from ..claims.job import run_claims
     from ..core.io import atomic_write_text, check_output_file
 
     if args.record_walltime:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .sweep import add_workers
 
@@ -16,7 +15,7 @@ def add_parser(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..claims import run_claims
+    from ..claims.job import run_claims
     from ..core.io import check_output_dir
 
     out = check_output_dir(args.out, "output directory")  # before the banner: a refused run prints only its error

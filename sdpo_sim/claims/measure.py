@@ -1,10 +1,10 @@
-"""The claims report: each claim of the reference simulation study (docs/design.md §2), measured.
+"""Measuring the claims: each claim of the reference simulation study (docs/design.md §2), from a sweep's tables.
 
 :func:`evaluate` reads a sweep made from ``specs/claims.yaml`` (or its smaller siblings ``main`` and
 ``quick``: same block names) and returns one :class:`Claim` per statement, each with per-condition
 measurements, 95% bootstrap CIs over (task seed, seed) units, and a verdict by a rule fixed in
-advance (below) — never tuned toward the study's numbers. :func:`write_report` writes CLAIMS.md
-and CLAIMS.json.
+advance (below) — never tuned toward the study's numbers. Each claim also says how its value is shown
+(:data:`VALUE_FORMATS`); writing the report is :mod:`sdpo_sim.claims.report`'s job.
 
 Verdict rules. Each claim is checked separately under each condition (feedback type, noise level):
 - a *range* claim ("+0.13…0.18", "15–22%") passes a condition when the CI overlaps the range;
@@ -15,23 +15,27 @@ Verdict rules. Each claim is checked separately under each condition (feedback t
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-from .core.io import atomic_write_text, check_output_dir
-from .plots import with_arm, write_figures
-from .stats import bootstrap_ci, first_crossing, paired_difference, summarize
-from .sweep import Interrupted, Spec, kept_runs, run_sweep
+from ..plots import with_arm
+from ..stats import bootstrap_ci, first_crossing, paired_difference, summarize
+from .formatting import fmt
 
 HOLDS, CONDITIONAL, FAILS, MISSING = "holds", "holds only under stated conditions", "does not hold", "not measured"
 FEEDBACK_ORDER = ("binary", "ordinal", "continuous", "critique")
+
+# how a claim's value is shown (sdpo_sim.claims.report writes each so)
+VALUE_FORMATS = {
+    "number": "a plain value, three decimals: 0.734",
+    "signed": "a difference: its sign shown in the summary table (+0.150), not in the details table (0.150)",
+    "percent": "a fraction as a percentage: 15.0%",
+    "step": "a training step: 'step 20' (20 in the details table), 'never' when not reached",
+}
 
 
 @dataclass
@@ -49,14 +53,21 @@ class Condition:
 
 @dataclass
 class Claim:
+    """One claim of the study: what it says, what we measure, the rule, the per-condition measurements and the verdict."""
+
     id: str
     statement: str  # what the study says
     study_value: str
     metric: str  # what we measure, exactly
     rule: str  # when a condition passes
     setting: str  # fixed conditions of the measurement
+    value_format: str  # how the value is shown: a key of VALUE_FORMATS
     conditions: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.value_format not in VALUE_FORMATS:
+            raise ValueError(f"claim {self.id}: value_format={self.value_format!r} is not allowed; choose one of {', '.join(map(repr, VALUE_FORMATS))}")
 
     @property
     def verdict(self) -> str:
@@ -68,11 +79,12 @@ class Claim:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["verdict"] = self.verdict
-        d["conditions"] = [{k: _clean(v) for k, v in asdict(c).items()} for c in self.conditions]
+        d["conditions"] = [{k: jsonable(v) for k, v in asdict(c).items()} for c in self.conditions]
         return d
 
 
-def _clean(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+    """A value as JSON writes it: numpy scalars as Python ones, floats rounded to 6 decimals, NaN/inf as ``None``."""
     if isinstance(v, (float, np.floating)):
         return None if not math.isfinite(float(v)) else round(float(v), 6)
     if isinstance(v, np.integer):
@@ -83,7 +95,7 @@ def _clean(v: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- selecting rows
-def _units(seeds: pd.DataFrame) -> pd.DataFrame:
+def units(seeds: pd.DataFrame) -> pd.DataFrame:
     """Per-seed table with ``arm`` and duplicates of shared runs removed per block."""
     return with_arm(seeds)
 
@@ -108,14 +120,7 @@ def _feedbacks(frame: pd.DataFrame) -> list:
     return [f for f in FEEDBACK_ORDER if f in present] + sorted(f for f in present if f not in FEEDBACK_ORDER)
 
 
-def _fmt(x: float, pct: bool = False, signed: bool = False) -> str:
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    if pct:
-        return f"{x:+.1%}" if signed else f"{x:.1%}"
-    return f"{x:+.3f}" if signed else f"{x:.3f}"
-
-
+# ----------------------------------------------------------------------------- verdict rules
 def _overlaps(lo: float, hi: float, a: float, b: float) -> bool:
     return math.isfinite(lo) and math.isfinite(hi) and hi >= a and lo <= b
 
@@ -128,7 +133,7 @@ def _above(lo: float, threshold: float) -> bool:
 def claim_margin(seeds: pd.DataFrame) -> Claim:
     c = Claim("C1", "SDPO outperforms REINFORCE by +0.13 to +0.18 mean reward", "+0.13 … +0.18",
               "paired difference of final exact reward J, SDPO − REINFORCE (both at their tuned lr), matched on task seed and seed",
-              "CI overlaps [0.13, 0.18]", "block main: noise 0, ρ=0.5, β=1, Bayes teacher, markov policy")
+              "CI overlaps [0.13, 0.18]", "block main: noise 0, ρ=0.5, β=1, Bayes teacher, markov policy", value_format="signed")
     main = _block(seeds, "main")
     for fb in _feedbacks(main):
         part = _where(main, feedback=fb, arm=["sdpo", "reinforce"])
@@ -138,7 +143,7 @@ def claim_margin(seeds: pd.DataFrame) -> Claim:
         auc = paired_difference(part, "auc", "arm", "sdpo", "reinforce").iloc[0]
         r = d.iloc[0]
         c.conditions.append(Condition(f"feedback={fb}", r["mean"], r["ci_lo"], r["ci_hi"], int(r["n"]), _overlaps(r["ci_lo"], r["ci_hi"], 0.13, 0.18),
-                                      f"AUC margin {_fmt(auc['mean'], signed=True)} [{_fmt(auc['ci_lo'])}, {_fmt(auc['ci_hi'])}]"))
+                                      f"AUC margin {fmt(auc['mean'], signed=True)} [{fmt(auc['ci_lo'])}, {fmt(auc['ci_hi'])}]"))
     rf = _where(main, arm="reinforce")
     if len(rf):
         final = rf["final_reward"].mean()
@@ -152,7 +157,8 @@ def claim_credit(seeds: pd.DataFrame, history: pd.DataFrame) -> Claim:
     c = Claim("C2", "SDPO's credit assignment correlates > 0.70 with the ground truth", "> 0.70",
               "Pearson correlation of SDPO's per-token credit log p_T(y_t) − log p_θ(y_t) with the exact advantage A*_t, pooled over a batch, "
               "averaged over evaluation steps; one value per (task seed, seed)",
-              "whole CI above 0.70", "blocks main (EMA teacher, rate 0.05) and live_teacher: noise 0, ρ=0.5, β=1, Bayes teacher")
+              "whole CI above 0.70", "blocks main (EMA teacher, rate 0.05) and live_teacher: noise 0, ρ=0.5, β=1, Bayes teacher",
+              value_format="number")
     frame = pd.concat([_block(seeds, "main"), _block(seeds, "live_teacher")])
     start = _block(with_arm(history), "main", "live_teacher") if not history.empty else history
     for kind in ("ema", "live"):
@@ -161,11 +167,11 @@ def claim_credit(seeds: pd.DataFrame, history: pd.DataFrame) -> Claim:
             r, rf = _sdpo_and_reinforce(part, frame, fb, "credit_corr")
             if r is None:
                 continue
-            notes = [f"REINFORCE on the same feedback: {_fmt(rf['mean'])}"] if rf is not None else []
+            notes = [f"REINFORCE on the same feedback: {fmt(rf['mean'])}"] if rf is not None else []
             if len(start):
                 s0 = _where(start, feedback=fb, arm="sdpo", teacher_kind=kind, step=0)["credit_pearson"]
                 if len(s0):
-                    notes.append(f"at step 0 (initial policy): {_fmt(float(s0.mean()))}")
+                    notes.append(f"at step 0 (initial policy): {fmt(float(s0.mean()))}")
             c.conditions.append(Condition(f"teacher_kind={kind}, feedback={fb}", r["mean"], r["ci_lo"], r["ci_hi"], int(r["n"]), _above(r["ci_lo"], 0.70), "; ".join(notes)))
     if len(start):
         init = _where(start, arm="sdpo", step=0)
@@ -200,13 +206,13 @@ def _sdpo_and_reinforce(sdpo_frame: pd.DataFrame, reinforce_frame: pd.DataFrame,
 def claim_entropy(seeds: pd.DataFrame, history: pd.DataFrame) -> Claim:
     c = Claim("C3", "SDPO reduces policy entropy by 15–22%", "15% … 22%",
               "relative drop of per-token entropy, 1 − H(final)/H(step 0), of SDPO", "CI overlaps [15%, 22%]",
-              "block main: noise 0, ρ=0.5; final step")
+              "block main: noise 0, ρ=0.5; final step", value_format="percent")
     main = _block(seeds, "main")
     for fb in _feedbacks(main):
         r, rf = _sdpo_and_reinforce(main, main, fb, "entropy_drop")
         if r is None:
             continue
-        note = f"REINFORCE: {_fmt(rf['mean'], pct=True)}" if rf is not None else ""
+        note = f"REINFORCE: {fmt(rf['mean'], pct=True)}" if rf is not None else ""
         matched = _entropy_at_matched(history, fb)
         if matched:
             note += f"; {matched}"
@@ -230,13 +236,13 @@ def _entropy_at_matched(history: pd.DataFrame, feedback: str) -> str:
     if d.empty or not d["n"].iloc[0]:
         return f"entropy at matched reward J={level:.3f}: not reached by both"
     r = d.iloc[0]
-    return f"entropy at matched reward J={level:.3f}, SDPO − REINFORCE: {_fmt(r['mean'], signed=True)} nats [{_fmt(r['ci_lo'])}, {_fmt(r['ci_hi'])}]"
+    return f"entropy at matched reward J={level:.3f}, SDPO − REINFORCE: {fmt(r['mean'], signed=True)} nats [{fmt(r['ci_lo'])}, {fmt(r['ci_hi'])}]"
 
 
 def claim_richness(seeds: pd.DataFrame, value: str, cid: str, what: str, blocks: Sequence[str] = ("main",)) -> Claim:
     c = Claim(cid, f"{what} scales monotonically with feedback richness (critique > continuous > ordinal > binary)", "monotone",
               f"paired difference of SDPO's {value} between adjacent feedback types, matched on task seed and seed",
-              "whole CI above 0", f"block(s) {', '.join(blocks)}: SDPO, noise 0, ρ=0.5")
+              "whole CI above 0", f"block(s) {', '.join(blocks)}: SDPO, noise 0, ρ=0.5", value_format="signed")
     frame = _where(pd.concat([_block(seeds, b) for b in blocks]), arm="sdpo")
     kinds = sorted(frame["teacher_kind"].unique()) if len(frame) else []
     for kind in kinds:
@@ -252,7 +258,7 @@ def claim_richness(seeds: pd.DataFrame, value: str, cid: str, what: str, blocks:
 def claim_noise(seeds: pd.DataFrame) -> Claim:
     c = Claim("C5", "SDPO degrades gracefully: only 2.6% reward lost at extreme noise", "2.6% loss",
               "relative loss of final exact reward, 1 − J(σ_max)/J(σ=0), of SDPO, paired on seed (task seed 0)",
-              "CI reaches down to ≤ 2.6%", "blocks main (σ=0) + noise; ρ=0.5")
+              "CI reaches down to ≤ 2.6%", "blocks main (σ=0) + noise; ρ=0.5", value_format="percent")
     frame = _block(seeds, "main", "noise")
     frame = frame[frame["task_seed"] == frame["task_seed"].min()] if len(frame) else frame
     if frame.empty or frame["noise"].nunique() < 2:
@@ -270,7 +276,7 @@ def claim_noise(seeds: pd.DataFrame) -> Claim:
         if not len(losses["sdpo"]):
             continue
         m, lo, hi = bootstrap_ci(losses["sdpo"])
-        rf = f"REINFORCE loses {_fmt(float(np.mean(losses['reinforce'])), pct=True)}" if len(losses["reinforce"]) else ""
+        rf = f"REINFORCE loses {fmt(float(np.mean(losses['reinforce'])), pct=True)}" if len(losses["reinforce"]) else ""
         c.conditions.append(Condition(f"feedback={fb}", m, lo, hi, len(losses["sdpo"]), math.isfinite(lo) and lo <= 0.026, rf))
     return c
 
@@ -278,7 +284,8 @@ def claim_noise(seeds: pd.DataFrame) -> Claim:
 def claim_hybrid(seeds: pd.DataFrame) -> Claim:
     c = Claim("C6", "Hybrid matches SDPO's reward with more entropy (1.82 vs 1.75 nats)", "1.82 vs 1.75",
               "paired difference of final per-token entropy, hybrid (divergence controller) − SDPO, at the SAME noise level (the study compared two)",
-              "entropy difference CI above 0 and reward difference CI above −0.01 (matches)", "block hybrid: continuous feedback, ρ=0.5")
+              "entropy difference CI above 0 and reward difference CI above −0.01 (matches)", "block hybrid: continuous feedback, ρ=0.5",
+              value_format="signed")
     hy = _block(seeds, "hybrid")
     if hy.empty:
         return c
@@ -291,7 +298,7 @@ def claim_hybrid(seeds: pd.DataFrame) -> Claim:
         e, r = e.iloc[0], r.iloc[0]
         ent = part.groupby("arm")["entropy"].mean()
         note = ("final entropy (nats): " + ", ".join(f"{a} {v:.2f}" for a, v in ent.items()) +
-                f"; reward difference {_fmt(r['mean'], signed=True)} [{_fmt(r['ci_lo'])}, {_fmt(r['ci_hi'])}]")
+                f"; reward difference {fmt(r['mean'], signed=True)} [{fmt(r['ci_lo'])}, {fmt(r['ci_hi'])}]")
         c.conditions.append(Condition(f"noise={noise:g}", e["mean"], e["ci_lo"], e["ci_hi"], int(e["n"]),
                                       _above(e["ci_lo"], 0.0) and _above(r["ci_lo"], -0.01), note))
     c.notes.append(f"Maximal per-token entropy is ln V = {math.log(8):.3f} nats for V = 8: 1.82 nats would be 88% of it.")
@@ -302,7 +309,7 @@ def claim_separation(history: pd.DataFrame) -> Claim:
     c = Claim("C7", "SDPO separates from the baselines within 30 steps", "≤ 30 steps",
               "first evaluation step at which the paired reward difference SDPO − REINFORCE has its whole CI above 0 and after "
               "which REINFORCE is never significantly ahead (CI below 0) — separates and stays separated (a tie at saturation is allowed)",
-              "that step ≤ 30", "block main: noise 0; evaluation every 10 steps")
+              "that step ≤ 30", "block main: noise 0; evaluation every 10 steps", value_format="step")
     if history.empty:
         return c
     h = _block(with_arm(history), "main")
@@ -326,7 +333,7 @@ def claim_separation(history: pd.DataFrame) -> Claim:
         if not stays.any():
             notes.insert(0, "never separates for good")
         else:
-            notes.insert(0, f"difference at that step {_fmt(at['mean'], signed=True)}")
+            notes.insert(0, f"difference at that step {fmt(at['mean'], signed=True)}")
         c.conditions.append(Condition(f"feedback={fb}", first, at["ci_lo"] if stays.any() else float("nan"), at["ci_hi"] if stays.any() else float("nan"),
                                       int(at["n"]), math.isfinite(first) and first <= 30, "; ".join(notes)))
     return c
@@ -346,7 +353,7 @@ def replica(seeds: pd.DataFrame) -> list[dict]:
                    "rho": float(g["rho"].iloc[0]), "n": int(len(g))}
             for value in ("final_reward", "credit_corr", "entropy_drop", "entropy"):
                 m, lo, hi = bootstrap_ci(g[value])
-                row[value], row[f"{value}_ci"] = _clean(m), [_clean(lo), _clean(hi)]
+                row[value], row[f"{value}_ci"] = jsonable(m), [jsonable(lo), jsonable(hi)]
             rows.append(row)
     sp = _block(seeds, "seed_paper")
     for fb in _feedbacks(sp):
@@ -354,144 +361,16 @@ def replica(seeds: pd.DataFrame) -> list[dict]:
         if len(d) and d["n"].iloc[0]:
             for row in rows:
                 if row["block"] == "seed_paper" and row["feedback"] == fb and row["method"] == "sdpo":
-                    row["margin_vs_reinforce"] = _clean(d["mean"].iloc[0])
-                    row["margin_vs_reinforce_ci"] = [_clean(d["ci_lo"].iloc[0]), _clean(d["ci_hi"].iloc[0])]
+                    row["margin_vs_reinforce"] = jsonable(d["mean"].iloc[0])
+                    row["margin_vs_reinforce_ci"] = [jsonable(d["ci_lo"].iloc[0]), jsonable(d["ci_hi"].iloc[0])]
     return rows
 
 
 def evaluate(tables: dict) -> list[Claim]:
     """Every claim, from a claims-style sweep's tables (``seeds`` and ``history``)."""
-    seeds, history = _units(tables["seeds"]), tables["history"]
+    seeds, history = units(tables["seeds"]), tables["history"]
     if seeds.empty:
         raise ValueError("the sweep has no finished runs; nothing to evaluate")
     return [claim_margin(seeds), claim_credit(seeds, history), claim_entropy(seeds, history), claim_richness(seeds, "final_reward", "C4a", "Alignment quality (final reward)"),
             claim_richness(seeds, "credit_corr", "C4b", "Credit correlation", ("main", "live_teacher")), claim_noise(seeds), claim_hybrid(seeds), claim_separation(history)]
 
-
-# ----------------------------------------------------------------------------- the report
-def _value_text(claim: Claim) -> tuple[str, str]:
-    pct = claim.id in ("C3", "C5")
-    if not claim.conditions:
-        return "—", "—"
-    if claim.id == "C7":
-        vals = "; ".join(f"{_short(c.condition)}: {'step ' + str(int(c.value)) if math.isfinite(c.value) else 'never'}" for c in claim.conditions)
-        return vals, "—"
-    vals = "; ".join(f"{_short(c.condition)}: {_fmt(c.value, pct=pct, signed=claim.id in ('C1', 'C4a', 'C4b', 'C6'))}" for c in claim.conditions)
-    cis = "; ".join(f"[{_fmt(c.ci_lo, pct=pct)}, {_fmt(c.ci_hi, pct=pct)}]" for c in claim.conditions)
-    return vals, cis
-
-
-def _short(condition: str) -> str:
-    """``teacher_kind=live, feedback=binary`` → ``live, binary``."""
-    return ", ".join(part.split("=")[-1] for part in condition.split(", "))
-
-
-def render_markdown(claims: Sequence[Claim], rep: Sequence[dict], meta: dict) -> str:
-    lines = [
-        "# Claims of the reference simulation study, measured",
-        "",
-        f"Generated by `{meta.get('command', 'sdpo-sim claims')}` from spec `{meta.get('spec')}` "
-        f"({meta.get('runs')} runs, {meta.get('failed', 0)} failed, {meta.get('reused', 0)} reused from an earlier invocation of the same sweep; "
-        f"wall time of this invocation {meta.get('wall_time_s', float('nan')):.0f} s on {meta.get('workers')} worker(s)); "
-        f"sdpo-lab {meta.get('package_version')} at commit `{meta.get('git_commit')}`, {meta.get('date')}.",
-        "",
-        "Every number is measured in the exact toy world (docs/design.md §3); CIs are 95% percentile-bootstrap intervals over "
-        "(task seed, seed) units, paired where two arms are compared. Learning rates: " + meta.get("lr_rule", "as given") + ". "
-        "Verdict rules are fixed in advance: a range claim passes a condition when its CI overlaps the range; a threshold or "
-        "direction claim when the whole CI is on the claimed side; *holds* = every condition passes, *holds only under stated "
-        "conditions* = some do (listed in the details), *does not hold* = none. Methodology: docs/experiments.md.",
-        "",
-        "| # | the study says | we measure | 95% CI | conditions | verdict |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c in claims:
-        vals, cis = _value_text(c)
-        lines.append(f"| {c.id} | {c.statement} | {vals} | {cis} | {c.setting} | **{c.verdict}** |")
-    lines += ["", "## Details", ""]
-    for c in claims:
-        lines += [f"### {c.id}. {c.statement}", "", f"- measured: {c.metric}", f"- a condition passes when: {c.rule}", f"- setting: {c.setting}",
-                  f"- verdict: **{c.verdict}**" + (f" — passes under: {', '.join(x.condition for x in c.conditions if x.passes)}" if c.verdict == CONDITIONAL else ""), ""]
-        if c.conditions:
-            lines += ["| condition | value | 95% CI | n | passes | notes |", "|---|---|---|---|---|---|"]
-            pct = c.id in ("C3", "C5")
-            for x in c.conditions:
-                lines.append(f"| {x.condition} | {_fmt(x.value, pct=pct) if c.id != 'C7' else (str(int(x.value)) if math.isfinite(x.value) else 'never')} | "
-                             f"[{_fmt(x.ci_lo, pct=pct)}, {_fmt(x.ci_hi, pct=pct)}] | {x.n} | {'yes' if x.passes else 'no'} | {x.note} |")
-            lines.append("")
-        for n in c.notes:
-            lines += [f"Note: {n}", ""]
-    lines += ["## Where the study's numbers come from", "",
-              "The study's teacher adds `β·f·q(t,v)`: it reads the ground-truth quality table (our `seed-paper` teacher); "
-              "`oracle` reads the exact advantage (upper bound); `null` takes feedback from a different rollout with ρ=0 (must be ≈ 0); "
-              "`bayes` is our default retrospection model (sees only the feedback and a ρ-fidelity self-reading). Block `seed_paper` "
-              "replays the study's own setting (factored policy, SGD at its lr 0.02). Our reward is an affine rescaling, not the "
-              "study's sigmoid of an average, so that part of its setting is not replicated. Rows of block `main` are task seed 0 only.", "",
-              "| block | teacher | feedback | method | policy | optimizer | lr | ρ | final J | credit corr | entropy drop | margin vs REINFORCE |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rep:
-        margin = f"{_fmt(r['margin_vs_reinforce'], signed=True)} [{_fmt(r['margin_vs_reinforce_ci'][0])}, {_fmt(r['margin_vs_reinforce_ci'][1])}]" if r.get("margin_vs_reinforce") is not None else ""
-        lines.append(f"| {r['block']} | {r['teacher']} | {r['feedback']} | {r['method']} | {r['policy']} | {r['optimizer']} | {r['lr']:g} | {r['rho']:g} | "
-                     f"{_fmt(r['final_reward'] if r['final_reward'] is not None else float('nan'))} | {_fmt(r['credit_corr'] if r['credit_corr'] is not None else float('nan'))} | "
-                     f"{_fmt(r['entropy_drop'] if r['entropy_drop'] is not None else float('nan'), pct=True)} | {margin} |")
-    if meta.get("tuning"):
-        lines += ["", "## Learning rates", "", f"Rule: {meta['tuning']['rule']}.", "",
-                  "| " + " | ".join(meta["tuning"]["per"]) + " | lr |", "|" + "---|" * (len(meta["tuning"]["per"]) + 1)]
-        for row in meta["tuning"]["selected"]:
-            edge = " (at the edge of the candidate grid)" if row.get("at_edge") else ""
-            lines.append("| " + " | ".join(str(row[p]) for p in meta["tuning"]["per"]) + f" | {row['lr']:g}{edge} |")
-    lines.append("")
-    return "\n".join(lines)
-
-
-def write_report(claims: Sequence[Claim], rep: Sequence[dict], meta: dict, out: Path) -> tuple[Path, Path]:
-    """Write ``CLAIMS.md`` and ``CLAIMS.json`` into ``out`` atomically."""
-    out = Path(out)
-    md, js = out / "CLAIMS.md", out / "CLAIMS.json"
-    atomic_write_text(md, render_markdown(claims, rep, meta))
-    payload = {"meta": {k: v for k, v in meta.items() if k != "tuning"}, "tuning": meta.get("tuning"),
-               "claims": [c.to_dict() for c in claims], "seed_paper_replica": rep}
-    atomic_write_text(js, json.dumps(payload, indent=1, default=_clean))
-    return md, js
-
-
-SCALES = {"canonical": "claims.yaml", "main": "main.yaml", "quick": "quick.yaml"}
-
-
-def spec_path(scale: str) -> Path:
-    """The packaged spec of a scale (canonical | main | quick)."""
-    if scale not in SCALES:
-        raise ValueError(f"scale={scale!r} is not allowed; choose one of {', '.join(map(repr, SCALES))}")
-    return Path(__file__).resolve().parent / "specs" / SCALES[scale]
-
-
-def run_claims(scale: str = "canonical", *, out: Path, report_dir: Optional[Path] = None, figures_dir: Optional[Path] = None, workers: int = 2,
-               progress: bool = True, spec: Optional[Path] = None, command: str = "sdpo-sim claims", sweep_kwargs: Optional[dict] = None,
-               figures: bool = True) -> dict:
-    """Sweep (resumable) → figures (unless ``figures=False``) → claims. Returns paths and the wall time.
-    Every output place is checked before the sweep runs; Ctrl-C raises :class:`~sdpo_sim.sweep.Interrupted`."""
-    import time
-
-
-    start = time.perf_counter()
-    spec_file = Path(spec) if spec else spec_path(scale)
-    for where, what in ((report_dir, "report directory"), (figures_dir if figures else None, "figures directory")):
-        if where is not None:  # refused now, not after an 11-minute sweep
-            check_output_dir(where, what)
-    result = run_sweep(Spec.load(spec_file), out, workers=workers, progress=progress, **(sweep_kwargs or {}))
-    try:
-        tables = {"history": result.history, "seeds": result.seeds, "summary": result.summary}
-        drawn = write_figures(tables, figures_dir or Path(out) / "figures") if figures and not result.history.empty else {}
-        claims = evaluate(tables)
-        wall = time.perf_counter() - start
-        meta = {"command": command, "spec": spec_file.name if not spec else str(spec_file), "scale": scale, "runs": result.counts["total"], "failed": len(result.failed), "reused": result.counts["skipped"],
-                "workers": workers, "wall_time_s": round(wall, 1), "package_version": _first(result.summary, "package_version"),
-                "git_commit": _first(result.summary, "git_commit"), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "lr_rule": result.tuning["rule"] if result.tuning else "as given in the spec", "tuning": result.tuning}
-        md, js = write_report(claims, replica(_units(result.seeds)), meta, Path(report_dir or out))
-    except KeyboardInterrupt:  # the sweep itself is complete: every run is kept
-        raise Interrupted(kept_runs(out)) from None
-    return {"claims": claims, "markdown": md, "json": js, "figures": drawn, "wall_time_s": wall, "sweep": result}
-
-
-def _first(frame: pd.DataFrame, col: str) -> Any:
-    return frame[col].iloc[0] if col in frame and len(frame) else None
