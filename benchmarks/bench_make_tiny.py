@@ -107,14 +107,14 @@ def ability(config, seed: int) -> dict:
     import torch
 
     from llm import proof
-    from llm.recipe import ContextSpec
+    from llm.recipe import ContextConfig
     from llm.tiny import build_char_tokenizer, build_tiny_model
     from llm.tiny_pretrain import pretrain
 
     tok = build_char_tokenizer()
     model = build_tiny_model(tok, seed=0)
     t0 = time.perf_counter()
-    pretrain(model, tok, "word-constraints", replace(config, num_threads=1, seed=seed), ContextSpec(**proof.PROOF_CONTEXT),
+    pretrain(model, tok, "word-constraints", replace(config, num_threads=1, seed=seed), ContextConfig(**proof.PROOF_CONTEXT),
              progress=False)
     seconds = time.perf_counter() - t0
     threads = torch.get_num_threads()

@@ -77,7 +77,7 @@ def _update_fn(variant: str, model, inputs, args):
         from llm.models import completion_outputs
         from sdpo_sim.core.method import MethodConfig
 
-        method = MethodConfig(method="sdpo", alpha=1.0, support="full", loss_type="sequence_mean")
+        method = MethodConfig(name="sdpo", alpha=1.0, support="full", loss_type="sequence_mean")
         share = args.share_prefix and variant == "ours"
         s_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
         s_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"].long()], 1)

@@ -20,7 +20,7 @@ import torch
 
 from sdpo_sim.core.io import atomic_write, atomic_write_text
 
-from .teacher import local_tensor, trainable_named_parameters
+from .teacher_weights import local_tensor, trainable_named_parameters
 
 
 def _local(value: Any) -> Any:

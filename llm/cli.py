@@ -29,12 +29,12 @@ def _interrupted_train(trainer) -> str:
     """The one line printed when ``sdpo-llm train`` is interrupted: the step reached and how to resume."""
     from .checkpoint import latest_checkpoint
 
-    out, done = trainer.cfg.output_dir, trainer.steps_done
+    out, done = trainer.training.output_dir, trainer.steps_done
     latest = latest_checkpoint(out)
     if latest is None:
-        return (f"sdpo-llm train: interrupted at step {done} of {trainer.cfg.steps}; no checkpoint saved yet in {out} "
+        return (f"sdpo-llm train: interrupted at step {done} of {trainer.training.steps}; no checkpoint saved yet in {out} "
                 "(training.save_every sets how often), so --resume would start from step 0")
-    return (f"sdpo-llm train: interrupted at step {done} of {trainer.cfg.steps}; run the same command with --resume to "
+    return (f"sdpo-llm train: interrupted at step {done} of {trainer.training.steps}; run the same command with --resume to "
             f"continue from the last checkpoint ({latest})")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .recipe import ContextSpec
+from .recipe import ContextConfig
 
 
 @dataclass
@@ -51,7 +51,7 @@ def build_contexts(
     scores: Sequence[Optional[float]],
     feedback: Sequence[Optional[str]],
     group_size: int,
-    spec: ContextSpec,
+    spec: ContextConfig,
 ) -> list[TeacherContext]:
     """One :class:`TeacherContext` per completion (all lists have length ``B``; groups are consecutive)."""
     n = len(completions)
@@ -76,7 +76,7 @@ def build_contexts(
     return contexts
 
 
-def render_reprompt(prompt: str, demo: Optional[str], feedback: Optional[str], spec: ContextSpec) -> str:
+def render_reprompt(prompt: str, demo: Optional[str], feedback: Optional[str], spec: ContextConfig) -> str:
     """Fill the reprompt template: ``{prompt}{demo}{feedback}`` + instruction."""
     return spec.reprompt_template.format(
         prompt=prompt,
@@ -116,7 +116,7 @@ def teacher_context_ids(
     prompt: str,
     demo: Optional[str],
     feedback: Optional[str],
-    spec: ContextSpec,
+    spec: ContextConfig,
 ) -> list[int]:
     """Token ids of the teacher context, at most ``spec.max_context_tokens`` long.
 
@@ -148,7 +148,7 @@ def context_ids_for_batch(
     completions: Sequence[str],
     contexts: Sequence[TeacherContext],
     feedback: Sequence[Optional[str]],
-    spec: ContextSpec,
+    spec: ContextConfig,
 ) -> list[Optional[list[int]]]:
     """Teacher context ids per completion (None for inactive contexts)."""
     out: list[Optional[list[int]]] = []

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .recipe import GenerationSpec
+from .recipe import GenerationConfig
 
 
 def sample_seed(*parts: int) -> int:
@@ -95,7 +95,7 @@ class GumbelSampler:
 class TransformersGenerator:
     """``model.generate`` with the method's temperature: one batched call for all prompts of the process."""
 
-    def __init__(self, spec: GenerationSpec, temperature: float, max_new_tokens: int, tokenizer, synced_gpus: bool = False):
+    def __init__(self, spec: GenerationConfig, temperature: float, max_new_tokens: int, tokenizer, synced_gpus: bool = False):
         self.spec, self.temperature, self.max_new_tokens = spec, temperature, max_new_tokens
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.synced_gpus = synced_gpus  # FSDP / ZeRO-3: every rank must run the same number of forwards
@@ -155,7 +155,7 @@ class VLLMGenerator:
     Written against vLLM's offline ``LLM`` API; it is not exercised by the CPU test suite.
     """
 
-    def __init__(self, spec: GenerationSpec, temperature: float, max_new_tokens: int, model_path: str, dtype: str):
+    def __init__(self, spec: GenerationConfig, temperature: float, max_new_tokens: int, model_path: str, dtype: str):
         vllm = require_vllm()
         self.vllm = vllm
         self.llm = vllm.LLM(model=model_path, dtype=dtype, gpu_memory_utilization=spec.vllm_gpu_memory_utilization,

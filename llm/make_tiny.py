@@ -25,7 +25,7 @@ from typing import Any, Optional, Sequence
 from sdpo_sim.core.io import check_output_dir
 
 from sdpo_sim.core.cli_args import OneLineParser
-from .recipe import ContextSpec, load_recipe, resolve_recipe_path
+from .recipe import ContextConfig, load_recipe, resolve_recipe_path
 from .tasks import get_task
 from .tiny import METADATA_FILE, build_char_tokenizer, build_tiny_model, check_tiny_sizes, save_pretrained_dir
 from .tiny_pretrain import DEFAULT_STEPS, PretrainConfig, pretrain
@@ -45,7 +45,7 @@ class TinyBuild:
     pretrain_steps: int
     task: str
     recipe: Optional[str]
-    context: Optional[ContextSpec]
+    context: Optional[ContextConfig]
     overwrite: bool
 
 

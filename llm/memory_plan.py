@@ -102,9 +102,9 @@ def memory_plan(
     m, t = recipe.method, recipe.training
     v, h, layers = cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"]
     teacher = 0.0
-    if m.method in ("sdpo", "hybrid") and m.teacher_kind != "live":
+    if m.name in ("sdpo", "hybrid") and m.teacher_kind != "live":
         teacher = trainable * b / shard
-    fused = m.method in ("sdpo", "hybrid") and (t.fused_loss is True or (t.fused_loss == "auto" and v >= t.fused_min_vocab)) \
+    fused = m.name in ("sdpo", "hybrid") and (t.fused_loss is True or (t.fused_loss == "auto" and v >= t.fused_min_vocab)) \
         and m.teacher_kind != "trust_region"
     if fused and teacher:
         teacher += v * h * b

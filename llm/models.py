@@ -33,11 +33,11 @@ def load_model_and_tokenizer(recipe: Recipe):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if spec.lora is not None:
-        from peft import LoraConfig, get_peft_model
+        import peft  # heavy: loaded only with LoRA, as transformers above
 
         if spec.gradient_checkpointing:
             model.enable_input_require_grads()
-        model = get_peft_model(model, LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+        model = peft.get_peft_model(model, peft.LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                                                  target_modules=list(spec.lora.target_modules), task_type="CAUSAL_LM"))
     return model, tokenizer
 

@@ -27,7 +27,7 @@ from sdpo_sim.core.io import atomic_write, atomic_write_text, check_output_dir
 from .context import prompt_ids, render_reprompt
 from .feedback import render_feedback
 from .generation import TransformersGenerator
-from .recipe import ContextSpec, GenerationSpec, Recipe
+from .recipe import ContextConfig, GenerationConfig, Recipe
 from .tasks import get_task
 from .tiny import build_tiny
 from .tiny_pretrain import PretrainConfig, pretrain_dir
@@ -96,14 +96,14 @@ def preset(scale: str) -> ProofConfig:
 def make_pretrained_model(out_dir: Path, cfg: ProofConfig) -> Path:
     """Tiny model with the in-context feedback ability, pretrained on the proof's own context templates."""
     path = build_tiny(out_dir, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, seed=cfg.model_seed)
-    pretrain_dir(path, "word-constraints", context=ContextSpec(**PROOF_CONTEXT),
+    pretrain_dir(path, "word-constraints", context=ContextConfig(**PROOF_CONTEXT),
                  config=PretrainConfig(steps=cfg.pretrain_steps, learning_rate=cfg.pretrain_lr, seed=cfg.model_seed, warmup_steps=10))
     return path
 
 
 def proof_recipe(model_path: Path, method: str, seed: int, out_dir: Path, cfg: ProofConfig):
     """The tiny-cpu-like recipe of one proof run (validated by :class:`llm.recipe.Recipe`)."""
-    method_block = {"method": method, "alpha": 1.0, "support": "full", "teacher_kind": "ema", "teacher_rate": 0.05,
+    method_block = {"name": method, "alpha": 1.0, "support": "full", "teacher_kind": "ema", "teacher_rate": 0.05,
                     "controller": "constant", "alpha_mix": 0.5, "num_generations": cfg.num_generations,
                     "scale_rewards": "group", "loss_type": "token_mean", "temperature": 1.0}
     return Recipe.from_dict({
@@ -121,7 +121,7 @@ def _sample_scores(model, tokenizer, cfg: ProofConfig, prompts: list[str], conte
     """Sample ``cfg.eval_samples`` completions per context; judge each against its prompt."""
 
     task = get_task("word-constraints")
-    gen = TransformersGenerator(GenerationSpec(), 1.0, cfg.max_new_tokens, tokenizer)
+    gen = TransformersGenerator(GenerationConfig(), 1.0, cfg.max_new_tokens, tokenizer)
     groups = gen(model, [prompt_ids(tokenizer, c, 256) for c in contexts], cfg.eval_samples, [seed + i for i in range(len(contexts))])
     texts = [tokenizer.decode(c, skip_special_tokens=True) for g in groups for c in g.completion_ids]
     rows = [p for p in prompts for _ in range(cfg.eval_samples)]
@@ -143,7 +143,7 @@ def evaluate(model, tokenizer, cfg: ProofConfig, *, seed: int = EVAL_SEED, with_
     texts, scores = _sample_scores(model, tokenizer, cfg, prompts, prompts, seed)
     if not with_feedback:
         return sum(scores) / len(scores)
-    spec = ContextSpec(**PROOF_CONTEXT)
+    spec = ContextConfig(**PROOF_CONTEXT)
     firsts = texts[::cfg.eval_samples]  # one first attempt per prompt
     contexts = [render_reprompt(p, None, render_feedback(task.judge(p, t), cfg.feedback), spec) for p, t in zip(prompts, firsts)]
     _, again = _sample_scores(model, tokenizer, cfg, prompts, contexts, seed + 1)

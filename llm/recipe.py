@@ -81,7 +81,7 @@ def _str(section: str, name: str, value: Any, optional: bool = False) -> None:
 
 
 @dataclass
-class LoraSpec:
+class LoraConfig:
     """Optional LoRA adapters (peft). ``target_modules`` defaults to all attention and MLP projections."""
 
     r: int = 16
@@ -98,11 +98,11 @@ class LoraSpec:
 
 
 @dataclass
-class ModelSpec:
+class ModelConfig:
     path: str = "outputs/tiny-model"  # local directory or hub id (hub ids need network at run time)
     dtype: str = "float32"
     gradient_checkpointing: bool = False
-    lora: Optional[LoraSpec] = None
+    lora: Optional[LoraConfig] = None
     attn_implementation: Optional[str] = None  # e.g. sdpa | flash_attention_2 (None: transformers' default)
 
     def validate(self) -> None:
@@ -115,7 +115,7 @@ class ModelSpec:
 
 
 @dataclass
-class TaskSpec:
+class TaskConfig:
     name: str = "word-constraints"
     feedback: str = "critique"  # binary | ordinal | continuous | critique | none (the toy world's channels)
     noise: float = 0.0  # std of the noise added to the score before quantisation
@@ -132,7 +132,7 @@ class TaskSpec:
 
 
 @dataclass
-class ContextSpec:
+class ContextConfig:
     """How each completion's teacher context (reprompt) is built; see :mod:`llm.context`."""
 
     use_feedback: bool = True  # put the rendered feedback in the teacher's context
@@ -159,7 +159,7 @@ class ContextSpec:
 
 
 @dataclass
-class TrainingSpec:
+class TrainingConfig:
     steps: int = 20
     learning_rate: float = 1e-5
     prompts_per_step: int = 4  # global (all processes) prompts per step; × num_generations completions
@@ -212,7 +212,7 @@ class TrainingSpec:
 
 
 @dataclass
-class GenerationSpec:
+class GenerationConfig:
     """Sampling settings; the temperature is the method's (``method.temperature``)."""
 
     backend: str = "transformers"
@@ -227,7 +227,7 @@ class GenerationSpec:
         _num("generation", "vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0.0, 1.0, lo_open=True)
 
 
-SECTIONS = {"model": ModelSpec, "task": TaskSpec, "context": ContextSpec, "training": TrainingSpec, "generation": GenerationSpec}
+SECTIONS = {"model": ModelConfig, "task": TaskConfig, "context": ContextConfig, "training": TrainingConfig, "generation": GenerationConfig}
 
 
 def _refuse_unknown_fields(source: str, prefix: str, block: Mapping, spec_cls: type) -> None:
@@ -241,12 +241,12 @@ def _refuse_unknown_fields(source: str, prefix: str, block: Mapping, spec_cls: t
 class Recipe:
     """A validated LLM run description. Build with :func:`load_recipe` or :meth:`from_dict`."""
 
-    model: ModelSpec = field(default_factory=ModelSpec)
-    task: TaskSpec = field(default_factory=TaskSpec)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    context: ContextSpec = field(default_factory=ContextSpec)
-    training: TrainingSpec = field(default_factory=TrainingSpec)
-    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def validate(self) -> "Recipe":
         for name in SECTIONS:
@@ -277,8 +277,8 @@ class Recipe:
                 lora = values["lora"]
                 if not isinstance(lora, Mapping):
                     raise ValueError(f"{source}: recipe field model.lora must be a mapping or null")
-                _refuse_unknown_fields(source, "model.lora", lora, LoraSpec)
-                values["lora"] = LoraSpec(**lora)
+                _refuse_unknown_fields(source, "model.lora", lora, LoraConfig)
+                values["lora"] = LoraConfig(**lora)
             parts[name] = spec_cls(**values)
         try:
             parts["method"] = MethodConfig.from_dict(data.get("method") or {})

@@ -23,15 +23,15 @@ PROMPTS, GENERATION, FEEDBACK = 0, 1, 2  # streams of sample_seed(seed, step, st
 def rollout(trainer, step: int) -> tuple[Batch, dict]:
     """One step's rollouts on this process (``trainer``: a :class:`~llm.trainer.Trainer`): sample a group of completions per
     prompt, judge them, render feedback, build each completion's teacher context and pack it all into a :class:`Batch`."""
-    cfg, m, spec = trainer.cfg, trainer.method, trainer.recipe
+    training, m, spec = trainer.training, trainer.method, trainer.recipe
     world, rank, g = trainer.acc.num_processes, trainer.acc.process_index, m.num_generations
-    all_prompts = trainer.task.sample_prompts(random.Random(sample_seed(cfg.seed, step, PROMPTS)), cfg.prompts_per_step)
-    per_rank = cfg.prompts_per_step // world
+    all_prompts = trainer.task.sample_prompts(random.Random(sample_seed(training.seed, step, PROMPTS)), training.prompts_per_step)
+    per_rank = training.prompts_per_step // world
     first = rank * per_rank
     prompts = all_prompts[first:first + per_rank]
     # 1. sample a group of completions per prompt
-    p_ids = [prompt_ids(trainer.tokenizer, p, cfg.max_prompt_length) for p in prompts]
-    seeds = [sample_seed(cfg.seed, step, GENERATION, first + i) for i in range(per_rank)]
+    p_ids = [prompt_ids(trainer.tokenizer, p, training.max_prompt_length) for p in prompts]
+    seeds = [sample_seed(training.seed, step, GENERATION, first + i) for i in range(per_rank)]
     if isinstance(trainer.generate, VLLMGenerator):  # the engine samples from the current weights
         trainer.generate.load_weights(trainer._full_state().items())
     groups = trainer.generate(trainer.unwrapped, p_ids, g, seeds)
@@ -46,7 +46,7 @@ def rollout(trainer, step: int) -> tuple[Batch, dict]:
             scores.append(None)
             feedback.append(None)
             continue
-        noise_seed = sample_seed(cfg.seed, step, FEEDBACK, first * g + i)  # same ε for the score and its text
+        noise_seed = sample_seed(training.seed, step, FEEDBACK, first * g + i)  # same ε for the score and its text
         scores.append(noisy_score(j.score, spec.task.noise, random.Random(noise_seed)))
         feedback.append(None if spec.task.feedback == "none" else
                         render_feedback(j, spec.task.feedback, noise=spec.task.noise, rng=random.Random(noise_seed), threshold=spec.task.threshold))

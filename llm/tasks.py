@@ -36,7 +36,7 @@ class Task:
 
 # ----------------------------------------------------------------------------- word-constraints
 @dataclass(frozen=True)
-class WordSpec:
+class WordConstraints:
     """Constraints of one word-constraints prompt."""
 
     length: int
@@ -56,23 +56,23 @@ REQUIRED_LETTERS, FORBIDDEN_LETTERS, ENDING_LETTERS = "aeiou", "bcdfg", "lnrst"
 FILLER_LETTERS = "".join(c for c in LETTERS if c not in REQUIRED_LETTERS + FORBIDDEN_LETTERS + ENDING_LETTERS)
 
 
-def word_prompt(spec: WordSpec) -> str:
+def word_prompt(spec: WordConstraints) -> str:
     """The prompt text of a spec (ends with a newline; the answer follows it)."""
     return _PROMPT.format(**vars(spec))
 
 
-def parse_word_prompt(prompt: str) -> WordSpec:
+def parse_word_prompt(prompt: str) -> WordConstraints:
     """Inverse of :func:`word_prompt`; ``ValueError`` if ``prompt`` is not a word-constraints prompt."""
     m = _PROMPT_RE.search(prompt)
     if m is None:
         raise ValueError(f"prompt {prompt[-120:]!r} is not a word-constraints prompt (expected {_PROMPT!r})")
-    return WordSpec(int(m.group(1)), m.group(2), m.group(3), m.group(4))
+    return WordConstraints(int(m.group(1)), m.group(2), m.group(3), m.group(4))
 
 
-def sample_word_spec(rng: random.Random) -> WordSpec:
+def sample_word_spec(rng: random.Random) -> WordConstraints:
     """Length 3–6, a required vowel, a forbidden letter from ``bcdfg`` and an ending from ``lnrst``."""
     length = rng.randint(MIN_LENGTH, MAX_LENGTH)
-    return WordSpec(length, rng.choice(REQUIRED_LETTERS), rng.choice(FORBIDDEN_LETTERS), rng.choice(ENDING_LETTERS))
+    return WordConstraints(length, rng.choice(REQUIRED_LETTERS), rng.choice(FORBIDDEN_LETTERS), rng.choice(ENDING_LETTERS))
 
 
 def sample_word_prompts(rng: random.Random, n: int) -> list[str]:

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from .context import render_reprompt
 from .feedback import render_feedback
-from .recipe import ContextSpec
+from .recipe import ContextConfig
 from .tasks import Task, get_task
 from .tiny import save_pretrained_dir
 
@@ -88,7 +88,7 @@ class PretrainConfig:
         return self
 
 
-def make_example(task: Task, rng: random.Random, kind: str, spec: ContextSpec, base_quality: float = 0.5) -> tuple[str, str]:
+def make_example(task: Task, rng: random.Random, kind: str, spec: ContextConfig, base_quality: float = 0.5) -> tuple[str, str]:
     """One ``(context, answer)`` pair of the given ``kind`` (see the module docstring)."""
     if task.sample_answer is None:
         raise ValueError(f"task {task.name!r} has no sample_answer, so it cannot make pretraining data")
@@ -175,7 +175,7 @@ def pack_examples(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple
     return ids, positions, labels
 
 
-def corpus_batches(tokenizer, task: Task, config: PretrainConfig, context: ContextSpec, rng: random.Random) -> Iterator[list[tuple[list[int], list[int]]]]:
+def corpus_batches(tokenizer, task: Task, config: PretrainConfig, context: ContextConfig, rng: random.Random) -> Iterator[list[tuple[list[int], list[int]]]]:
     """Endless batches of ``batch_size`` fresh tokenised examples ``(context ids, answer ids + eos)``."""
     while True:
         kinds = rng.choices(EXAMPLE_KINDS, weights=config.mix, k=config.batch_size)
@@ -246,7 +246,7 @@ def pretrain(
     tokenizer,
     task: Union[str, Task] = "word-constraints",
     config: Optional[PretrainConfig] = None,
-    context: Optional[ContextSpec] = None,
+    context: Optional[ContextConfig] = None,
     *,
     progress: bool = True,
 ) -> list[float]:
@@ -257,7 +257,7 @@ def pretrain(
     """
     config = (config or PretrainConfig()).validate()
     task = get_task(task) if isinstance(task, str) else task
-    context = context or ContextSpec()
+    context = context or ContextConfig()
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
@@ -286,7 +286,7 @@ def pretrain_dir(
     task: Union[str, Task] = "word-constraints",
     steps: int = DEFAULT_STEPS,
     seed: int = 0,
-    context: Optional[ContextSpec] = None,
+    context: Optional[ContextConfig] = None,
     config: Optional[PretrainConfig] = None,
 ) -> list[float]:
     """Load the model saved in ``path``, :func:`pretrain` it and save it back into ``path``."""

@@ -52,7 +52,7 @@ from .models import (
 from .recipe import Recipe
 from .rollout import rollout
 from .tasks import get_task
-from .teacher import make_teacher
+from .teacher_weights import make_teacher
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, *, accelerator=None, task=None, judge: Optional[Callable] = None):
         self.recipe = recipe.validate()
-        self.method, self.cfg = recipe.method, recipe.training
-        check_output_dir(self.cfg.output_dir, "training.output_dir")  # before any weights load
+        self.method, self.training = recipe.method, recipe.training
+        check_output_dir(self.training.output_dir, "training.output_dir")  # before any weights load
         self.task = task if task is not None else get_task(recipe.task.name)
         if judge is not None:
             self.judge = judge
@@ -80,27 +80,27 @@ class Trainer:
         # cpu=True when there is no GPU: a torchrun/gloo launch on CPU then becomes accelerate's MULTI_CPU
         self.acc = accelerator if accelerator is not None else Accelerator(cpu=not torch.cuda.is_available())
         world = self.acc.num_processes
-        if self.cfg.prompts_per_step % world:
-            raise ValueError(f"training.prompts_per_step={self.cfg.prompts_per_step} must be divisible by the number of processes ({world})")
+        if self.training.prompts_per_step % world:
+            raise ValueError(f"training.prompts_per_step={self.training.prompts_per_step} must be divisible by the number of processes ({world})")
         if recipe.generation.backend == "vllm":
             require_vllm()  # fail before loading any weights
         check_trainable_precision(recipe, self.acc.distributed_type.name)
 
-        torch.manual_seed(self.cfg.seed)
-        random.seed(self.cfg.seed)
+        torch.manual_seed(self.training.seed)
+        random.seed(self.training.seed)
         model, self.tokenizer = load_model_and_tokenizer(recipe)
         check_trainable_precision(recipe, self.acc.distributed_type.name, model)  # what 'auto' resolved to
         vocab = model.get_output_embeddings().weight.shape[0]
-        fused = self.cfg.fused_loss
-        self.fused = self.method.distills and (fused is True or (fused == "auto" and vocab >= self.cfg.fused_min_vocab))
+        fused = self.training.fused_loss
+        self.fused = self.method.distills and (fused is True or (fused == "auto" and vocab >= self.training.fused_min_vocab))
         if self.fused and self.method.teacher_kind == "trust_region":
             if fused is True:
                 raise ValueError("training.fused_loss=true is not available with method.teacher_kind='trust_region' "
                                  "(its teacher mixes two LM heads); use fused_loss: auto or false")
             self.fused = False
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay,
-                                      betas=tuple(self.cfg.adam_betas))
+        optimizer = torch.optim.AdamW(params, lr=self.training.learning_rate, weight_decay=self.training.weight_decay,
+                                      betas=tuple(self.training.adam_betas))
         if self.acc.distributed_type.name == "DEEPSPEED":  # no dataloader is prepared, so say the batch size
             self.acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
@@ -109,20 +109,20 @@ class Trainer:
         self.teacher = make_teacher(self.method.teacher_kind, self.method.teacher_rate, self.unwrapped)
         self.controller = self.method.make_controller()
         dist = self.acc.distributed_type.name
-        share = self.cfg.share_prompt_prefix
+        share = self.training.share_prompt_prefix
         if share is True and (recipe.model.gradient_checkpointing or self.sharded):
             raise ValueError("training.share_prompt_prefix=true needs model.gradient_checkpointing=false (checkpointed layers "
                              "return no key/value cache) and an unsharded model (a two-rank FSDP2 run crashed with it); "
                              "use share_prompt_prefix: auto or false")
         self.share_prefix = share is True or (share == "auto" and not recipe.model.gradient_checkpointing and not self.sharded)
         if recipe.generation.backend == "vllm":
-            self.generate = VLLMGenerator(recipe.generation, self.method.temperature, self.cfg.max_new_tokens, recipe.model.path, recipe.model.dtype)
+            self.generate = VLLMGenerator(recipe.generation, self.method.temperature, self.training.max_new_tokens, recipe.model.path, recipe.model.dtype)
         else:
-            self.generate = TransformersGenerator(recipe.generation, self.method.temperature, self.cfg.max_new_tokens,
+            self.generate = TransformersGenerator(recipe.generation, self.method.temperature, self.training.max_new_tokens,
                                                   self.tokenizer, synced_gpus=dist in ("FSDP", "DEEPSPEED") and world > 1)
         self.start_step, self.nonfinite_steps, self.nonfinite_run = 0, 0, 0
         self.steps_done = 0  # steps completed so far in this run (read when it is interrupted)
-        self.out = Path(self.cfg.output_dir)
+        self.out = Path(self.training.output_dir)
 
     # -- small helpers ---------------------------------------------------------------------------
     @property
@@ -167,7 +167,7 @@ class Trainer:
         """
         counts = self._counts(batch) if counts is None else counts
         m, temp, T = self.method, self.method.temperature, batch.completion_ids.shape[1]
-        max_len = self.cfg.max_new_tokens
+        max_len = self.training.max_new_tokens
         head = self.unwrapped.get_output_embeddings().weight if self.fused else None
         stats: dict[str, Any] = {}
         teacher_out = teacher_head = None
@@ -196,16 +196,16 @@ class Trainer:
                                       batch.completion_ids, m.alpha, weight=head, teacher_weight=teacher_head)
         # log π(y_t) feeds the policy gradient and the importance ratios of reused rollouts; plain SDPO with one
         # update per batch never reads it, so it is not computed (saves a log-softmax, or chunked LM-head matmuls)
-        needs_logp = self.method.uses_policy_gradient or self.cfg.updates_per_batch > 1 or batch.old_logp is not None
+        needs_logp = self.method.uses_policy_gradient or self.training.updates_per_batch > 1 or batch.old_logp is not None
         logp = token_logprobs(student_out, batch.completion_ids, head) if needs_logp else None
-        if batch.old_logp is None and self.cfg.updates_per_batch > 1:
+        if batch.old_logp is None and self.training.updates_per_batch > 1:
             batch.old_logp = logp.detach()  # behaviour policy = the policy that sampled (first update)
         terms_loss = {}
         if self.method.distills:
             d_mask = comp_mask * batch.distill_mask.unsqueeze(-1)
             isw = None if batch.old_logp is None else truncated_importance_weight(logp, batch.old_logp, m.is_clip)
             sd = sdpo_loss(student_out, teacher_out, batch.completion_ids, d_mask, m, max_len=max_len, weight=head,
-                           teacher_weight=teacher_head, token_weights=isw, chunk_size=self.cfg.chunk_size)
+                           teacher_weight=teacher_head, token_weights=isw, chunk_size=self.training.chunk_size)
             count = d_mask.sum() if m.loss_type == "token_mean" else d_mask.shape[0]
             terms_loss["sdpo"] = sd * self._share(float(count), counts["sdpo"])
             stats["divergence_sum"], stats["distilled_tokens"] = float((div * d_mask.cpu()).sum()), float(d_mask.sum())
@@ -217,7 +217,7 @@ class Trainer:
             count = pg_mask.sum() if m.loss_type == "token_mean" else pg_mask.shape[0]
             terms_loss["pg"] = pg * self._share(float(count), counts["pg"])
         stats["entropy_sum"], stats["tokens"] = float((ent * comp_mask.cpu()).sum()), float(comp_mask.sum())
-        if m.method == "hybrid":
+        if m.name == "hybrid":
             alpha_mix = self._alpha_mix(stats) if alpha_mix is None else alpha_mix
             stats["alpha_mix"] = float(alpha_mix)
             loss = hybrid_loss(terms_loss["sdpo"], terms_loss["pg"], alpha_mix)
@@ -231,9 +231,9 @@ class Trainer:
         accumulating gradients over micro-batches of ``micro_batch_size`` completions."""
         t0 = time.time()
         batch, info = self.rollout(step)
-        parts, counts = batch.split(self.cfg.micro_batch_size), self._counts(batch)
-        adaptive = self.method.method == "hybrid" and self.method.controller != "constant" and len(parts) > 1
-        for _ in range(self.cfg.updates_per_batch):
+        parts, counts = batch.split(self.training.micro_batch_size), self._counts(batch)
+        adaptive = self.method.name == "hybrid" and self.method.controller != "constant" and len(parts) > 1
+        for _ in range(self.training.updates_per_batch):
             alpha_mix = None
             if adaptive:  # the controller needs the whole batch's statistics before any gradient
                 with torch.no_grad():
@@ -248,7 +248,7 @@ class Trainer:
                 part_stats.append(stats)
             loss, stats = torch.stack(losses).sum(), merge_stats(part_stats)
             finite = self._sum(float(not torch.isfinite(loss).item())) == 0
-            norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm) if finite else math.nan
+            norm = self.acc.clip_grad_norm_(self.model.parameters(), self.training.max_grad_norm) if finite else math.nan
             grad_norm = math.nan if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
             finite = finite and (norm is None or math.isfinite(grad_norm))
             if finite:
@@ -271,7 +271,7 @@ class Trainer:
             "reward": S(info["reward_sum"]) / max(1.0, S(info["judged"])),
             "entropy": S(stats["entropy_sum"]) / max(1.0, tokens),
             "divergence": S(stats["divergence_sum"]) / max(1.0, S(stats["distilled_tokens"])) if self.method.distills else math.nan,
-            "alpha_mix": stats.get("alpha_mix", 1.0 if self.method.method == "sdpo" else (0.0 if not self.method.distills else math.nan)),
+            "alpha_mix": stats.get("alpha_mix", 1.0 if self.method.name == "sdpo" else (0.0 if not self.method.distills else math.nan)),
             "response_length": S(info["length_sum"]) / max(1.0, completions),
             "loss": S(float(loss.detach())) / self.acc.num_processes,
             "nonfinite_steps": self.nonfinite_steps,
@@ -315,34 +315,34 @@ class Trainer:
         main = self.acc.is_main_process
         if main:
             self.recipe.save(self.out / "recipe.yaml")
-        logger = MetricsLogger(self.out, enabled=main, tensorboard=self.cfg.tensorboard, resume_step=self.start_step)
+        logger = MetricsLogger(self.out, enabled=main, tensorboard=self.training.tensorboard, resume_step=self.start_step)
         rows = []
         self.steps_done = self.start_step
-        bar = tqdm(range(self.start_step, self.cfg.steps), disable=not main, desc=f"sdpo-llm {self.method.method}", unit="step")
+        bar = tqdm(range(self.start_step, self.training.steps), disable=not main, desc=f"sdpo-llm {self.method.name}", unit="step")
         try:
             for step in bar:
                 metrics = self.step(step)
                 info, log_ratio = metrics.pop("_heatmap")
                 done = self.steps_done = step + 1
-                if done % self.cfg.log_every == 0 or done == self.cfg.steps:
+                if done % self.training.log_every == 0 or done == self.training.steps:
                     logger.log(done, metrics)
                     rows.append({"step": done, **metrics})
                     bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
-                if self.cfg.heatmap_every and done % self.cfg.heatmap_every == 0 and log_ratio is not None:
+                if self.training.heatmap_every and done % self.training.heatmap_every == 0 and log_ratio is not None:
                     self._heatmap(logger, done, info, log_ratio)
-                if self.nonfinite_run >= self.cfg.max_consecutive_nonfinite:
+                if self.nonfinite_run >= self.training.max_consecutive_nonfinite:
                     path = self.save(done)
                     raise NonFiniteLossError(
                         f"{self.nonfinite_run} consecutive steps had a non-finite loss or gradient (limit "
-                        f"training.max_consecutive_nonfinite={self.cfg.max_consecutive_nonfinite}); stopped at step {done}, "
+                        f"training.max_consecutive_nonfinite={self.training.max_consecutive_nonfinite}); stopped at step {done}, "
                         f"checkpoint in {path}. Lower training.learning_rate or check the model's dtype.")
-                if (self.cfg.save_every and done % self.cfg.save_every == 0) or done == self.cfg.steps:
+                if (self.training.save_every and done % self.training.save_every == 0) or done == self.training.steps:
                     self.save(done)
         finally:
             logger.close()
         self.export(self.out / "final-model")
         if main:
-            summary = {"steps": self.cfg.steps, "final": rows[-1] if rows else None, "replica_max_abs_diff": self.replica_difference()}
+            summary = {"steps": self.training.steps, "final": rows[-1] if rows else None, "replica_max_abs_diff": self.replica_difference()}
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         else:
             self.replica_difference()

@@ -29,6 +29,7 @@ import yaml
 from sdpo_sim.core.method import MethodConfig
 from sdpo_sim.promote import promote
 from sdpo_sim.sweep import Spec, run_sweep
+from sdpo_sim.train import RunConfig
 
 SMALL = os.environ.get("SDPO_NOTEBOOK_SCALE", "full") == "small"
 ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "pyproject.toml").is_file())
@@ -51,7 +52,7 @@ res.candidates[["method", "feedback", "teacher", "controller", "final_reward", "
 
 # %%
 recipe = yaml.safe_load((OUT / "promoted-recipe.yaml").read_text())
-assert MethodConfig.from_dict(recipe["method"]).to_dict() == {k: v for k, v in res.chosen.items() if k in MethodConfig.field_names()}
+assert MethodConfig.from_dict(recipe["method"]) == RunConfig.from_dict(res.chosen).method
 print(yaml.safe_dump({"method": recipe["method"]}, sort_keys=False))
 
 # %% [markdown]

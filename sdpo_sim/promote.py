@@ -24,9 +24,9 @@ import pandas as pd
 import yaml
 
 from .core.io import atomic_write_text, check_output_file
-from .core.method import MethodConfig
 from .stats import bootstrap_ci
 from .tables import load_tables
+from .train import RunConfig
 
 METRICS = ("final_reward", "auc")
 NOT_IN_LLM = ("oracle", "seed-paper", "null")
@@ -128,7 +128,7 @@ def promote(sweep_dir: Union[str, Path], *, base: Optional[Union[str, Path]] = N
     if out is not None:
         check_output_file(out, "recipe output file")
     chosen, table, rule = select(tables["seeds"], entropy_floor=entropy_floor, metric=metric, method=method)
-    method_block = MethodConfig.from_dict({k: v for k, v in chosen.items() if k in MethodConfig.field_names()}).to_dict()
+    method_block = RunConfig.from_dict(chosen).method.to_dict()
     recipe = {**recipe, "method": method_block}
     notes = []
     training = recipe.get("training") if isinstance(recipe.get("training"), dict) else {}

@@ -88,7 +88,7 @@ class RunConfig:
     hint_noise: float = 0.0  # σ_h of critique hint noise
     rho: float = 0.5  # self-knowledge fidelity
     beta: float = 1.0  # teacher sharpness
-    lr: Optional[float] = None  # None: DEFAULT_LR[method.method]
+    lr: Optional[float] = None  # None: DEFAULT_LR[method.name]
     optimizer: str = "adam"
     steps: int = 300
     seeds: int = 8
@@ -107,7 +107,7 @@ class RunConfig:
         if not isinstance(self.method, MethodConfig):
             _fail("method", self.method, "must be a MethodConfig")
         if self.lr is None:
-            self.lr = DEFAULT_LR[self.method.method]
+            self.lr = DEFAULT_LR[self.method.name]
         self.validate()
 
     def validate(self) -> "RunConfig":
@@ -142,7 +142,7 @@ class RunConfig:
                   f"must be ≤ ln(vocab_size) = {math.log(self.vocab_size):.3f} nats (the largest per-token entropy)")
         if self.teacher == "demo" and self.feedback != "demo":
             _fail("teacher", self.teacher, f"needs feedback='demo' (a sibling demonstration), got feedback={self.feedback!r}")
-        if self.method.method in ("sdpo", "hybrid") and self.method.num_generations < 2:
+        if self.method.name in ("sdpo", "hybrid") and self.method.num_generations < 2:
             _fail("teacher", self.teacher, "needs num_generations ≥ 2: its expected score comes from the siblings")
         if self.method.support == "topk" and self.method.topk > self.vocab_size:
             _fail("method.topk", self.method.topk, f"must be ≤ vocab_size={self.vocab_size}")
@@ -157,18 +157,19 @@ class RunConfig:
         """Flat mapping (``{"method": "sdpo", "alpha": 0.5, "noise": 0.1}``) or nested ``method: {...}``."""
         if not isinstance(data, Mapping):
             raise ValueError(f"a run config must be a mapping, got {type(data).__name__}")
-        run_keys, method_keys = set(cls.run_field_names()), set(MethodConfig.field_names())
+        run_keys = set(cls.run_field_names())
+        method_keys = (set(MethodConfig.field_names()) - {"name"}) | {"method"}  # flat: `method` is MethodConfig.name
         unknown = sorted(set(data) - run_keys - method_keys)
         if unknown:
             raise ValueError(
                 f"unknown RunConfig field(s) {', '.join(map(repr, unknown))}; known fields: "
-                f"{', '.join(cls.run_field_names())} and MethodConfig's {', '.join(MethodConfig.field_names())}"
+                f"{', '.join(cls.run_field_names())}, method and MethodConfig's {', '.join(MethodConfig.field_names()[1:])}"
             )
         method = {k: v for k, v in data.items() if k in method_keys and k != "method"}
         if isinstance(data.get("method"), Mapping):
             method = {**dict(data["method"]), **method}
-        elif "method" in data:
-            method["method"] = data["method"]
+        elif "method" in data:  # the flat key `method` is MethodConfig.name
+            method["name"] = data["method"]
         values = {k: v for k, v in data.items() if k in run_keys}
         for name in ("noise", "hint_noise", "rho", "beta", "lr", "threshold"):
             if _is_int(values.get(name)):
@@ -177,7 +178,8 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Flat and JSON-able; round-trips through :meth:`from_dict`."""
-        return {**self.method.to_dict(), **{k: getattr(self, k) for k in self.run_field_names()}}
+        method = {("method" if k == "name" else k): v for k, v in self.method.to_dict().items()}
+        return {**method, **{k: getattr(self, k) for k in self.run_field_names()}}
 
     def replace(self, **changes: Any) -> "RunConfig":
         return type(self).from_dict({**self.to_dict(), **changes})
@@ -281,7 +283,7 @@ def run(cfg: RunConfig, *, progress: bool = False) -> RunResult:
     controller = m.make_controller()
 
     rows = []
-    for step in tqdm(range(cfg.steps + 1), disable=not progress, desc=f"{m.method}/{cfg.teacher}", unit="step"):
+    for step in tqdm(range(cfg.steps + 1), disable=not progress, desc=f"{m.name}/{cfg.teacher}", unit="step"):
         evaluate = step % cfg.eval_every == 0 or step == cfg.steps
         # 1. sample a group of completions per run
         seqs = policy.sample(theta, rng.uniform(seeds, rng.SAMPLE, step, (B, T)))  # [R, B, T]
@@ -310,11 +312,11 @@ def run(cfg: RunConfig, *, progress: bool = False) -> RunResult:
             sd_tok = sdpo_token_loss(logits, out.logits, alpha=m.alpha, support=m.support, topk=m.topk, add_tail=m.add_tail, tokens=seqs)
             sd_loss = _per_run(sd_tok, mask, m.loss_type)
             div = sd_credit = None
-            if evaluate or m.method == "hybrid":  # the divergence feeds the hybrid controller; credit is a metric
+            if evaluate or m.name == "hybrid":  # the divergence feeds the hybrid controller; credit is a metric
                 div, sd_credit = _teacher_stats(logits, out.logits, seqs, mask, m.alpha)
         # 5. combine: pure terms or the hybrid mixture with its alpha controller
         alpha_mix = torch.full((R,), float("nan"))
-        if m.method == "hybrid":
+        if m.name == "hybrid":
             with torch.no_grad():
                 entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1).mean((1, 2))
             alpha_mix = controller.update(divergence=div, entropy=entropy)

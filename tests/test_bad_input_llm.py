@@ -59,7 +59,8 @@ ROWS = [
     (S("task.feedback=loud"), 2, "task.feedback='loud' is not allowed"),
     (S("context.reprompt_template=x"), 2, "must contain the placeholder(s) {prompt}, {demo}, {feedback}"),
     (S("generation.top_p=0"), 2, "generation.top_p=0 must be a number in (0.0, 1.0]"),
-    (S("method.method=ppo"), 2, "MethodConfig.method='ppo' is not allowed"),
+    (S("method.name=ppo"), 2, "MethodConfig.name='ppo' is not allowed"),
+    (S("method.method=sdpo"), 2, "a method's name is the field 'name'"),
     # --- paths and what the trainer checks before loading weights
     (S("training.output_dir=/proc/x"), 2, "training.output_dir '/proc/x': cannot create files"),
     (S("training.output_dir=afile.txt"), 2, "training.output_dir 'afile.txt' is an existing file"),

@@ -88,7 +88,7 @@ ROWS = [
     ([*RUN, "--seeds", "100000", "--batch-size", "1024"], 2, "exceeds 2**27 = 134,217,728 elements", {}),
     ([*RUN, "--task-seed", str(10**20)], 2, "RunConfig.task_seed=100000000000000000000 must be ≤", {}),
     ([*RUN, "--vocab-size", "100", "--seq-len", "10"], 2, "exceeds the enumeration limit", {}),
-    ([*RUN, "--method", "ppo"], 2, "MethodConfig.method='ppo' is not allowed; choose one of", {}),
+    ([*RUN, "--method", "ppo"], 2, "MethodConfig.name='ppo' is not allowed; choose one of", {}),
     ([*RUN, "--teacher", "sage"], 2, "RunConfig.teacher='sage' is not allowed; choose one of", {}),
     ([*RUN, "--feedback", "stars"], 2, "RunConfig.feedback='stars' is not allowed; choose one of", {}),
     ([*RUN, "--batch-size", "5"], 2, "must be a multiple of num_generations=2", {}),
@@ -213,7 +213,7 @@ def test_promote_finds_its_default_recipe_from_any_directory(tmp_path, monkeypat
     out = tmp_path / "recipe.yaml"
     assert main(["promote", str(sweep_dir), "--out", str(out), "--entropy-floor", "0"]) == 0
     recipe = yaml.safe_load(out.read_text())
-    assert recipe["method"]["method"] in ("sdpo", "reinforce") and "training" in recipe
+    assert recipe["method"]["name"] in ("sdpo", "reinforce") and "training" in recipe
     assert "tiny-cpu.yaml" in out.read_text().splitlines()[0]
 
 

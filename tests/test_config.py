@@ -10,7 +10,7 @@ import yaml
 from sdpo_sim.core.method import METHODS, TEACHER_KINDS, MethodConfig
 
 NON_DEFAULT = dict(
-    method="hybrid", alpha=0.5, support="topk", topk=100, add_tail=False, is_clip=3.0, teacher_kind="trust_region",
+    name="hybrid", alpha=0.5, support="topk", topk=100, add_tail=False, is_clip=3.0, teacher_kind="trust_region",
     teacher_rate=0.01, controller="entropy", alpha_mix=0.7, divergence_tau=0.2, entropy_target=1.1,
     entropy_gain=0.25, num_generations=4, scale_rewards="batch", loss_type="dr_grpo", epsilon=0.1, temperature=0.7,
 )
@@ -41,7 +41,7 @@ def test_file_round_trip(tmp_path, suffix):
 
 def test_load_recipe_with_method_section_and_yaml_ints(tmp_path):
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"model": "tiny", "method": {"method": "sdpo", "alpha": 1, "support": "sampled"}}))
+    path.write_text(yaml.safe_dump({"model": "tiny", "method": {"name": "sdpo", "alpha": 1, "support": "sampled"}}))
     cfg = MethodConfig.load(path)
     assert cfg.alpha == 1.0 and isinstance(cfg.alpha, float) and cfg.support == "sampled"
 
@@ -60,7 +60,7 @@ def test_replace_validates():
 
 
 def test_unknown_keys_are_named_with_known_fields(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown MethodConfig field\(s\) 'lr', 'topK'; known fields: method, alpha"):
+    with pytest.raises(ValueError, match=r"unknown MethodConfig field\(s\) 'lr', 'topK'; known fields: name, alpha"):
         MethodConfig.from_dict({"topK": 5, "lr": 1e-5})
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"methd": "sdpo"}))
@@ -84,7 +84,7 @@ def _allowed(values) -> str:
 
 
 BAD = [
-    ({"method": "ppo"}, rf"MethodConfig.method='ppo' is not allowed; choose one of {_allowed(METHODS)}"),
+    ({"name": "ppo"}, rf"MethodConfig.name='ppo' is not allowed; choose one of {_allowed(METHODS)}"),
     ({"alpha": 1.5}, r"MethodConfig.alpha=1\.5 must be a number in \[0\.0, 1\.0\]"),
     ({"alpha": -0.5}, r"MethodConfig.alpha=-0\.5 must be a number in \[0\.0, 1\.0\]"),
     ({"alpha": "half"}, r"MethodConfig.alpha='half' must be a number"),
@@ -103,11 +103,11 @@ BAD = [
     ({"alpha_mix": 2.0}, r"MethodConfig.alpha_mix=2\.0 must be a number in \[0\.0, 1\.0\]"),
     ({"divergence_tau": 0.0}, r"MethodConfig.divergence_tau=0\.0 must be a number in \[1e-06, 1000\.0\]"),
     ({"entropy_target": -1.0}, r"MethodConfig.entropy_target=-1\.0 must be a number in \[0\.0, 1000\.0\]"),
-    ({"method": "hybrid", "controller": "entropy"}, r"MethodConfig.entropy_target must be set"),
+    ({"name": "hybrid", "controller": "entropy"}, r"MethodConfig.entropy_target must be set"),
     ({"entropy_gain": -0.1}, r"MethodConfig.entropy_gain=-0\.1 must be a number in \[0\.0, 1000\.0\]"),
     ({"num_generations": 0}, r"MethodConfig.num_generations=0 must be a positive integer"),
     ({"num_generations": 2.5}, r"MethodConfig.num_generations=2\.5 must be a positive integer"),
-    ({"method": "grpo", "num_generations": 1}, r"MethodConfig.num_generations must be ≥ 2 for method='grpo'"),
+    ({"name": "grpo", "num_generations": 1}, r"MethodConfig.num_generations must be ≥ 2 for name='grpo'"),
     ({"scale_rewards": "std"}, r"MethodConfig.scale_rewards='std' is not allowed; choose one of 'group', 'batch', 'none'"),
     ({"loss_type": "bnpo"}, r"MethodConfig.loss_type='bnpo' is not allowed; choose one of 'token_mean', 'sequence_mean', 'dr_grpo'"),
     ({"epsilon": -0.2}, r"MethodConfig.epsilon=-0\.2 must be a number in \[0\.0, 1000\.0\]"),
@@ -122,6 +122,6 @@ def test_bad_values_are_named_with_allowed_values(data, match):
 
 
 def test_reinforce_allows_single_generation_and_valid_variants():
-    assert MethodConfig(method="reinforce", num_generations=1).num_generations == 1
+    assert MethodConfig(name="reinforce", num_generations=1).num_generations == 1
     assert MethodConfig(support="topk", topk=100, alpha=0.5).topk == 100
-    assert MethodConfig(method="hybrid", controller="entropy", entropy_target=1.5).entropy_target == 1.5
+    assert MethodConfig(name="hybrid", controller="entropy", entropy_target=1.5).entropy_target == 1.5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llm.context import build_contexts, choose_demo, context_ids_for_batch, teacher_context_ids
-from llm.recipe import ContextSpec
+from llm.recipe import ContextConfig
 from llm.tiny import build_char_tokenizer
 from llm.batch import pack_rows
 
@@ -28,7 +28,7 @@ def test_best_successful_sibling_never_itself():
 
 
 def test_masking_feedback_and_demo_flags():
-    spec = ContextSpec(success_threshold=0.8)
+    spec = ContextConfig(success_threshold=0.8)
     prompts = ["p"] * 4
     comps = ["a", "b", "c", "d"]
     scores = [0.9, 0.1, None, 0.2]
@@ -37,16 +37,16 @@ def test_masking_feedback_and_demo_flags():
     assert [c.active for c in ctx] == [True, True, False, False]  # completions 2, 3: no feedback, no successful sibling
     assert ctx[0].demo_index is None and ctx[0].used_feedback  # its only sibling failed
     assert ctx[1].demo_index == 0 and "a" in ctx[1].text and "fb-b" in ctx[1].text
-    only_demo = build_contexts(prompts, comps, scores, feedback, 2, ContextSpec(success_threshold=0.8, feedback_only_without_demo=True))
+    only_demo = build_contexts(prompts, comps, scores, feedback, 2, ContextConfig(success_threshold=0.8, feedback_only_without_demo=True))
     assert only_demo[1].demo_index == 0 and not only_demo[1].used_feedback and "fb-b" not in only_demo[1].text
-    no_fb = build_contexts(prompts, comps, scores, feedback, 2, ContextSpec(success_threshold=0.8, use_feedback=False))
+    no_fb = build_contexts(prompts, comps, scores, feedback, 2, ContextConfig(success_threshold=0.8, use_feedback=False))
     assert [c.active for c in no_fb] == [False, True, False, False]
     with pytest.raises(ValueError, match="group_size"):
         build_contexts(prompts, comps, scores, feedback, 3, spec)
 
 
 def test_truncation_respects_budget_and_never_cuts_the_completion(tok):
-    spec = ContextSpec(max_context_tokens=150)
+    spec = ContextConfig(max_context_tokens=150)
     prompt = "Write a 5-letter word with 'a', without 'f', ending in 'r'.\n"
     demo = "x" * 200
     feedback = "score: 0.20; " + "missing letter 'a'; " * 10
@@ -56,9 +56,9 @@ def test_truncation_respects_budget_and_never_cuts_the_completion(tok):
     assert text.startswith(prompt)  # the demonstration went first; the prompt is whole
     assert text.endswith("Correctly solve the original task.\n")  # the instruction right before the completion stays
     assert "A correct solution" not in text and "score: 0.20; miss" in text  # demo dropped, feedback cut at its end
-    tiny = teacher_context_ids(tok, prompt, demo, feedback, ContextSpec(max_context_tokens=20))
+    tiny = teacher_context_ids(tok, prompt, demo, feedback, ContextConfig(max_context_tokens=20))
     assert len(tiny) == 20 and tok.decode(tiny).endswith("original task.\n")  # last resort: keep the end
-    short = teacher_context_ids(tok, prompt, "abcde", None, ContextSpec(max_context_tokens=500))
+    short = teacher_context_ids(tok, prompt, "abcde", None, ContextConfig(max_context_tokens=500))
     assert tok.decode(short) == spec.reprompt_template.format(prompt=prompt, demo=spec.demo_template.format(demo="abcde"), feedback="")
     completion = tok("leverage", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     rows, mask = pack_rows([ids, short], [completion, completion[:3]], tok.pad_token_id, "cpu")
@@ -69,7 +69,7 @@ def test_truncation_respects_budget_and_never_cuts_the_completion(tok):
 
 
 def test_batch_ids_follow_contexts(tok):
-    spec = ContextSpec(success_threshold=0.5, max_context_tokens=80)
+    spec = ContextConfig(success_threshold=0.5, max_context_tokens=80)
     ctx = build_contexts(["p:"] * 2, ["good", "bad"], [0.9, 0.1], [None, None], 2, spec)
     ids = context_ids_for_batch(tok, ["p:"] * 2, ["good", "bad"], ctx, [None, None], spec)
     assert ids[0] is None and "good" in tok.decode(ids[1]) and "bad" not in tok.decode(ids[1])

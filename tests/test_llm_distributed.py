@@ -58,7 +58,7 @@ def test_two_process_gloo_run_matches_single_process(tmp_path):
     model_dir = build_tiny(tmp_path / "tiny", hidden_size=32, num_layers=1, seed=2)
     common = dict(training__steps=3, training__prompts_per_step=4, training__learning_rate=3e-3,
                   training__micro_batch_size=4,  # 6 completions per rank: two slices, DDP no_sync on the first
-                  method__method="hybrid", method__teacher_kind="ema", method__teacher_rate=0.2)
+                  method__name="hybrid", method__teacher_kind="ema", method__teacher_rate=0.2)
     tiny_recipe(model_dir, tmp_path / "ddp", **common).save(tmp_path / "ddp.yaml")
     _run("ddp_cpu_run.py", [str(tmp_path / "ddp.yaml"), str(tmp_path / "kept")], tmp_path)
     # the comparison is of gradients at identical weights: Adam turns float-order noise in near-zero gradients

@@ -9,9 +9,9 @@ import pytest
 
 from llm.feedback import FEEDBACK_KINDS, Judgement, render_feedback, safe_judge
 from llm.judges import RewardModelJudge, load_judge
-from llm.tasks import WordSpec, judge_word, word_prompt
+from llm.tasks import WordConstraints, judge_word, word_prompt
 
-PROMPT = word_prompt(WordSpec(length=4, required="r", forbidden="e", ending="t"))
+PROMPT = word_prompt(WordConstraints(length=4, required="r", forbidden="e", ending="t"))
 
 
 def test_judgement_validates_score():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llm.generation import GumbelSampler, TransformersGenerator, strip_completion, warp_logits
-from llm.recipe import GenerationSpec
+from llm.recipe import GenerationConfig
 from llm.tiny import build_tiny
 from llm.models import load_model_and_tokenizer
 from llm_helpers import tiny_recipe
@@ -31,7 +31,7 @@ def _prompt_ids(tokenizer):
     return [tokenizer(p)["input_ids"] for p in PROMPTS]
 
 
-@pytest.mark.parametrize("spec,temperature", [(GenerationSpec(), 1.0), (GenerationSpec(top_k=12, top_p=0.9), 0.7)])
+@pytest.mark.parametrize("spec,temperature", [(GenerationConfig(), 1.0), (GenerationConfig(top_k=12, top_p=0.9), 0.7)])
 def test_rows_do_not_depend_on_the_batch(tiny, spec, temperature):
     model, tok = tiny
     gen = TransformersGenerator(spec, temperature, 12, tok)
@@ -51,7 +51,7 @@ def test_rows_do_not_depend_on_the_batch(tiny, spec, temperature):
 
 def test_same_seeds_reproduce_and_other_seeds_differ(tiny):
     model, tok = tiny
-    gen = TransformersGenerator(GenerationSpec(), 1.0, 10, tok)
+    gen = TransformersGenerator(GenerationConfig(), 1.0, 10, tok)
     prompts = _prompt_ids(tok)
     first, again = gen(model, prompts, 3, [1, 2, 3]), gen(model, prompts, 3, [1, 2, 3])
     other = gen(model, prompts, 3, [4, 5, 6])
@@ -61,7 +61,7 @@ def test_same_seeds_reproduce_and_other_seeds_differ(tiny):
 
 def test_bad_input_is_refused(tiny):
     model, tok = tiny
-    gen = TransformersGenerator(GenerationSpec(), 1.0, 4, tok)
+    gen = TransformersGenerator(GenerationConfig(), 1.0, 4, tok)
     prompts = _prompt_ids(tok)
     with pytest.raises(ValueError, match="seeds has 2 entries for 3 prompts"):
         gen(model, prompts, 2, [1, 2])

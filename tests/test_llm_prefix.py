@@ -255,7 +255,7 @@ def test_cache_keyword_follows_the_model_class_through_wrappers():
 
 
 def test_trainer_loss_and_gradients_are_the_same_with_and_without_sharing(tiny_dir, tmp_path):
-    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, method__method="hybrid", method__teacher_kind="frozen"))
+    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, method__name="hybrid", method__teacher_kind="frozen"))
     assert trainer.share_prefix  # auto: on for an unsharded model without gradient checkpointing
     with torch.no_grad():  # make student and frozen teacher differ
         for p in trainer.unwrapped.parameters():

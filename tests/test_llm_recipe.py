@@ -43,7 +43,7 @@ def test_shipped_recipes_load_and_method_block_is_a_method_config():
     ("task", "feedback", "telepathy", "task.feedback"),
     ("generation", "backend", "magic", "generation.backend"),
     ("context", "reprompt_template", "{prompt} only", "{demo}"),
-    ("method", "method", "ppo", "MethodConfig.method"),
+    ("method", "name", "ppo", "MethodConfig.name"),
     ("method", "alpha", 2.0, "MethodConfig.alpha"),
     ("training", "bogus_field", 1, "training.bogus_field"),
 ])

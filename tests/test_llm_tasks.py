@@ -7,9 +7,9 @@ import random
 import pytest
 
 from llm.feedback import Judgement
-from llm.tasks import TASKS, WordSpec, get_task, judge_word, parse_word_prompt, word_prompt
+from llm.tasks import TASKS, WordConstraints, get_task, judge_word, parse_word_prompt, word_prompt
 
-PROMPT = word_prompt(WordSpec(length=4, required="r", forbidden="e", ending="t"))
+PROMPT = word_prompt(WordConstraints(length=4, required="r", forbidden="e", ending="t"))
 
 
 def test_registry_and_errors():

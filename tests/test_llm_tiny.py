@@ -61,11 +61,11 @@ def test_cli_without_pretraining(tmp_path, capsys):
 def test_pretraining_examples_use_the_trainer_context_renderer():
     import random
 
-    from llm.recipe import ContextSpec
+    from llm.recipe import ContextConfig
     from llm.tasks import get_task
     from llm.tiny_pretrain import make_example
 
-    task, spec, rng = get_task("word-constraints"), ContextSpec(), random.Random(0)
+    task, spec, rng = get_task("word-constraints"), ContextConfig(), random.Random(0)
     for _ in range(20):
         ctx, answer = make_example(task, rng, "critique", spec)
         prompt = prompt_of(ctx)

@@ -10,7 +10,7 @@ import torch
 
 from llm.feedback import Judgement
 from llm.tasks import get_task
-from llm.teacher import Teacher
+from llm.teacher_weights import Teacher
 from llm.trainer import Batch, NonFiniteLossError, Trainer
 from llm_helpers import assert_grads_close, batch_positions, follow_updates, keep_updates, kept_grads, metric_tolerance, metrics_rows, tiny_recipe
 
@@ -32,7 +32,7 @@ def _loss_and_grads(trainer, batch, fused: bool, counts=None):
 @pytest.mark.parametrize("overrides", [
     {"method__support": "full", "method__loss_type": "token_mean"},
     {"method__support": "topk", "method__topk": 7, "method__loss_type": "sequence_mean", "method__teacher_kind": "live"},
-    {"method__method": "hybrid", "method__support": "sampled", "method__loss_type": "dr_grpo", "method__teacher_kind": "frozen"},
+    {"method__name": "hybrid", "method__support": "sampled", "method__loss_type": "dr_grpo", "method__teacher_kind": "frozen"},
 ])
 def test_fused_loss_equals_unfused_inside_the_trainer(tiny_dir, tmp_path, overrides):
     trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, **overrides))
@@ -51,8 +51,8 @@ def test_fused_loss_equals_unfused_inside_the_trainer(tiny_dir, tmp_path, overri
 
 
 @pytest.mark.parametrize("overrides", [
-    {"method__method": "hybrid", "method__controller": "divergence", "method__loss_type": "sequence_mean"},
-    {"method__method": "sdpo", "training__fused_loss": True, "training__updates_per_batch": 2},
+    {"method__name": "hybrid", "method__controller": "divergence", "method__loss_type": "sequence_mean"},
+    {"method__name": "sdpo", "training__fused_loss": True, "training__updates_per_batch": 2},
 ])
 def test_micro_batches_give_the_whole_batch_update(tiny_dir, tmp_path, overrides):
     """The gradient accumulated over micro-batches equals the whole batch's, at every update: the two trainers
@@ -64,13 +64,13 @@ def test_micro_batches_give_the_whole_batch_update(tiny_dir, tmp_path, overrides
                     for size in (0, 2))
     keep_updates(whole, tmp_path / "kept")
     grads_micro = follow_updates(micro, tmp_path / "kept")
-    rows = [(whole.step(s), micro.step(s)) for s in range(whole.cfg.steps)]
+    rows = [(whole.step(s), micro.step(s)) for s in range(whole.training.steps)]
     tol = metric_tolerance(whole)
     for a, b in rows:
         assert b["reward"] == a["reward"] and b["response_length"] == a["response_length"]  # the same samples
         for key in ("loss", "divergence", "entropy", "alpha_mix", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=0, abs=tol), key
-    assert len(grads_micro) == whole.cfg.steps * whole.cfg.updates_per_batch
+    assert len(grads_micro) == whole.training.steps * whole.training.updates_per_batch
     assert_grads_close(grads_micro, kept_grads(tmp_path / "kept"), batch_positions(whole.recipe))
 
 
@@ -80,7 +80,7 @@ def _rows(out_dir):
 
 
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tiny_dir, tmp_path):
-    common = dict(training__steps=4, training__save_every=2, method__method="hybrid", method__controller="entropy",
+    common = dict(training__steps=4, training__save_every=2, method__name="hybrid", method__controller="entropy",
                   method__entropy_target=4.0, method__teacher_kind="ema", method__teacher_rate=0.2, training__learning_rate=3e-3)
     straight = Trainer(tiny_recipe(tiny_dir, tmp_path / "straight", **common))
     straight.train()
@@ -109,7 +109,7 @@ def test_a_raising_judge_costs_only_that_sample_its_feedback(tiny_dir, tmp_path,
             raise RuntimeError("judge service timed out")
         return task.judge(prompt, completion)
 
-    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, training__steps=2, method__method="hybrid"), judge=flaky)
+    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, training__steps=2, method__name="hybrid"), judge=flaky)
     batch, info = trainer.rollout(0)
     failed = batch.judged == 0
     assert info["judge_failures"] == int(failed.sum()) == 2
@@ -124,7 +124,7 @@ def test_failed_judge_gets_no_feedback_context(tiny_dir, tmp_path):
     def never(prompt, completion):
         raise ValueError("no verdict")
 
-    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, method__method="sdpo"), judge=never)
+    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, method__name="sdpo"), judge=never)
     batch, info = trainer.rollout(0)
     assert info["judge_failures"] == info["completions"]
     assert float(batch.distill_mask.sum()) == 0  # no feedback and no successful sibling: no distillation loss
@@ -137,7 +137,7 @@ def test_the_teacher_reads_only_the_rows_with_a_context(tiny_dir, tmp_path, fuse
     """Rows without a teacher context get no distillation loss, so the teacher forward skips them: same loss
     and gradients as the distilled rows alone (under the whole batch's normaliser), and no teacher forward
     at all when no row has a context."""
-    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, method__method="sdpo", method__loss_type="sequence_mean",
+    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, method__name="sdpo", method__loss_type="sequence_mean",
                                   training__fused_loss=fused))
     with torch.no_grad():
         for p in trainer.unwrapped.parameters():
@@ -194,11 +194,11 @@ def test_nonfinite_loss_is_skipped_counted_and_stops_the_run(tiny_dir, tmp_path)
 
 
 @pytest.mark.parametrize("overrides", [
-    {"method__method": "grpo"},
-    {"method__method": "reinforce", "method__num_generations": 1},
-    {"method__method": "hybrid", "method__controller": "divergence", "method__teacher_kind": "trust_region"},
-    {"method__method": "sdpo", "task__feedback": "none", "training__updates_per_batch": 2, "training__heatmap_every": 1},
-    {"method__method": "sdpo", "model__lora": {"r": 4, "alpha": 8}, "training__fused_loss": True, "training__learning_rate": 1e-2},
+    {"method__name": "grpo"},
+    {"method__name": "reinforce", "method__num_generations": 1},
+    {"method__name": "hybrid", "method__controller": "divergence", "method__teacher_kind": "trust_region"},
+    {"method__name": "sdpo", "task__feedback": "none", "training__updates_per_batch": 2, "training__heatmap_every": 1},
+    {"method__name": "sdpo", "model__lora": {"r": 4, "alpha": 8}, "training__fused_loss": True, "training__learning_rate": 1e-2},
 ])
 def test_every_method_and_teacher_kind_trains(tiny_dir, tmp_path, overrides):
     trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, **overrides))
@@ -206,7 +206,7 @@ def test_every_method_and_teacher_kind_trains(tiny_dir, tmp_path, overrides):
     rows = trainer.train()
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and 0 <= r["reward"] <= 1 for r in rows)
     assert any(not torch.equal(before[n], p) for n, p in _params(trainer).items())
-    method = trainer.method.method
+    method = trainer.method.name
     assert all(math.isnan(r["divergence"]) for r in rows) == (method in ("grpo", "reinforce"))
     if method == "hybrid":
         assert all(0 <= r["alpha_mix"] <= 1 for r in rows)

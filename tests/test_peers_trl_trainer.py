@@ -134,7 +134,7 @@ def test_sdpo_loss_and_gradient_equal_trl_sdpo_trainer(setup, mode, alpha, topk,
         model, inputs, distillation_mode=mode, distillation_alpha=alpha, distillation_topk=topk,
         distillation_add_tail=tail, distillation_is_clip=None,
     )
-    method = MethodConfig(method="sdpo", alpha=alpha, support=SUPPORT[mode], topk=topk, add_tail=tail,
+    method = MethodConfig(name="sdpo", alpha=alpha, support=SUPPORT[mode], topk=topk, add_tail=tail,
                           loss_type="sequence_mean")
     ours, our_grads = _our_loss_and_grads(model, inputs, method, fused=fused)
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
@@ -151,7 +151,7 @@ def test_importance_clipped_loss_equals_trl_sdpo_trainer(setup, fused):
         model, {**inputs, "old_per_token_logps": old}, distillation_mode="topk_logits", distillation_alpha=0.5,
         distillation_topk=7, distillation_add_tail=True, distillation_is_clip=2.0,
     )
-    method = MethodConfig(method="sdpo", alpha=0.5, support="topk", topk=7, add_tail=True, loss_type="sequence_mean")
+    method = MethodConfig(name="sdpo", alpha=0.5, support="topk", topk=7, add_tail=True, loss_type="sequence_mean")
     ours, our_grads = _our_loss_and_grads(model, inputs, method, fused=fused, old=old, is_clip=2.0)
     torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
     for name in their_grads:

@@ -8,9 +8,10 @@ import yaml
 from sdpo_sim.core.method import MethodConfig
 from sdpo_sim.promote import promote
 from sdpo_sim.sweep import Spec, run_sweep
+from sdpo_sim.train import RunConfig
 
 BASE = {"model": {"path": "m"}, "task": {"name": "t", "feedback": "binary", "noise": 0.0},
-        "method": {"method": "grpo"}, "training": {"learning_rate": 1e-5, "steps": 3}}
+        "method": {"name": "grpo"}, "training": {"learning_rate": 1e-5, "steps": 3}}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def test_promote_applies_the_stated_rule_and_writes_a_loadable_recipe(sweep_dir,
     assert "oracle" not in set(eligible.teacher)  # a teacher that reads A* cannot exist in an LLM
     assert res.chosen["method"] == eligible.iloc[0]["method"] and eligible.iloc[0]["final_reward"] == eligible["final_reward"].max()
     recipe = yaml.safe_load(out.read_text())
-    assert MethodConfig.from_dict(recipe["method"]) == MethodConfig.from_dict({k: v for k, v in res.chosen.items() if k in MethodConfig.field_names()})
+    assert MethodConfig.from_dict(recipe["method"]) == RunConfig.from_dict(res.chosen).method
     assert recipe["training"]["learning_rate"] == 1e-5 and recipe["task"]["feedback"] == "critique" and recipe["model"] == BASE["model"]
     assert any(name == "lr" for name, _, _ in res.not_transferred) and "Rule:" in out.read_text()
 

@@ -43,8 +43,8 @@ def test_every_method_runs_and_logs_every_metric(kw):
         assert h[col].notna().all(), col
     assert (h[h.step == 0].kl_init.abs() < 1e-12).all()
     assert h.entropy.le(math.log(4) + 1e-9).all()
-    distils = kw["method"] in ("sdpo", "hybrid")
-    assert h.divergence.notna().all() == distils and h.divergence.isna().all() != distils
+    distills = kw["method"] in ("sdpo", "hybrid")
+    assert h.divergence.notna().all() == distills and h.divergence.isna().all() != distills
     assert h.alpha_mix.notna().all() == (kw["method"] == "hybrid")
     if kw["method"] == "hybrid":
         assert h.alpha_mix.between(0, 1).all()
@@ -92,7 +92,7 @@ def test_config_round_trip_and_nested_method():
     cfg = RunConfig.from_dict({"method": "hybrid", "controller": "entropy", "entropy_target": 1.5, "noise": 0.1, "seeds": 3})
     assert cfg.method.controller == "entropy" and cfg.noise == 0.1 and cfg.lr == DEFAULT_LR["hybrid"]
     assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    nested = RunConfig.from_dict({"method": {"method": "sdpo", "alpha": 0.5}, "rho": 0.2})
+    nested = RunConfig.from_dict({"method": {"name": "sdpo", "alpha": 0.5}, "rho": 0.2})
     assert nested.method.alpha == 0.5 and nested.rho == 0.2
 
 

@@ -50,7 +50,7 @@ def add_parser(subparsers) -> None:
         description="Train cfg.seeds independent runs at once and report exact reward, entropy and credit correlation.",
     )
     p.add_argument("--method", dest="method", default=argparse.SUPPRESS, help="reinforce | grpo | sdpo | hybrid")
-    _add_fields(p, MethodConfig, skip=("method",))
+    _add_fields(p, MethodConfig, skip=("name",))
     _add_fields(p, RunConfig, skip=("method",))
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     p.set_defaults(func=main)
@@ -77,7 +77,7 @@ def format_table(result) -> str:
     cfg, s = result.config, result.summary()
     cols = ["reward", "entropy", "kl_init", "divergence", "alpha_mix", "credit_pearson", "grad_cos"]
     curve = result.history.groupby("step")[cols].mean()
-    lines = [f"{cfg.method.method} | feedback={cfg.feedback} teacher={cfg.teacher} rho={cfg.rho} noise={cfg.noise} "
+    lines = [f"{cfg.method.name} | feedback={cfg.feedback} teacher={cfg.teacher} rho={cfg.rho} noise={cfg.noise} "
              f"lr={cfg.lr} seeds={cfg.seeds} task_seed={cfg.task_seed} policy={cfg.policy} V={cfg.vocab_size} T={cfg.seq_len}",
              "step".rjust(6) + "".join(c.rjust(16) for c in cols)]
     for step, row in curve.iterrows():

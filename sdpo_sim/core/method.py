@@ -77,7 +77,7 @@ TEMPERATURE_RANGE = (1e-3, 1e3)
 class MethodConfig:
     """A method's settings (docs/design.md §5). Construct with :meth:`from_dict` from plain mappings."""
 
-    method: str = "sdpo"
+    name: str = "sdpo"  # reinforce | grpo | sdpo | hybrid
     # -- distillation (sdpo, hybrid) --
     alpha: float = 1.0  # divergence index: 0 forward KL, 1 reverse KL, between generalised JSD
     support: str = "full"  # full | topk | sampled
@@ -104,7 +104,7 @@ class MethodConfig:
 
     def validate(self) -> "MethodConfig":
         """Check every field; raise ``ValueError`` naming the first bad one and what is allowed."""
-        _choice("method", self.method, METHODS)
+        _choice("name", self.name, METHODS)
         _number("alpha", self.alpha, 0.0, 1.0)
         _choice("support", self.support, SUPPORTS)
         if self.support == "topk":
@@ -124,13 +124,13 @@ class MethodConfig:
         _number("divergence_tau", self.divergence_tau, *TAU_RANGE, why="nats per token")
         if self.entropy_target is not None:
             _number("entropy_target", self.entropy_target, 0.0, MAX_ENTROPY_TARGET, why="nats per token")
-        if self.method == "hybrid" and self.controller == "entropy" and self.entropy_target is None:
+        if self.name == "hybrid" and self.controller == "entropy" and self.entropy_target is None:
             raise ValueError("MethodConfig.entropy_target must be set (nats per token) when controller='entropy'")
         _number("entropy_gain", self.entropy_gain, 0.0, MAX_ENTROPY_GAIN)
         if not isinstance(self.num_generations, int) or isinstance(self.num_generations, bool) or self.num_generations < 1:
             raise ValueError(f"MethodConfig.num_generations={self.num_generations!r} must be a positive integer")
-        if self.method in ("grpo", "sdpo", "hybrid") and self.num_generations < 2:
-            raise ValueError(f"MethodConfig.num_generations must be ≥ 2 for method={self.method!r} (groups need siblings)")
+        if self.name in ("grpo", "sdpo", "hybrid") and self.num_generations < 2:
+            raise ValueError(f"MethodConfig.num_generations must be ≥ 2 for name={self.name!r} (groups need siblings)")
         _choice("scale_rewards", self.scale_rewards, SCALES)
         _choice("loss_type", self.loss_type, LOSS_TYPES)
         _number("epsilon", self.epsilon, 0.0, MAX_EPSILON, why="a larger clip never binds")
@@ -141,16 +141,16 @@ class MethodConfig:
     @property
     def distills(self) -> bool:
         """Whether the loss has the distillation term ``D(π_θ, stopgrad π_T)`` (sdpo, hybrid)."""
-        return self.method in ("sdpo", "hybrid")
+        return self.name in ("sdpo", "hybrid")
 
     @property
     def uses_policy_gradient(self) -> bool:
         """Whether the loss has the policy-gradient term ``−A·log π_θ(y_t)`` (reinforce, grpo, hybrid)."""
-        return self.method in ("reinforce", "grpo", "hybrid")
+        return self.name in ("reinforce", "grpo", "hybrid")
 
     def make_controller(self) -> Optional[AlphaController]:
         """The hybrid's ``alpha_mix`` controller (``None`` for the pure methods)."""
-        if self.method != "hybrid":
+        if self.name != "hybrid":
             return None
         return AlphaController(self.controller, self.alpha_mix, self.divergence_tau, self.entropy_target, self.entropy_gain)
 
@@ -161,7 +161,7 @@ class MethodConfig:
         - grpo: ``A_i = (r_i − mean_group(r)) / scale`` (``scale_rewards``: group std, batch std or 1);
         - reinforce, hybrid: ``A_i = r_i − mean_batch(r)`` (a batch-mean baseline, no scaling).
         """
-        if self.method == "grpo":
+        if self.name == "grpo":
             return group_advantages(scores, self.num_generations, self.scale_rewards)
         return group_advantages(scores, scores.shape[-1], "none")
 
@@ -176,6 +176,9 @@ class MethodConfig:
         if not isinstance(data, Mapping):
             raise ValueError(f"a method config must be a mapping of field names to values, got {type(data).__name__}")
         unknown = sorted(set(data) - set(cls.field_names()))
+        if "method" in unknown:
+            raise ValueError(f"unknown MethodConfig field 'method' (={data['method']!r}); a method's name is the field 'name', "
+                             f"e.g. name: {data['method'] if isinstance(data['method'], str) else 'sdpo'}")
         if unknown:
             raise ValueError(f"unknown MethodConfig field(s) {', '.join(map(repr, unknown))}; known fields: {', '.join(cls.field_names())}")
         values = dict(data)
