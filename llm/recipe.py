@@ -16,8 +16,8 @@ from typing import Any, Mapping, Optional, Union
 
 import yaml
 
+from sdpo_sim.core.io import atomic_write_text, read_yaml_file
 from sdpo_sim.core.method import MethodConfig
-from sdpo_sim.core.io import atomic_write_text
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 FEEDBACK_KINDS = ("binary", "ordinal", "continuous", "critique", "none")
@@ -326,18 +326,7 @@ def load_recipe(path: Union[str, Path], overrides: Optional[Mapping[str, Any]] =
     """Read and validate a recipe YAML file (safe loader) without touching any model."""
     path = Path(path)
     shipped = ", ".join(p.stem for p in shipped_recipes())
-    if path.is_dir():
-        raise ValueError(f"recipe {path} is a directory; give a recipe YAML file or a shipped name ({shipped})")
-    if not path.is_file():
-        raise ValueError(f"recipe file {path} does not exist; give a recipe YAML file or a shipped name ({shipped})")
-    try:
-        data = load_yaml(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"recipe file {path} is not a UTF-8 text file; a recipe is YAML") from None
-    except OSError as err:
-        raise ValueError(f"recipe file {path} cannot be read ({err.strerror})") from None
+    data = read_yaml_file(path, "recipe file", f"give a recipe YAML file or a shipped name ({shipped})", loader=RecipeLoader)
     recipe = Recipe.from_dict(data or {}, source=str(path))
     return recipe.with_overrides(overrides) if overrides else recipe
 

@@ -23,7 +23,7 @@ from typing import Optional, Union
 import pandas as pd
 import yaml
 
-from .core.io import atomic_write_text, check_output_file
+from .core.io import atomic_write_text, check_output_file, read_yaml_file
 from .stats import bootstrap_ci
 from .tables import load_tables
 from .train import RunConfig
@@ -115,14 +115,7 @@ def promote(sweep_dir: Union[str, Path], *, base: Optional[Union[str, Path]] = N
     :func:`default_base`), the output path, the rule."""
     tables = load_tables(sweep_dir)
     base = default_base() if base is None else Path(base)
-    if base.is_dir():
-        raise ValueError(f"base recipe {str(base)!r} is a directory; pass --base PATH to an LLM recipe file (e.g. llm/recipes/tiny-cpu.yaml)")
-    if not base.is_file():
-        raise ValueError(f"base recipe {str(base)!r} does not exist; pass --base PATH to an LLM recipe file (e.g. llm/recipes/tiny-cpu.yaml)")
-    try:
-        recipe = yaml.safe_load(base.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ValueError(f"base recipe {base} is not valid YAML: {err}") from None
+    recipe = read_yaml_file(base, "base recipe", "pass --base PATH to an LLM recipe file (e.g. llm/recipes/tiny-cpu.yaml)")
     if not isinstance(recipe, dict) or not isinstance(recipe.get("method"), dict):
         raise ValueError(f"base recipe {base} has no `method:` mapping; is it an LLM recipe?")
     if out is not None:

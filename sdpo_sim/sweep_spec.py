@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import yaml
 
+from .core.io import read_yaml_file
+
 SPEC_KEYS = ("name", "description", "base", "grid", "cases", "blocks", "tuning")
 BLOCK_KEYS = ("name", "base", "grid", "cases")
 PACKAGED_SPECS = ("claims", "main", "quick")  # names `sdpo-sim sweep` resolves to sdpo_sim/specs/*.yaml
@@ -101,16 +103,7 @@ class Spec:
         """Read a YAML spec with a safe loader."""
         path = Path(path)
         expected = f"a sweep spec file (YAML) or a packaged spec name ({' | '.join(PACKAGED_SPECS)}) is expected"
-        if path.is_dir():
-            raise ValueError(f"spec {str(path)!r} is a directory; {expected}")
-        if not path.is_file():
-            raise ValueError(f"spec file {str(path)!r} does not exist; {expected}")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML: {err}") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"{path}: not a text file; a sweep spec is YAML text") from None
+        data = read_yaml_file(path, "spec file", expected)
         return cls.from_dict(data, source=str(path))
 
 

@@ -34,7 +34,7 @@ ROWS = [
     (["train"], 2, "required: --recipe"),
     (["train", "--recipe", OK, "--bogus"], 2, "unrecognized arguments: --bogus"),
     # --- the recipe file
-    (["train", "--recipe", "missing.yaml"], 2, "missing.yaml does not exist"),
+    (["train", "--recipe", "missing.yaml"], 2, "'missing.yaml' does not exist"),
     (["train", "--recipe", "recipes"], 2, "is a directory; give a recipe YAML file or a shipped name"),
     (["train", "--recipe", "bad.yaml"], 2, "not valid YAML"),
     (["train", "--recipe", "list.yaml"], 2, "a recipe must be a mapping"),
@@ -90,7 +90,7 @@ ROWS = [
     (["make-tiny", "--num-layers", "two"], 2, "argument --num-layers: invalid int value: 'two'"),
     (["make-tiny", "--seed", "-1"], 2, "--seed=-1 must be in [0, 4294967295]"),
     (["make-tiny", "--task", "nope"], 2, "unknown task 'nope'"),
-    (["make-tiny", "--recipe", "missing.yaml"], 2, "missing.yaml does not exist"),
+    (["make-tiny", "--recipe", "missing.yaml"], 2, "'missing.yaml' does not exist"),
     (["make-tiny", "--recipe", "field.yaml"], 2, "unknown field(s) training.stepz"),
     # --- proof (its checks before any model is built)
     (["proof", "--seeds", "1"], 2, "needs at least 2 seeds"),

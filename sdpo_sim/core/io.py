@@ -1,11 +1,14 @@
-"""Atomic file writes: readers (and a resumed sweep) never see half a file."""
+"""Files: atomic writes (readers, and a resumed sweep, never see half a file), checked output places, YAML reads
+whose every failure is one line."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Union
+from typing import Any, Callable, Type, Union
+
+import yaml
 
 PathLike = Union[str, Path]
 
@@ -86,3 +89,23 @@ def remove_stale_temporaries(directory: PathLike) -> int:
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return len(stale)
+
+
+def read_yaml_file(path: PathLike, what: str, hint: str, loader: Type[yaml.SafeLoader] = yaml.SafeLoader) -> Any:
+    """The YAML document in ``path``, parsed by ``loader`` (a safe loader: no Python tags).
+
+    Every failure is a ``ValueError`` of one line naming ``what`` the file is and ``path``; the two
+    failures a user fixes by giving another path (a directory, a missing file) end with ``hint``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a directory; {hint}")
+    if not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} does not exist; {hint}")
+    try:
+        return yaml.load(path.read_text(), Loader=loader)  # noqa: S506 — a SafeLoader (sub)class
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not a UTF-8 text file; it must be YAML text") from None
+    except OSError as err:
+        raise ValueError(f"{what} {path} cannot be read ({err.strerror})") from None
