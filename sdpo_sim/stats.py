@@ -1,8 +1,16 @@
-"""Statistics over seeds: bootstrap CIs, paired differences, budgets, AUC, entropy at matched reward.
+"""Statistics over tasks and seeds: bootstrap CIs, paired differences, budgets, AUC, entropy at matched
+reward, and the aggregates of Agarwal et al. (2021, "rliable"): interquartile mean, probability of
+improvement, performance profiles.
 
 Everything here works on the tidy tables a sweep writes (``sdpo_sim.sweep``): ``history`` has one
 row per (run, seed, evaluation step); :func:`per_seed_metrics` reduces it to one row per
-(run, seed) — the *unit* every confidence interval resamples.
+(run, seed) — the *unit*. When the units come from several tasks (``task_seed``), CIs come from a
+two-stage (hierarchical) bootstrap — tasks, then seeds within each drawn task — so that they include
+the variance between tasks; with one task it is the ordinary bootstrap over seeds, draw for draw.
+
+Why not a library's resampling: ``scipy.stats.bootstrap`` resamples one level only, and rliable's
+stratified bootstrap resamples runs *within* each task but never the tasks, so neither puts task
+variance into a CI. The point statistics come from scipy (``trim_mean``, ``mannwhitneyu``).
 """
 
 from __future__ import annotations
@@ -11,45 +19,63 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
+from scipy import stats as sps
 
 CI_LEVEL = 0.95
 N_BOOT = 4000
 BUDGETS: tuple[Union[int, str], ...] = (10, 30, 100, "last")
 UNIT = ("run_id", "seed")  # one training run of one seed
 PAIR_ON = ("task_seed", "seed")  # paired comparisons match these
+TASK = "task_seed"  # the column that names a unit's task: the outer level of the bootstrap
 
 
-def bootstrap_ci(values: Iterable[float], *, level: float = CI_LEVEL, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ci(values: Iterable[float], *, level: float = CI_LEVEL, n_boot: int = N_BOOT, seed: int = 0,
+                 tasks: Optional[Iterable] = None) -> tuple[float, float, float]:
     """Mean and percentile-bootstrap CI of the mean: ``(mean, lo, hi)``; NaN bounds when n < 2.
 
-    Non-finite values are dropped. ``x̄*_b = mean(x[i_b])``, ``i_b ~ U{0..n−1}^n``; bounds are the
-    ``(1±level)/2`` quantiles of ``x̄*``.
+    Non-finite values are dropped. Without ``tasks`` (or with one task): ``x̄*_b = mean(x[i_b])``,
+    ``i_b ~ U{0..n−1}^n``. With ``tasks`` (one label per value, K ≥ 2 tasks), two stages: for each task k a
+    resampled seed mean ``m*_{b,k}`` (n_k draws from its own values), then ``x̄*_b = mean_j m*_{b, k_j}`` over
+    K tasks drawn with replacement — the estimand is the mean over tasks of each task's mean. Bounds are the
+    ``(1±level)/2`` quantiles of ``x̄*``. With K ≥ 2 tasks and one value each it is the bootstrap over tasks.
     """
     if not 0 < level < 1:
         raise ValueError(f"level={level!r} must lie in (0, 1)")
     x = np.asarray(list(values), dtype=float)
-    x = x[np.isfinite(x)]
+    labels = None if tasks is None else np.asarray(list(tasks))
+    if labels is not None and labels.shape != x.shape:
+        raise ValueError(f"tasks has {labels.size} labels for {x.size} values; give one task label per value")
+    keep = np.isfinite(x)
+    x = x[keep]
     if x.size == 0:
         return float("nan"), float("nan"), float("nan")
-    mean = float(x.mean())
+    groups = [x] if labels is None else [x[labels[keep] == k] for k in pd.unique(labels[keep])]
+    mean = float(x.mean()) if len(groups) == 1 else float(np.mean([g.mean() for g in groups]))
     if x.size < 2:
         return mean, float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    boot = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    means = np.stack([g[rng.integers(0, g.size, size=(n_boot, g.size))].mean(axis=1) for g in groups], axis=1)  # [n_boot, K]
+    pick = rng.integers(0, len(groups), size=(n_boot, len(groups))) if len(groups) > 1 else np.zeros((n_boot, 1), dtype=int)
+    boot = np.take_along_axis(means, pick, axis=1).mean(axis=1)
     lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
     return mean, float(lo), float(hi)
 
 
 def summarize(frame: pd.DataFrame, value: str, by: Sequence[str] = (), **kwargs) -> pd.DataFrame:
-    """Mean, 95% bootstrap CI and count of ``value`` per group of ``by`` (one row per group)."""
+    """Mean, 95% bootstrap CI and count of ``value`` per group of ``by`` (one row per group); hierarchical over
+    tasks and seeds (:func:`bootstrap_ci`) where the group's units come from several ``task_seed`` values.
+    ``n_tasks`` counts them."""
     _require(frame, [value, *by], "summarize")
     rows = []
     groups = frame.groupby(list(by), dropna=False, sort=True) if by else [((), frame)]
     for key, part in groups:
         key = key if isinstance(key, tuple) else (key,)
-        mean, lo, hi = bootstrap_ci(part[value], **kwargs)
-        rows.append({**dict(zip(by, key)), "mean": mean, "ci_lo": lo, "ci_hi": hi, "n": int(np.isfinite(part[value].astype(float)).sum())})
-    return pd.DataFrame(rows, columns=[*by, "mean", "ci_lo", "ci_hi", "n"])
+        finite = np.isfinite(part[value].astype(float))
+        tasks = part[TASK] if TASK in part and TASK not in by else None
+        mean, lo, hi = bootstrap_ci(part[value], tasks=tasks, **kwargs)
+        n_tasks = int(part.loc[finite, TASK].nunique()) if tasks is not None else 1
+        rows.append({**dict(zip(by, key)), "mean": mean, "ci_lo": lo, "ci_hi": hi, "n": int(finite.sum()), "n_tasks": n_tasks})
+    return pd.DataFrame(rows, columns=[*by, "mean", "ci_lo", "ci_hi", "n", "n_tasks"])
 
 
 def paired_difference(
@@ -73,9 +99,41 @@ def paired_difference(
     side_a = frame[frame[column] == a].groupby(keys, dropna=False)[value].mean()
     side_b = frame[frame[column] == b].groupby(keys, dropna=False)[value].mean()
     diff = (side_a - side_b).dropna().rename("diff").reset_index()
-    out = summarize(diff, "diff", by, **kwargs) if len(diff) else pd.DataFrame(columns=[*by, "mean", "ci_lo", "ci_hi", "n"])
+    out = summarize(diff, "diff", by, **kwargs) if len(diff) else pd.DataFrame(columns=[*by, "mean", "ci_lo", "ci_hi", "n", "n_tasks"])
     out.insert(len(by), "comparison", f"{column}: {a} − {b}")
     return out
+
+
+# ----------------------------------------------------------------------------- aggregates across tasks (rliable's)
+def interquartile_mean(values: Iterable[float]) -> float:
+    """IQM: the mean of the middle 50% of the values (``scipy.stats.trim_mean(x, 0.25)``; Agarwal et al. 2021).
+    Robust to a few outlying runs, less noisy than the median. Non-finite values are dropped."""
+    x = np.asarray(list(values), dtype=float)
+    x = x[np.isfinite(x)]
+    return float(sps.trim_mean(x, 0.25)) if x.size else float("nan")
+
+
+def probability_of_improvement(frame: pd.DataFrame, value: str, column: str, a: object, b: object, *, task: str = TASK) -> float:
+    """``P(X_a > X_b)`` averaged over tasks: per task, the Mann–Whitney statistic ``U/(n_a·n_b)`` of ``a``'s runs
+    against ``b``'s (ties count ½); then the mean over the tasks where both were run. 0.5 = no difference."""
+    _require(frame, [value, column, task], "probability_of_improvement")
+    per_task = []
+    for _, part in frame.groupby(task, sort=True):
+        xa = part.loc[part[column] == a, value].astype(float).to_numpy()
+        xb = part.loc[part[column] == b, value].astype(float).to_numpy()
+        xa, xb = xa[np.isfinite(xa)], xb[np.isfinite(xb)]
+        if xa.size and xb.size:
+            per_task.append(sps.mannwhitneyu(xa, xb, alternative="two-sided").statistic / (xa.size * xb.size))
+    return float(np.mean(per_task)) if per_task else float("nan")
+
+
+def performance_profile(values: Iterable[float], thresholds: Sequence[float]) -> np.ndarray:
+    """Fraction of runs whose value exceeds each threshold τ: ``[len(thresholds)]`` (a survival curve of scores)."""
+    x = np.asarray(list(values), dtype=float)
+    x = x[np.isfinite(x)]
+    if not x.size:
+        return np.full(len(thresholds), np.nan)
+    return (x[None, :] > np.asarray(thresholds, dtype=float)[:, None]).mean(axis=1)
 
 
 def auc(steps: Sequence[float], values: Sequence[float]) -> float:

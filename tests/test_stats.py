@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sdpo_sim.stats import (auc, bootstrap_ci, entropy_at_matched_reward, first_crossing, paired_difference, per_seed_metrics,
-                            summarize, value_at_budget)
+from sdpo_sim.stats import (auc, bootstrap_ci, entropy_at_matched_reward, first_crossing, interquartile_mean, paired_difference,
+                            per_seed_metrics, performance_profile, probability_of_improvement, summarize, value_at_budget)
 
 
 def test_bootstrap_ci_brackets_the_mean_shrinks_with_n_and_is_reproducible():
@@ -27,6 +27,52 @@ def test_bootstrap_ci_covers_the_true_mean_about_95_percent_of_the_time():
     rng = np.random.default_rng(1)
     hits = sum(lo <= 0.0 <= hi for lo, hi in (bootstrap_ci(rng.normal(0, 1, 30), n_boot=500, seed=i)[1:] for i in range(300)))
     assert 0.88 <= hits / 300 <= 0.99
+
+
+def test_one_task_is_the_ordinary_bootstrap_draw_for_draw():
+    x = np.random.default_rng(3).normal(0, 1, 12)
+    assert bootstrap_ci(x, tasks=[7] * 12) == bootstrap_ci(x)
+
+
+def test_hierarchical_ci_includes_the_variance_between_tasks():
+    # 8 tasks whose means differ by N(0, 1), 10 seeds each with tiny seed noise: a CI over seeds alone would be
+    # far too narrow for "tasks in general"; the two-stage CI must be about as wide as the task spread says
+    rng = np.random.default_rng(4)
+    task_means = rng.normal(0, 1, 8)
+    values = np.concatenate([m + rng.normal(0, 0.01, 10) for m in task_means])
+    tasks = np.repeat(np.arange(8), 10)
+    m, lo, hi = bootstrap_ci(values, tasks=tasks)
+    _, flat_lo, flat_hi = bootstrap_ci(values)
+    se_tasks = task_means.std(ddof=1) / np.sqrt(8)  # the standard error of a mean over 8 tasks
+    assert m == pytest.approx(task_means.mean(), abs=0.01)
+    assert 2.5 * se_tasks < hi - lo < 5 * se_tasks  # a 95% interval spans ≈ 3.9 standard errors
+    assert flat_hi - flat_lo < hi - lo  # the one-level bootstrap over 80 units is narrower
+    with pytest.raises(ValueError, match="one task label per value"):
+        bootstrap_ci(values, tasks=tasks[:5])
+
+
+def test_summarize_counts_tasks_and_resamples_them():
+    frame = pd.DataFrame({"task_seed": np.repeat([0, 1, 2], 4), "x": [1.0] * 4 + [2.0] * 4 + [6.0] * 4})
+    row = summarize(frame, "x").iloc[0]
+    assert row["n"] == 12 and row["n_tasks"] == 3 and row["mean"] == pytest.approx(3.0)
+    assert row["ci_lo"] < 2.0 and row["ci_hi"] > 4.0  # seeds are identical within a task: all width is between tasks
+
+
+def test_interquartile_mean_drops_the_outer_quarters():
+    assert interquartile_mean([0, 1, 2, 3, 4, 5, 6, 100]) == pytest.approx(3.5)  # mean of 2, 3, 4, 5
+    assert np.isnan(interquartile_mean([np.nan]))
+
+
+def test_probability_of_improvement_is_per_task_then_averaged():
+    frame = pd.DataFrame({"task_seed": [0] * 4 + [1] * 4, "arm": ["a", "a", "b", "b"] * 2,
+                          "x": [2.0, 3.0, 0.0, 1.0,   0.0, 1.0, 0.0, 1.0]})
+    # task 0: every a beats every b (1.0); task 1: identical values (two ties of 4 pairs, and a wins 1: (1 + 2·½)/4 = 0.5)
+    assert probability_of_improvement(frame, "x", "arm", "a", "b") == pytest.approx(0.75)
+    assert probability_of_improvement(frame, "x", "arm", "b", "a") == pytest.approx(0.25)
+
+
+def test_performance_profile_is_the_fraction_above_each_threshold():
+    assert list(performance_profile([0.1, 0.5, 0.9, np.nan], [0.0, 0.5, 1.0])) == pytest.approx([1.0, 1 / 3, 0.0])
 
 
 def test_paired_difference_matches_seeds_and_removes_shared_noise():
