@@ -184,8 +184,10 @@ def per_seed_metrics(history: pd.DataFrame, budgets: Sequence[Union[int, str]] =
         history: tidy ``[runs × seeds × eval steps]`` rows with at least ``run_id, seed, step, reward, entropy``.
         keep: extra columns constant within a run to carry over (default: every column that is).
     Columns: ``reward_at_<b>`` for each budget, ``final_reward``, ``auc``, ``entropy_initial``,
-    ``entropy`` (final), ``entropy_drop`` (``1 − H_final/H_0``), ``credit_corr`` (mean Pearson over
-    evaluation steps), ``credit_corr_within``, ``grad_cos``, ``alpha_mix`` (means over steps), ``kl_init`` (final).
+    ``entropy`` (final), ``entropy_drop`` (``1 − H_final/H_0``), ``credit_corr`` (mean Pearson over evaluation steps
+    of the credit the update uses: SDPO's distillation signal, the policy gradient's advantage), ``credit_corr_within``,
+    ``feedback_credit_corr`` (the same for the feedback credit, distilling methods only), ``grad_cos``, ``alpha_mix``
+    (means over steps), ``kl_init`` (final).
     """
     _require(history, [*UNIT, "step", "reward", "entropy"], "per_seed_metrics")
     if keep is None:
@@ -204,7 +206,8 @@ def per_seed_metrics(history: pd.DataFrame, budgets: Sequence[Union[int, str]] =
         row["entropy_initial"] = float(h[0])
         row["entropy"] = float(h[-1])
         row["entropy_drop"] = float(1 - h[-1] / h[0]) if h[0] > 0 else float("nan")
-        for name, col in (("credit_corr", "credit_pearson"), ("credit_corr_within", "credit_pearson_within"), ("grad_cos", "grad_cos"), ("alpha_mix", "alpha_mix")):
+        for name, col in (("credit_corr", "credit_pearson"), ("credit_corr_within", "credit_pearson_within"),
+                          ("feedback_credit_corr", "feedback_credit_pearson"), ("grad_cos", "grad_cos"), ("alpha_mix", "alpha_mix")):
             row[name] = float(np.nanmean(g[col].to_numpy(dtype=float))) if col in g and g[col].notna().any() else float("nan")
         row["kl_init"] = float(g["kl_init"].iloc[-1]) if "kl_init" in g else float("nan")
         row["last_step"] = int(s[-1])

@@ -43,7 +43,7 @@ OPTIMIZERS = ("adam", "sgd")
 DEFAULT_LR = {"reinforce": 0.1, "grpo": 0.3, "sdpo": 0.3, "hybrid": 0.3}
 HISTORY_COLUMNS = (
     "seed", "step", "reward", "entropy", "seq_entropy", "kl_init", "divergence", "alpha_mix",
-    "credit_pearson", "credit_spearman", "credit_pearson_within", "grad_cos", "batch_reward",
+    "credit_pearson", "credit_spearman", "credit_pearson_within", "feedback_credit_pearson", "grad_cos", "batch_reward",
 )
 
 
@@ -314,6 +314,8 @@ def run(cfg: RunConfig, *, progress: bool = False) -> RunResult:
             div = sd_credit = None
             if evaluate or m.name == "hybrid":  # the divergence feeds the hybrid controller; credit is a metric
                 div, sd_credit = _teacher_stats(logits, out.logits, seqs, mask, m.alpha)
+            if evaluate:  # feedback credit: the teacher with feedback vs the same network without it (no teacher lag)
+                feedback_credit = (_token_logp(out.logits, seqs) - _token_logp(base, seqs)) * mask
         # 5. combine: pure terms or the hybrid mixture with its alpha controller
         alpha_mix = torch.full((R,), float("nan"))
         if m.name == "hybrid":
@@ -337,6 +339,7 @@ def run(cfg: RunConfig, *, progress: bool = False) -> RunResult:
                 "divergence": div if m.distills else torch.full((R,), float("nan")), "alpha_mix": alpha_mix,
                 "credit_pearson": metrics.pearson(credit, a_star), "credit_spearman": metrics.spearman(credit, a_star),
                 "credit_pearson_within": metrics.pearson_within(credit, a_star),
+                "feedback_credit_pearson": metrics.pearson(feedback_credit, a_star) if m.distills else torch.full((R,), float("nan")),
                 "grad_cos": metrics.cosine(-theta.grad, exact_now["grad_J"]), "batch_reward": task.reward(seqs).mean(1),
             })
         if step < cfg.steps:
