@@ -11,7 +11,6 @@ import concurrent.futures as cf
 import contextlib
 import importlib.util
 import json
-import subprocess
 import time
 import traceback
 from datetime import datetime, timezone
@@ -23,27 +22,17 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .core.io import atomic_write, atomic_write_text, remove_stale_temporaries
+from .provenance import code_hash, git_commit
 from .sweep_spec import Planned
 from .workers import WorkerPool, exit_if_stopping, sigint_ignored
 
 BACKENDS = ("process", "serial", "ray")
-META_COLUMNS = ("block", "run_id", "status", "package_version", "git_commit")
+META_COLUMNS = ("block", "run_id", "status", "package_version", "git_commit", "code_hash")
 
 RunFn = Callable[[dict], "tuple[pd.DataFrame, dict]"]  # full config -> (history, summary)
 
 
 # ----------------------------------------------------------------------------- execution
-def git_commit() -> str:
-    """The source tree's ``git rev-parse HEAD`` (+ ``-dirty`` if modified), or ``unknown``."""
-    root = Path(__file__).resolve().parent
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def record_paths(runs_dir: Path, rid: str) -> tuple[Path, Path]:
     return runs_dir / f"{rid}.json", runs_dir / f"{rid}.parquet"
 
@@ -149,7 +138,7 @@ def execute(
     runs_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(runs_dir)  # left by a worker killed mid-write (its run is not marked done: it reruns)
     pending = [p for p in planned if not is_done(runs_dir, p.run_id)]
-    meta = {"package_version": __version__, "git_commit": git_commit()}
+    meta = {"package_version": __version__, "git_commit": git_commit(), "code_hash": code_hash()}
     outcome = {"total": len(planned), "skipped": len(planned) - len(pending), "ok": 0, "failed": []}
     bar = tqdm(total=len(pending), desc=desc, unit="run", disable=not progress or not pending)
 

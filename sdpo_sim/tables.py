@@ -35,7 +35,8 @@ def collect(planned: Sequence[Planned], runs_dir: Path) -> tuple[pd.DataFrame, p
         if rec is None:
             continue
         for block in p.blocks:
-            meta = {"block": block, "run_id": p.run_id, "status": rec["status"], "package_version": rec.get("package_version"), "git_commit": rec.get("git_commit")}
+            meta = {"block": block, "run_id": p.run_id, "status": rec["status"], "package_version": rec.get("package_version"), "git_commit": rec.get("git_commit"),
+                    "code_hash": rec.get("code_hash")}
             summ = {k: v for k, v in (rec.get("summary") or {}).items() if k != "per_seed"}
             if isinstance(summ.get("final_reward_ci95"), (list, tuple)) and len(summ["final_reward_ci95"]) == 2:
                 lo, hi = summ.pop("final_reward_ci95")

@@ -24,6 +24,7 @@ from sdpo_sim.claims import (
 )
 from sdpo_sim.claims.measure import claim_margin, claim_noise, claim_richness, claim_separation
 from sdpo_sim.claims.report import STYLES
+from sdpo_sim.provenance import code_hash
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,7 @@ def test_quick_claims_write_a_row_per_claim_with_values_cis_and_verdicts(quick):
     assert [c["id"] for c in data["claims"]] == ids and data["tuning"]["selected"]
     assert {r["block"] for r in data["seed_paper_replica"]} >= {"seed_paper", "teachers", "main"}
     assert data["meta"]["git_commit"] and data["meta"]["package_version"]
+    assert data["meta"]["code_hash"] == data["meta"]["report_code_hash"] == code_hash()  # every run and the report: this code
 
 
 def test_claims_resume_without_rerunning(quick):

@@ -11,6 +11,7 @@ import pandas as pd
 
 from ..core.io import check_output_dir
 from ..plots import write_figures
+from ..provenance import code_hash
 from ..sweep import Interrupted, Spec, kept_runs, run_sweep
 from .measure import evaluate, replica, units
 from .report import write_report
@@ -43,7 +44,7 @@ def run_claims(scale: str = "canonical", *, out: Path, report_dir: Optional[Path
         wall = time.perf_counter() - start
         meta = {"command": command, "spec": spec_file.name if not spec else str(spec_file), "scale": scale, "runs": result.counts["total"], "failed": len(result.failed), "reused": result.counts["skipped"],
                 "workers": workers, "wall_time_s": round(wall, 1), "package_version": _first(result.summary, "package_version"),
-                "git_commit": _first(result.summary, "git_commit"), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                "git_commit": _first(result.summary, "git_commit"), "code_hash": runs_code_hash(result.summary), "report_code_hash": code_hash(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "lr_rule": result.tuning["rule"] if result.tuning else "as given in the spec", "tuning": result.tuning}
         md, js = write_report(claims, replica(units(result.seeds)), meta, Path(report_dir or out))
     except KeyboardInterrupt:  # the sweep itself is complete: every run is kept
@@ -54,3 +55,10 @@ def run_claims(scale: str = "canonical", *, out: Path, report_dir: Optional[Path
 def _first(frame: pd.DataFrame, col: str) -> Any:
     """The first value of ``col``, or ``None`` when the frame lacks it or is empty."""
     return frame[col].iloc[0] if col in frame and len(frame) else None
+
+
+def runs_code_hash(summary: pd.DataFrame) -> Optional[str]:
+    """The code hash every run of the sweep was made with; ``"mixed: a, b"`` when runs come from different code
+    (a resumed sweep whose code changed in between), ``None`` for records older than the hash."""
+    hashes = sorted({h for h in summary.get("code_hash", pd.Series(dtype=object)).dropna()}) if len(summary) else []
+    return hashes[0] if len(hashes) == 1 else ("mixed: " + ", ".join(hashes) if hashes else None)

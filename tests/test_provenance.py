@@ -1,0 +1,37 @@
+"""The code hash that makes committed reports fresh by construction: what counts and what does not."""
+
+from __future__ import annotations
+
+import shutil
+
+from sdpo_sim.provenance import PACKAGE, code_hash, result_files
+
+
+def _copy(tmp_path):
+    dst = tmp_path / "sdpo_sim"
+    shutil.copytree(PACKAGE, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    return dst
+
+
+def test_the_hash_reads_every_result_module_and_spec_but_not_the_front_end():
+    names = {str(f.relative_to(PACKAGE)) for f in result_files()}
+    assert {"train.py", "teachers.py", "claims/measure.py", "core/losses/distill.py", "specs/claims.yaml"} <= names
+    assert not any(n.startswith("commands/") or n in ("cli.py", "__main__.py") for n in names)
+
+
+def test_docstrings_comments_and_the_cli_do_not_change_the_hash_but_code_and_specs_do(tmp_path):
+    pkg = _copy(tmp_path)
+    before = code_hash(pkg)
+    assert before == code_hash(PACKAGE)  # a copy hashes the same: no absolute paths inside
+    teachers = pkg / "teachers.py"
+    text = teachers.read_text()
+    teachers.write_text(text.replace('"""Self-teachers of the toy world', '"""Self-teachers (reworded) of the toy world', 1) + "\n# a comment\n")
+    (pkg / "commands" / "run.py").write_text((pkg / "commands" / "run.py").read_text() + "\nUNUSED = 1\n")
+    assert code_hash(pkg) == before
+    teachers.write_text(text.replace("LINK_SD = 0.5", "LINK_SD = 0.25", 1))
+    changed = code_hash(pkg)
+    assert changed != before
+    teachers.write_text(text)
+    spec = pkg / "specs" / "quick.yaml"
+    spec.write_text(spec.read_text().replace("steps:", "steps:  ", 1) + "\n")
+    assert code_hash(pkg) not in (before, changed)
