@@ -1,9 +1,14 @@
 """``sdpo-llm`` / ``python -m llm``: train, plan, make-tiny, proof.
 
-- ``sdpo-llm train --recipe R [--resume] [--set section.field=value ...]`` (also under ``accelerate launch``);
+- ``sdpo-llm train --recipe R [--resume] [--set section.field=value ...] [--section.field value ...]`` (also under
+  ``accelerate launch``);
 - ``sdpo-llm plan --recipe R --gpus-per-node N --nodes M --gpu-memory-gb G``: per-GPU memory plan, no weights loaded;
 - ``sdpo-llm make-tiny [--out DIR]``: build (and pretrain) the tiny CPU model (``llm.make_tiny``);
 - ``sdpo-llm proof``: the proof-that-it-learns script (``llm.proof``).
+
+Every recipe field is reachable two ways, in ``train`` and ``plan`` alike: its own flag (``--training.steps 3``,
+``--method.alpha 0.5``, ``--model.lora.r 8``; help from the field's metadata) and ``--set training.steps=3`` (YAML
+value, repeatable). A field given twice (by both, or by two ``--set``) is refused.
 
 Bad input exits 2 with one line on stderr (``sdpo-llm COMMAND: error: ...``) and no traceback; Ctrl-C
 exits 130 with one line (for ``train``: the step reached and how to resume).
@@ -19,7 +24,20 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from sdpo_sim.core.cli_args import EXIT_BAD_INPUT, EXIT_INTERRUPTED, OneLineParser, one_line
+from sdpo_sim.core.cli_args import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERRUPTED,
+    OneLineParser,
+    one_line,
+)
+from sdpo_sim.core.config_fields import (
+    add_field_flags,
+    add_set_flag,
+    given_fields,
+    merge_overrides,
+)
+
+from .recipe import Recipe, load_recipe, resolve_recipe_path
 
 # subcommands owned by other modules, imported when run (they import torch): main(argv) -> int
 DISPATCH = {"make-tiny": "llm.make_tiny", "proof": "llm.proof"}
@@ -38,16 +56,16 @@ def _interrupted_train(trainer) -> str:
             f"continue from the last checkpoint ({latest})")
 
 
-def _recipe(args):
-    from .recipe import load_recipe, parse_override, resolve_recipe_path
-
-    return load_recipe(resolve_recipe_path(args.recipe), dict(parse_override(s) for s in args.set))
+def recipe_from_args(args) -> Recipe:
+    """The recipe of ``--recipe`` with the fields given by their flags and by ``--set`` (each at most once)."""
+    overrides = merge_overrides(given_fields(args, args.field_dests), args.set)
+    return load_recipe(resolve_recipe_path(args.recipe), overrides)
 
 
 def cmd_train(args) -> int:
     from .trainer import NonFiniteLossError, Trainer
 
-    recipe = _recipe(args)  # validated before any model loads
+    recipe = recipe_from_args(args)  # validated before any model loads
     trainer = Trainer(recipe)  # checks the output directory and the dtype before loading weights
     main_process = int(os.environ.get("RANK", "0")) == 0
     try:
@@ -73,30 +91,37 @@ def cmd_plan(args) -> int:
         raise ValueError(f"--micro-batch={args.micro_batch} must be a positive integer (omit it for the recipe's share)")
     if not math.isfinite(args.gpu_memory_gb):
         raise ValueError(f"--gpu-memory-gb={args.gpu_memory_gb} must be a finite number of GiB > 0")
-    recipe = _recipe(args)
+    recipe = recipe_from_args(args)
     plan = memory_plan(recipe, gpus_per_node=args.gpus_per_node, nodes=args.nodes, gpu_memory_gb=args.gpu_memory_gb,
                        strategy=args.strategy, micro_batch=args.micro_batch)
     print(format_plan(plan))
     return 0 if plan["fits"] else 1
 
 
+# the command's own flags in its usage line (the recipe fields' flags are summed up as --SECTION.FIELD VALUE)
+USAGE = {"train": "[--resume]", "plan": "--gpus-per-node N [--nodes M] --gpu-memory-gb G [--strategy S] [--micro-batch B]"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="sdpo-llm", description="sdpo-lab LLM path: SDPO, GRPO, REINFORCE and hybrid on transformers.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, help="what to do (each has its own --help)")
     for name, fn, help_ in (("train", cmd_train, "train a recipe (works under accelerate launch)"),
                             ("plan", cmd_plan, "print the per-GPU memory plan of a recipe without loading weights")):
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, usage=f"%(prog)s [-h] --recipe RECIPE {USAGE[name]} [--set SECTION.FIELD=VALUE] "
+                           "[--SECTION.FIELD VALUE ...]", description=f"{help_[0].upper()}{help_[1:]}. Any recipe field can be set by its "
+                           "own flag (--training.steps 3) or by --set (--set training.steps=3); a field may be given once.")
         p.add_argument("--recipe", required=True, help="recipe YAML path or shipped name (tiny-cpu, qwen3-8b)")
-        p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override a recipe field")
-        p.set_defaults(func=fn)
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in training.output_dir")
         else:
-            p.add_argument("--gpus-per-node", type=int, required=True)
-            p.add_argument("--nodes", type=int, default=1)
-            p.add_argument("--gpu-memory-gb", type=float, required=True)
-            p.add_argument("--strategy", default="fsdp2", help="fsdp2 | zero3 | ddp")
-            p.add_argument("--micro-batch", type=int, default=None, help="sequences per GPU per forward (default: the recipe's share)")
+            p.add_argument("--gpus-per-node", type=int, required=True, metavar="N", help="GPUs on each node")
+            p.add_argument("--nodes", type=int, default=1, metavar="M", help="number of nodes (default 1)")
+            p.add_argument("--gpu-memory-gb", type=float, required=True, metavar="G", help="memory of one GPU, GiB")
+            p.add_argument("--strategy", default="fsdp2", metavar="S", help="fsdp2 | zero3 | ddp (default fsdp2)")
+            p.add_argument("--micro-batch", type=int, default=None, metavar="B",
+                           help="sequences per GPU per forward (default: the recipe's share)")
+        add_set_flag(p, key_form="section.field", example="training.steps=3")
+        p.set_defaults(func=fn, field_dests=add_field_flags(p.add_argument_group("recipe fields (section.field)"), Recipe))
     for name in DISPATCH:
         sub.add_parser(name, help=f"see `sdpo-llm {name} --help`", add_help=False)
     return parser

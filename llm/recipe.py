@@ -8,16 +8,23 @@ model is loaded; errors name the offending field (``training.learning_rate=...``
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import yaml
 
+from sdpo_sim.core.config_fields import YamlLoader, config_class
 from sdpo_sim.core.io import atomic_write_text, read_yaml_file
 from sdpo_sim.core.method import MethodConfig
+from sdpo_sim.core.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_str,
+    fail,
+)
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 FEEDBACK_KINDS = ("binary", "ordinal", "continuous", "critique", "none")
@@ -32,199 +39,203 @@ DEFAULT_DEMO = "\nA correct solution:\n{demo}\n"
 DEFAULT_FEEDBACK = "\nFeedback on your earlier attempt:\n{feedback}\n"
 
 
-class RecipeLoader(yaml.SafeLoader):
-    """YAML's safe loader that also reads ``1e-5`` as a float: YAML 1.1 (PyYAML) wants a dot (``1.0e-5``)
-    and would hand the trainer the string ``'1e-5'``."""
-
-
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*\.?[0-9_]*|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
-)
-
-
-def load_yaml(text: str) -> Any:
-    """``text`` parsed by :class:`RecipeLoader` (safe: no Python tags)."""
-    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 — a SafeLoader subclass
-
-
-def _fail(section: str, name: str, value: Any, must: str) -> None:
-    raise ValueError(f"recipe field {section}.{name}={value!r} {must}")
-
-
-def _int(section: str, name: str, value: Any, lo: int = 0) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-        _fail(section, name, value, f"must be an integer ≥ {lo}")
-
-
-def _num(section: str, name: str, value: Any, lo: float = 0.0, hi: float = math.inf, lo_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > lo if lo_open else value >= lo) and value <= hi
-    if not ok:
-        _fail(section, name, value, f"must be a number in {'(' if lo_open else '['}{lo}, {hi}]")
-
-
-def _choice(section: str, name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        _fail(section, name, value, f"is not allowed; choose one of {', '.join(map(repr, allowed))}")
-
-
-def _bool(section: str, name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        _fail(section, name, value, "must be true or false")
-
-
-def _str(section: str, name: str, value: Any, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, str) or not value:
-        _fail(section, name, value, "must be a non-empty string")
+def _owner(section: str) -> str:
+    """How messages name a recipe field: ``recipe field training.steps=0 must be ...``."""
+    return f"recipe field {section}"
 
 
 @dataclass
 class LoraConfig:
     """Optional LoRA adapters (peft). ``target_modules`` defaults to all attention and MLP projections."""
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    r: int = field(default=16, metadata={"help": "rank of each adapter, ≥ 1"})
+    alpha: int = field(default=32, metadata={"help": "LoRA scaling α > 0 (the update is scaled by α / r)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input, in [0, 1]"})
+    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                 metadata={"help": "names of the linear modules that get adapters (a non-empty list)"})
 
     def validate(self) -> None:
-        _int("model.lora", "r", self.r, 1)
-        _num("model.lora", "alpha", self.alpha, 0.0, lo_open=True)
-        _num("model.lora", "dropout", self.dropout, 0.0, 1.0)
+        o = _owner("model.lora")
+        check_int(o, "r", self.r, 1)
+        check_number(o, "alpha", self.alpha, 0.0, lo_open=True)
+        check_number(o, "dropout", self.dropout, 0.0, 1.0)
         if not isinstance(self.target_modules, list) or not all(isinstance(m, str) for m in self.target_modules) or not self.target_modules:
-            _fail("model.lora", "target_modules", self.target_modules, "must be a non-empty list of module names")
+            fail(o, "target_modules", self.target_modules, "must be a non-empty list of module names")
 
 
 @dataclass
 class ModelConfig:
-    path: str = "outputs/tiny-model"  # local directory or hub id (hub ids need network at run time)
-    dtype: str = "float32"
-    gradient_checkpointing: bool = False
-    lora: Optional[LoraConfig] = None
-    attn_implementation: Optional[str] = None  # e.g. sdpa | flash_attention_2 (None: transformers' default)
+    """The model to train: where it is, its precision and how it is loaded."""
+
+    path: str = field(default="outputs/tiny-model", metadata={
+        "help": "a saved transformers model directory, or a hub id downloaded ahead of time (runs never download)"})
+    dtype: str = field(default="float32", metadata={
+        "help": "precision of the weights; a plain (unsharded) run refuses bfloat16/float16 trainable weights, whose "
+                "AdamW updates round away (use float32, LoRA or the FSDP2/DeepSpeed configs)", "choices": DTYPES})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass (less memory, more compute; turns share_prompt_prefix auto off)"})
+    lora: Optional[LoraConfig] = field(default=None, metadata={
+        "help": "LoRA adapters as a mapping {r, alpha, dropout, target_modules}; null: train all weights"})
+    attn_implementation: Optional[str] = field(default=None, metadata={
+        "help": "attention kernel passed to transformers, e.g. sdpa or flash_attention_2; null: transformers' default"})
 
     def validate(self) -> None:
-        _str("model", "path", self.path)
-        _choice("model", "dtype", self.dtype, DTYPES)
-        _bool("model", "gradient_checkpointing", self.gradient_checkpointing)
-        _str("model", "attn_implementation", self.attn_implementation, optional=True)
+        o = _owner("model")
+        check_str(o, "path", self.path)
+        check_choice(o, "dtype", self.dtype, DTYPES)
+        check_bool(o, "gradient_checkpointing", self.gradient_checkpointing)
+        check_str(o, "attn_implementation", self.attn_implementation, optional=True)
         if self.lora is not None:
             self.lora.validate()
 
 
 @dataclass
 class TaskConfig:
-    name: str = "word-constraints"
-    feedback: str = "critique"  # binary | ordinal | continuous | critique | none (the toy world's channels)
-    noise: float = 0.0  # std of the noise added to the score before quantisation
-    threshold: float = 0.5  # binary feedback threshold
-    judge: Optional[str] = None  # load_judge spec; None: the task's own rule-based judge
+    """Where prompts come from and how completions are judged and their feedback rendered."""
+
+    name: str = field(default="word-constraints", metadata={"help": "a built-in task of llm.tasks"})
+    feedback: str = field(default="critique", metadata={
+        "help": "feedback channel rendered for the teacher (the toy world's channels; none: no feedback text, "
+                "demonstrations only)", "choices": FEEDBACK_KINDS})
+    noise: float = field(default=0.0, metadata={
+        "help": "std of the Gaussian noise added to the score before quantisation, in [0, 100] (scores lie in [0, 1])"})
+    threshold: float = field(default=0.5, metadata={"help": "pass threshold τ of binary feedback, in [0, 1]"})
+    judge: Optional[str] = field(default=None, metadata={
+        "help": "judge spec: module:callable or a local reward-model directory; null: the task's own rule-based judge"})
 
     def validate(self) -> None:
-        _str("task", "name", self.name)
-        _choice("task", "feedback", self.feedback, FEEDBACK_KINDS)
+        o = _owner("task")
+        check_str(o, "name", self.name)
+        check_choice(o, "feedback", self.feedback, FEEDBACK_KINDS)
         # scores lie in [0, 1]: a noise std of 100 already buries them under noise 100× their range
-        _num("task", "noise", self.noise, 0.0, MAX_TASK_NOISE)
-        _num("task", "threshold", self.threshold, 0.0, 1.0)
-        _str("task", "judge", self.judge, optional=True)
+        check_number(o, "noise", self.noise, 0.0, MAX_TASK_NOISE)
+        check_number(o, "threshold", self.threshold, 0.0, 1.0)
+        check_str(o, "judge", self.judge, optional=True)
 
 
 @dataclass
 class ContextConfig:
     """How each completion's teacher context (reprompt) is built; see :mod:`llm.context`."""
 
-    use_feedback: bool = True  # put the rendered feedback in the teacher's context
-    use_demo: bool = True  # put the best successful sibling (never itself) in the teacher's context
-    success_threshold: float = 0.8  # a sibling is a demonstration if its score ≥ this
-    feedback_only_without_demo: bool = False  # official SDPO option: drop feedback when a demo exists
-    max_context_tokens: int = 512  # teacher context budget (prompt + demo + feedback), the completion is never cut
-    reprompt_template: str = DEFAULT_REPROMPT
-    demo_template: str = DEFAULT_DEMO
-    feedback_template: str = DEFAULT_FEEDBACK
+    use_feedback: bool = field(default=True, metadata={"help": "put the rendered feedback on the completion in the teacher's context"})
+    use_demo: bool = field(default=True, metadata={
+        "help": "put the best successful sibling of the group (never the completion itself) in the teacher's context"})
+    success_threshold: float = field(default=0.8, metadata={
+        "help": "a sibling scoring at least this (in [0, 1]) is a demonstration"})
+    feedback_only_without_demo: bool = field(default=False, metadata={
+        "help": "drop the feedback when a demonstration is present (an official SDPO option)"})
+    max_context_tokens: int = field(default=512, metadata={
+        "help": "token budget ≥ 1 of the teacher context (prompt + demonstration + feedback); over it the demonstration "
+                "loses its end first, then the feedback, then the prompt its beginning; the completion is never cut"})
+    reprompt_template: str = field(default=DEFAULT_REPROMPT, metadata={
+        "help": "the teacher context; must contain {prompt}, {demo} and {feedback}"})
+    demo_template: str = field(default=DEFAULT_DEMO, metadata={
+        "help": "how a demonstration fills {demo}; must contain {demo}"})
+    feedback_template: str = field(default=DEFAULT_FEEDBACK, metadata={
+        "help": "how the feedback fills {feedback}; must contain {feedback}"})
 
     def validate(self) -> None:
+        o = _owner("context")
         for name in ("use_feedback", "use_demo", "feedback_only_without_demo"):
-            _bool("context", name, getattr(self, name))
-        _num("context", "success_threshold", self.success_threshold, 0.0, 1.0)
-        _int("context", "max_context_tokens", self.max_context_tokens, 1)
+            check_bool(o, name, getattr(self, name))
+        check_number(o, "success_threshold", self.success_threshold, 0.0, 1.0)
+        check_int(o, "max_context_tokens", self.max_context_tokens, 1)
         for name, keys in (("reprompt_template", ("{prompt}", "{demo}", "{feedback}")), ("demo_template", ("{demo}",)),
                            ("feedback_template", ("{feedback}",))):
             value = getattr(self, name)
-            _str("context", name, value)
+            check_str(o, name, value)
             missing = [k for k in keys if k not in value]
             if missing:
-                _fail("context", name, value, f"must contain the placeholder(s) {', '.join(missing)}")
+                fail(o, name, value, f"must contain the placeholder(s) {', '.join(missing)}")
 
 
 @dataclass
 class TrainingConfig:
-    steps: int = 20
-    learning_rate: float = 1e-5
-    prompts_per_step: int = 4  # global (all processes) prompts per step; × num_generations completions
-    max_new_tokens: int = 16
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
-    seed: int = 0
-    output_dir: str = "outputs/llm-run"
-    save_every: int = 0  # steps between checkpoints (0: only at the end)
-    log_every: int = 1
-    heatmap_every: int = 0  # steps between credit heat-maps (0: never)
-    max_prompt_length: int = 256  # student prompt tokens (left-truncated)
-    max_consecutive_nonfinite: int = 3  # this many non-finite losses in a row stop the run (with a checkpoint)
-    updates_per_batch: int = 1  # optimiser steps per generated batch (>1 reuses rollouts: IS clip / PPO clip apply)
-    micro_batch_size: int = 0  # completions per forward/backward on each process (0: all of them at once)
-    fused_loss: Any = "auto"  # auto (fused when vocab ≥ fused_min_vocab) | true | false
-    fused_min_vocab: int = 32768
-    chunk_size: Optional[int] = None  # fused loss tokens per chunk (None: about 32 MiB of fp32 logits per buffer)
+    """The optimisation loop: steps, batch, AdamW, checkpoints and logs, and how the loss is computed."""
+
+    steps: int = field(default=20, metadata={"help": "training steps (generated batches), ≥ 1"})
+    learning_rate: float = field(default=1e-5, metadata={
+        "help": "AdamW learning rate, in (0, 1] (it does not transfer from the toy world)"})
+    prompts_per_step: int = field(default=4, metadata={
+        "help": "prompts per step over all processes (divisible by their number), each with num_generations completions"})
+    max_new_tokens: int = field(default=16, metadata={"help": "longest completion in tokens, ≥ 1"})
+    weight_decay: float = field(default=0.01, metadata={
+        "help": "AdamW weight decay ≥ 0; learning_rate × weight_decay must be < 1"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clip: the largest global gradient norm, > 0"})
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999], metadata={
+        "help": "AdamW's (β1, β2), a list of two numbers in [0, 1)"})
+    seed: int = field(default=0, metadata={
+        "help": "seed ≥ 0 of the prompts, the samples and the feedback noise (each completion has its own stream)"})
+    output_dir: str = field(default="outputs/llm-run", metadata={
+        "help": "run directory (recipe.yaml, metrics.jsonl, checkpoints, final model); must be a writable directory"})
+    save_every: int = field(default=0, metadata={"help": "steps between checkpoints, ≥ 0 (0: only at the end)"})
+    log_every: int = field(default=1, metadata={"help": "steps between rows of metrics.jsonl, ≥ 1 (the last step is always logged)"})
+    heatmap_every: int = field(default=0, metadata={"help": "steps between per-token credit heat-maps, ≥ 0 (0: never)"})
+    max_prompt_length: int = field(default=256, metadata={"help": "student prompt tokens ≥ 1 (longer prompts lose their beginning)"})
+    max_consecutive_nonfinite: int = field(default=3, metadata={
+        "help": "this many non-finite losses or gradients in a row (each skips its update) save a checkpoint and stop the run"})
+    updates_per_batch: int = field(default=1, metadata={
+        "help": "optimiser steps per generated batch, ≥ 1 (> 1 reuses rollouts: method.is_clip and method.epsilon apply)"})
+    micro_batch_size: int = field(default=0, metadata={
+        "help": "completions per forward/backward on each process, gradients accumulated (0: all of them at once)"})
+    fused_loss: Any = field(default="auto", metadata={
+        "help": "the chunked SDPO loss from hidden states and the LM head, without [tokens, vocab] logits; auto: when the "
+                "vocabulary has ≥ fused_min_vocab tokens", "choices": AUTO_CHOICES})
+    fused_min_vocab: int = field(default=32768, metadata={"help": "vocabulary size ≥ 1 from which fused_loss=auto fuses"})
+    chunk_size: Optional[int] = field(default=None, metadata={
+        "help": "tokens per chunk of the fused loss, ≥ 1; null: about 32 MiB of float32 logits per buffer"})
     # run each prompt once per group in the student forward (its KV cache serves the group's G completions):
     # auto = on unless gradient checkpointing or a sharded model (FSDP / DeepSpeed) | true | false
-    share_prompt_prefix: Any = "auto"
-    tensorboard: bool = False
+    share_prompt_prefix: Any = field(default="auto", metadata={
+        "help": "run each shared prompt prefix once and let its KV cache serve the rows that begin with it (same loss "
+                "and gradients); auto: on unless gradient checkpointing or a sharded model (true refuses those)",
+        "choices": AUTO_CHOICES})
+    tensorboard: bool = field(default=False, metadata={
+        "help": "also write TensorBoard logs to output_dir/tensorboard (pip install 'sdpo-lab[tensorboard]')"})
 
     def validate(self) -> None:
-        s = "training"
-        _int(s, "steps", self.steps, 1)
-        _num(s, "learning_rate", self.learning_rate, 0.0, MAX_LEARNING_RATE, lo_open=True)
-        _int(s, "prompts_per_step", self.prompts_per_step, 1)
-        _int(s, "max_new_tokens", self.max_new_tokens, 1)
-        _num(s, "weight_decay", self.weight_decay, 0.0)
+        o = _owner("training")
+        check_int(o, "steps", self.steps, 1)
+        check_number(o, "learning_rate", self.learning_rate, 0.0, MAX_LEARNING_RATE, lo_open=True)
+        check_int(o, "prompts_per_step", self.prompts_per_step, 1)
+        check_int(o, "max_new_tokens", self.max_new_tokens, 1)
+        check_number(o, "weight_decay", self.weight_decay, 0.0)
         if self.learning_rate * self.weight_decay >= 1:  # AdamW scales each weight by (1 − lr·wd) per step
-            _fail(s, "weight_decay", self.weight_decay, f"times training.learning_rate={self.learning_rate!r} must be < 1 "
-                  "(AdamW multiplies every weight by 1 − lr·weight_decay each step)")
-        _num(s, "max_grad_norm", self.max_grad_norm, 0.0, lo_open=True)
+            fail(o, "weight_decay", self.weight_decay, f"times training.learning_rate={self.learning_rate!r} must be < 1 "
+                 "(AdamW multiplies every weight by 1 − lr·weight_decay each step)")
+        check_number(o, "max_grad_norm", self.max_grad_norm, 0.0, lo_open=True)
         if not (isinstance(self.adam_betas, list) and len(self.adam_betas) == 2
                 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.adam_betas)):
-            _fail(s, "adam_betas", self.adam_betas, "must be a list of two numbers in [0, 1)")
-        _int(s, "seed", self.seed, 0)
-        _str(s, "output_dir", self.output_dir)
+            fail(o, "adam_betas", self.adam_betas, "must be a list of two numbers in [0, 1)")
+        check_int(o, "seed", self.seed, 0)
+        check_str(o, "output_dir", self.output_dir)
         for name in ("save_every", "heatmap_every", "micro_batch_size"):
-            _int(s, name, getattr(self, name), 0)
+            check_int(o, name, getattr(self, name), 0)
         for name in ("log_every", "max_prompt_length", "max_consecutive_nonfinite", "updates_per_batch", "fused_min_vocab"):
-            _int(s, name, getattr(self, name), 1)
-        _choice(s, "fused_loss", self.fused_loss, AUTO_CHOICES)
-        _choice(s, "share_prompt_prefix", self.share_prompt_prefix, AUTO_CHOICES)
-        if self.chunk_size is not None:
-            _int(s, "chunk_size", self.chunk_size, 1)
-        _bool(s, "tensorboard", self.tensorboard)
+            check_int(o, name, getattr(self, name), 1)
+        check_choice(o, "fused_loss", self.fused_loss, AUTO_CHOICES)
+        check_choice(o, "share_prompt_prefix", self.share_prompt_prefix, AUTO_CHOICES)
+        check_int(o, "chunk_size", self.chunk_size, 1, optional=True)
+        check_bool(o, "tensorboard", self.tensorboard)
 
 
 @dataclass
 class GenerationConfig:
     """Sampling settings; the temperature is the method's (``method.temperature``)."""
 
-    backend: str = "transformers"
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k filter
-    vllm_gpu_memory_utilization: float = 0.3
+    backend: str = field(default="transformers", metadata={
+        "help": "sampler: transformers' generate, or vLLM (needs vLLM installed; not with model.lora)", "choices": BACKENDS})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass, in (0, 1] (1: off)"})
+    top_k: int = field(default=0, metadata={"help": "keep only the k most probable tokens, ≥ 0 (0: off)"})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={
+        "help": "share of GPU memory, in (0, 1], vLLM may take (backend=vllm only)"})
 
     def validate(self) -> None:
-        _choice("generation", "backend", self.backend, BACKENDS)
-        _num("generation", "top_p", self.top_p, 0.0, 1.0, lo_open=True)
-        _int("generation", "top_k", self.top_k, 0)
-        _num("generation", "vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0.0, 1.0, lo_open=True)
+        o = _owner("generation")
+        check_choice(o, "backend", self.backend, BACKENDS)
+        check_number(o, "top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        check_int(o, "top_k", self.top_k, 0)
+        check_number(o, "vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0.0, 1.0, lo_open=True)
 
 
 SECTIONS = {"model": ModelConfig, "task": TaskConfig, "context": ContextConfig, "training": TrainingConfig, "generation": GenerationConfig}
@@ -237,16 +248,18 @@ def _refuse_unknown_fields(source: str, prefix: str, block: Mapping, spec_cls: t
     if bad:
         raise ValueError(f"{source}: unknown field(s) {', '.join(f'{prefix}.{b}' for b in bad)}; known: {', '.join(sorted(allowed))}")
 
+
 @dataclass
 class Recipe:
     """A validated LLM run description. Build with :func:`load_recipe` or :meth:`from_dict`."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    context: ContextConfig = field(default_factory=ContextConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the model to train (ModelConfig)"})
+    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "prompts, judge and feedback channel (TaskConfig)"})
+    method: MethodConfig = field(default_factory=MethodConfig, metadata={
+        "help": "the method, exactly a toy-world MethodConfig mapping"})
+    context: ContextConfig = field(default_factory=ContextConfig, metadata={"help": "how teacher contexts are built (ContextConfig)"})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "the optimisation loop (TrainingConfig)"})
+    generation: GenerationConfig = field(default_factory=GenerationConfig, metadata={"help": "sampling settings (GenerationConfig)"})
 
     def validate(self) -> "Recipe":
         for name in SECTIONS:
@@ -300,33 +313,33 @@ class Recipe:
         atomic_write_text(path, self.to_yaml())
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "Recipe":
-        """A validated copy with dotted overrides applied, e.g. ``{"training.steps": 3}``."""
+        """A validated copy with dotted overrides applied, e.g. ``{"training.steps": 3, "model.lora.r": 8}``.
+
+        A key may reach into a sub-block (``model.lora.r``); a sub-block that is null (no LoRA) becomes one with the
+        defaults and that field. Whole blocks are applied before the fields inside them."""
         data = self.to_dict()
-        for key, value in overrides.items():
+        for key, value in sorted(overrides.items(), key=lambda kv: kv[0].count(".")):
             section, _, name = key.partition(".")
             if section not in data or not name:
                 raise ValueError(f"override {key!r} must be 'section.field' with section one of {', '.join(data)}")
-            data[section][name] = value
+            *parents, name = name.split(".")
+            block, cls, where = data[section], config_class(type(self), section), section
+            for part in parents:
+                inner = config_class(cls, part) if part in {f.name for f in fields(cls)} else None
+                if inner is None:
+                    raise ValueError(f"override {key!r}: {where}.{part} is not a block of fields")
+                if block[part] is None:
+                    block[part] = {}
+                block, cls, where = block[part], inner, f"{where}.{part}"
+            block[name] = value
         return type(self).from_dict(data, source="recipe with overrides")
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``"training.steps=5"`` → ``("training.steps", 5)``; the value is parsed as YAML (safe)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"--set {text!r} must look like section.field=value")
-    try:
-        return key.strip(), load_yaml(value)
-    except yaml.YAMLError as err:
-        reason = str(err).splitlines()[0]
-        raise ValueError(f"--set {text!r}: the value is not valid YAML ({reason}); quote strings, e.g. key='a: b'") from None
 
 
 def load_recipe(path: Union[str, Path], overrides: Optional[Mapping[str, Any]] = None) -> Recipe:
     """Read and validate a recipe YAML file (safe loader) without touching any model."""
     path = Path(path)
     shipped = ", ".join(p.stem for p in shipped_recipes())
-    data = read_yaml_file(path, "recipe file", f"give a recipe YAML file or a shipped name ({shipped})", loader=RecipeLoader)
+    data = read_yaml_file(path, "recipe file", f"give a recipe YAML file or a shipped name ({shipped})", loader=YamlLoader)
     recipe = Recipe.from_dict(data or {}, source=str(path))
     return recipe.with_overrides(overrides) if overrides else recipe
 

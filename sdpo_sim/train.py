@@ -22,8 +22,9 @@ from .core.losses import (
     policy_gradient_token_loss,
     sdpo_token_loss,
 )
-from .core.method import MethodConfig, check_number
+from .core.method import MethodConfig
 from .core.statistics import token_statistics
+from .core.validation import check_choice, check_int, check_number, fail, is_int
 from .feedback import CHANNELS, Judge
 from .policies import POLICIES, TabularPolicy
 from .teachers import (
@@ -68,12 +69,7 @@ MAX_SEED_END = 2**63 - 1
 MAX_ELEMENTS = 2**27
 
 
-def _fail(name: str, value: Any, rule: str) -> None:
-    raise ValueError(f"RunConfig.{name}={value!r} {rule}")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+_OWNER = "RunConfig"  # how messages name a field: RunConfig.noise=-1.0 ...
 
 
 @dataclass
@@ -81,71 +77,89 @@ class RunConfig:
     """Everything a toy-world run needs; :meth:`from_dict` takes a flat mapping (RunConfig and
     MethodConfig fields side by side)."""
 
-    method: MethodConfig = field(default_factory=MethodConfig)
-    feedback: str = "continuous"  # binary | ordinal | continuous | critique | demo
-    teacher: str = "bayes"  # bayes | demo | oracle | null | seed-paper
-    noise: float = 0.0  # σ of the reward noise before quantisation
-    hint_noise: float = 0.0  # σ_h of critique hint noise
-    rho: float = 0.5  # self-knowledge fidelity
-    beta: float = 1.0  # teacher sharpness
-    lr: Optional[float] = None  # None: DEFAULT_LR[method.name]
-    optimizer: str = "adam"
-    steps: int = 300
-    seeds: int = 8
-    seed_start: int = 0
-    task_seed: int = 0
-    vocab_size: int = 8
-    seq_len: int = 6
-    policy: str = "markov"
-    batch_size: int = 32
-    eval_every: int = 10
-    threshold: Optional[float] = None  # τ of binary feedback; None: median reward under the initial policy
+    method: MethodConfig = field(default_factory=MethodConfig, metadata={
+        "help": "the method and its settings (a MethodConfig; in the flat form its fields sit beside these, its name as method)"})
+    feedback: str = field(default="continuous", metadata={
+        "help": "feedback channel, noise added to the reward before quantisation: binary 1[R+ε > threshold], ordinal "
+                "1–5 stars, continuous R+ε, critique R+ε and per-token hints, demo R+ε and the best other sibling",
+        "choices": CHANNELS})
+    teacher: str = field(default="bayes", metadata={
+        "help": "retrospection model (what the self-teacher may see): bayes (posterior from feedback and self-knowledge), "
+                "demo (needs feedback=demo), oracle (the exact A*, an upper bound), null (another rollout's feedback, a "
+                "control) or seed-paper (the quality table, flawed on purpose)", "choices": TEACHERS})
+    noise: float = field(default=0.0, metadata={
+        "help": "σ of the Gaussian noise on the reward before quantisation, in [0, 1000] (rewards lie in [0, 1])"})
+    hint_noise: float = field(default=0.0, metadata={
+        "help": "σ_h of the noise on critique's per-token hints, in [0, 1000]"})
+    rho: float = field(default=0.5, metadata={
+        "help": "self-knowledge fidelity ρ in [0, 1]: the correlation of the teacher's introspective reading with the "
+                "true token contributions (0: none, the teacher knows only what the feedback says)"})
+    beta: float = field(default=1.0, metadata={
+        "help": "teacher sharpness β in (0, 1000]: teacher logits are ℓ + β·Â, Â in units of the credit scale s "
+                "(β = 1 moves a logit by one nat for a typical credit)"})
+    lr: Optional[float] = field(default=None, metadata={
+        "help": "learning rate in (0, 1000]; null: DEFAULT_LR of the method (reinforce 0.1, grpo/sdpo/hybrid 0.3, "
+                "tuned for Adam)"})
+    optimizer: str = field(default="adam", metadata={"help": "optimizer of the tabular logits", "choices": OPTIMIZERS})
+    steps: int = field(default=300, metadata={"help": "training steps (updates), ≥ 1"})
+    seeds: int = field(default=8, metadata={"help": "independent training runs, trained at once as one batch of tensors, ≥ 1"})
+    seed_start: int = field(default=0, metadata={"help": "seed of the first run; the runs use seeds seed_start … seed_start + seeds − 1"})
+    task_seed: int = field(default=0, metadata={"help": "seed of the task (its reward table), ≥ 0; every run trains on the same task"})
+    vocab_size: int = field(default=8, metadata={
+        "help": "vocabulary size V ≥ 2; all V**seq_len sequences are enumerated, at most 2**21"})
+    seq_len: int = field(default=6, metadata={"help": "sequence length T ≥ 2 (V**T ≤ 2**21)"})
+    policy: str = field(default="markov", metadata={
+        "help": "tabular policy: markov (logits θ[t, previous token, v], can express coherence) or factored "
+                "(θ[t, v], one table per position)", "choices": POLICIES})
+    batch_size: int = field(default=32, metadata={
+        "help": "completions sampled per step and run, a multiple of num_generations (batch_size / num_generations groups)"})
+    eval_every: int = field(default=10, metadata={
+        "help": "steps between exact evaluations (history rows); the first and last steps are always evaluated"})
+    threshold: Optional[float] = field(default=None, metadata={
+        "help": "τ of binary feedback, in [0, 1]; null: the median reward under the initial policy"})
 
     def __post_init__(self) -> None:
         if isinstance(self.method, Mapping):
             self.method = MethodConfig.from_dict(self.method)
         if not isinstance(self.method, MethodConfig):
-            _fail("method", self.method, "must be a MethodConfig")
+            fail(_OWNER, "method", self.method, "must be a MethodConfig")
         if self.lr is None:
             self.lr = DEFAULT_LR[self.method.name]
         self.validate()
 
     def validate(self) -> "RunConfig":
         for name, allowed in (("feedback", CHANNELS), ("teacher", TEACHERS), ("optimizer", OPTIMIZERS), ("policy", POLICIES)):
-            value = getattr(self, name)
-            if value not in allowed:
-                _fail(name, value, f"is not allowed; choose one of {', '.join(map(repr, allowed))}")
+            check_choice(_OWNER, name, getattr(self, name), allowed)
         for name in ("noise", "hint_noise"):
-            check_number("RunConfig", name, getattr(self, name), 0, MAX_NOISE, why="rewards lie in [0, 1]")
-        check_number("RunConfig", "rho", self.rho, 0, 1)
-        check_number("RunConfig", "beta", self.beta, 0, MAX_BETA, lo_open=True)
-        check_number("RunConfig", "lr", self.lr, 0, MAX_LR, lo_open=True, why="one Adam step moves a logit by ~lr nats")
+            check_number(_OWNER, name, getattr(self, name), 0, MAX_NOISE, why="rewards lie in [0, 1]")
+        check_number(_OWNER, "rho", self.rho, 0, 1)
+        check_number(_OWNER, "beta", self.beta, 0, MAX_BETA, lo_open=True)
+        check_number(_OWNER, "lr", self.lr, 0, MAX_LR, lo_open=True, why="one Adam step moves a logit by ~lr nats")
         for name, lo in (("steps", 1), ("seeds", 1), ("seed_start", 0), ("task_seed", 0), ("batch_size", 1), ("eval_every", 1)):
-            if not _is_int(getattr(self, name)) or getattr(self, name) < lo:
-                _fail(name, getattr(self, name), f"must be an integer ≥ {lo}" + (" (a run trains for at least one step)" if name == "steps" else ""))
+            check_int(_OWNER, name, getattr(self, name), lo, why="a run trains for at least one step" if name == "steps" else "")
         if self.task_seed > MAX_TASK_SEED:
-            _fail("task_seed", self.task_seed, f"must be ≤ {MAX_TASK_SEED} (10007·task_seed + 1 seeds a 64-bit generator)")
+            fail(_OWNER, "task_seed", self.task_seed, f"must be ≤ {MAX_TASK_SEED} (10007·task_seed + 1 seeds a 64-bit generator)")
         if self.seed_start + self.seeds - 1 > MAX_SEED_END:
-            _fail("seed_start", self.seed_start, f"+ seeds - 1 must be ≤ 2**63 - 1 = {MAX_SEED_END} (run seeds are int64)")
+            fail(_OWNER, "seed_start", self.seed_start, f"+ seeds - 1 must be ≤ 2**63 - 1 = {MAX_SEED_END} (run seeds are int64)")
         check_size(self.vocab_size, self.seq_len)
         if self.batch_size % self.method.num_generations:
-            _fail("batch_size", self.batch_size, f"must be a multiple of num_generations={self.method.num_generations}")
+            fail(_OWNER, "batch_size", self.batch_size, f"must be a multiple of num_generations={self.method.num_generations}")
         for what, size in (("seeds × batch_size × seq_len × vocab_size", self.seeds * self.batch_size * self.seq_len * self.vocab_size),
                            ("seeds × vocab_size**seq_len", self.seeds * self.vocab_size**self.seq_len)):
             if size > MAX_ELEMENTS:
-                _fail("seeds", self.seeds, f"is too large: {what} = {size:,} exceeds 2**27 = {MAX_ELEMENTS:,} elements per tensor; "
-                                           "use fewer seeds, a smaller batch or a smaller world")
+                fail(_OWNER, "seeds", self.seeds, f"is too large: {what} = {size:,} exceeds 2**27 = {MAX_ELEMENTS:,} elements per tensor; "
+                                                  "use fewer seeds, a smaller batch or a smaller world")
         if self.threshold is not None:
-            check_number("RunConfig", "threshold", self.threshold, 0, 1, why="rewards lie in [0, 1]; null: the initial median reward")
+            check_number(_OWNER, "threshold", self.threshold, 0, 1, why="rewards lie in [0, 1]; null: the initial median reward")
         if self.method.entropy_target is not None and self.method.entropy_target > math.log(self.vocab_size):
-            _fail("entropy_target", self.method.entropy_target,
-                  f"must be ≤ ln(vocab_size) = {math.log(self.vocab_size):.3f} nats (the largest per-token entropy)")
+            fail(_OWNER, "entropy_target", self.method.entropy_target,
+                 f"must be ≤ ln(vocab_size) = {math.log(self.vocab_size):.3f} nats (the largest per-token entropy)")
         if self.teacher == "demo" and self.feedback != "demo":
-            _fail("teacher", self.teacher, f"needs feedback='demo' (a sibling demonstration), got feedback={self.feedback!r}")
+            fail(_OWNER, "teacher", self.teacher, f"needs feedback='demo' (a sibling demonstration), got feedback={self.feedback!r}")
         if self.method.name in ("sdpo", "hybrid") and self.method.num_generations < 2:
-            _fail("teacher", self.teacher, "needs num_generations ≥ 2: its expected score comes from the siblings")
+            fail(_OWNER, "teacher", self.teacher, "needs num_generations ≥ 2: its expected score comes from the siblings")
         if self.method.support == "topk" and self.method.topk > self.vocab_size:
-            _fail("method.topk", self.method.topk, f"must be ≤ vocab_size={self.vocab_size}")
+            fail(_OWNER, "method.topk", self.method.topk, f"must be ≤ vocab_size={self.vocab_size}")
         return self
 
     @classmethod
@@ -172,7 +186,7 @@ class RunConfig:
             method["name"] = data["method"]
         values = {k: v for k, v in data.items() if k in run_keys}
         for name in ("noise", "hint_noise", "rho", "beta", "lr", "threshold"):
-            if _is_int(values.get(name)):
+            if is_int(values.get(name)):
                 values[name] = float(values[name])
         return cls(method=MethodConfig.from_dict(method), **values)
 

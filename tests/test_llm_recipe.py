@@ -7,7 +7,13 @@ import yaml
 
 from llm.cli import main as cli_main
 from llm.memory_plan import KNOWN_CONFIGS, format_plan, memory_plan, parameter_count
-from llm.recipe import Recipe, check_model_path, load_recipe, parse_override, resolve_recipe_path, shipped_recipes
+from llm.recipe import (
+    check_model_path,
+    load_recipe,
+    resolve_recipe_path,
+    shipped_recipes,
+)
+from sdpo_sim.core.config_fields import parse_override
 from sdpo_sim.core.method import MethodConfig
 
 
@@ -96,6 +102,19 @@ def test_overrides_round_trip(tmp_path):
     assert load_recipe(tmp_path / "saved.yaml") == recipe
     with pytest.raises(ValueError, match="section.field"):
         parse_override("steps")
+    assert parse_override("training.learning_rate=1e-5") == ("training.learning_rate", 1e-5)  # a float, not '1e-5'
+
+
+def test_overrides_reach_into_sub_blocks():
+    """``model.lora.r`` turns a null LoRA block into the defaults with that field; whole blocks go first."""
+    base = load_recipe(resolve_recipe_path("tiny-cpu"))
+    assert base.model.lora is None
+    lora = base.with_overrides({"model.lora.r": 8}).model.lora
+    assert lora.r == 8 and lora.alpha == 32
+    both = base.with_overrides({"model.lora.alpha": 4, "model.lora": {"r": 2}}).model.lora
+    assert (both.r, both.alpha) == (2, 4)
+    with pytest.raises(ValueError, match="training.steps is not a block of fields"):
+        base.with_overrides({"training.steps.x": 1})
 
 
 def test_memory_plan_knows_qwen3_8b_offline(capsys):

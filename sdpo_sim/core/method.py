@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -26,29 +25,12 @@ from .losses import (
     AlphaController,
     group_advantages,
 )
+from .validation import check_bool, check_choice, check_int, check_number
+
+_OWNER = "MethodConfig"  # how messages name a field: MethodConfig.alpha=2.0 ...
 
 METHODS = ("reinforce", "grpo", "sdpo", "hybrid")
 TEACHER_KINDS = ("live", "ema", "frozen", "trust_region")
-
-
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"MethodConfig.{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
-
-
-def check_number(owner: str, name: str, value: Any, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
-                 why: str = "") -> None:
-    """Refuse anything but a finite number in ``[lo, hi]`` (``(lo, hi]`` with ``lo_open``), naming
-    ``owner.name``, the allowed range and (``why``) where the bound comes from."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > lo if lo_open else value >= lo) and value <= hi
-    if not ok:
-        lo_s = f"({lo}" if lo_open else f"[{lo}"
-        raise ValueError(f"{owner}.{name}={value!r} must be a number in {lo_s}, {hi}]" + (f" ({why})" if why else ""))
-
-
-def _number(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False, why: str = "") -> None:
-    check_number("MethodConfig", name, value, lo, hi, lo_open=lo_open, why=why)
 
 
 # Magnitude bounds. Logits are float32: float32 exp overflows past 88.7 nats, and a softmax is one-hot to
@@ -77,64 +59,88 @@ TEMPERATURE_RANGE = (1e-3, 1e3)
 class MethodConfig:
     """A method's settings (docs/design.md §5). Construct with :meth:`from_dict` from plain mappings."""
 
-    name: str = "sdpo"  # reinforce | grpo | sdpo | hybrid
+    name: str = field(default="sdpo", metadata={
+        "help": "the method: reinforce (batch-mean baseline), grpo (group-normalised advantages), sdpo (self-distillation "
+                "from the feedback-conditioned teacher) or hybrid (alpha_mix·SDPO + (1 − alpha_mix)·REINFORCE)",
+        "choices": METHODS})
     # -- distillation (sdpo, hybrid) --
-    alpha: float = 1.0  # divergence index: 0 forward KL, 1 reverse KL, between generalised JSD
-    support: str = "full"  # full | topk | sampled
-    topk: Optional[int] = None  # K for support="topk" (official SDPO: 100)
-    add_tail: bool = True  # keep top-k's leftover mass as one bucket
-    is_clip: float = 2.0  # truncation of the importance ratio when rollouts are reused
-    teacher_kind: str = "ema"  # live | ema | frozen | trust_region (how the teacher follows the student)
-    teacher_rate: float = 0.05  # EMA rate (ema) or mixing rate toward the student (trust_region)
+    alpha: float = field(default=1.0, metadata={
+        "help": "divergence index in [0, 1] between student and teacher: 0 forward KL, 1 reverse KL, between a generalised JSD"})
+    support: str = field(default="full", metadata={
+        "help": "tokens the divergence runs over: full vocabulary, the student's topk (with add_tail) or the sampled token "
+                "only (needs alpha=1)", "choices": SUPPORTS})
+    topk: Optional[int] = field(default=None, metadata={
+        "help": "K for support=topk, at most the vocabulary size (official SDPO: 100); null otherwise"})
+    add_tail: bool = field(default=True, metadata={
+        "help": "with support=topk, keep the leftover probability mass as one tail bucket (else renormalise the top K)"})
+    is_clip: float = field(default=2.0, metadata={
+        "help": "cap c in (0, 1000] of the importance weight min(exp(logp − old_logp), c) when rollouts are reused "
+                "(LLM updates_per_batch > 1; toy-world updates are on-policy)"})
+    teacher_kind: str = field(default="ema", metadata={
+        "help": "teacher weights: live (the student itself), ema (an exponential moving average of it), frozen (the "
+                "initial weights) or trust_region (logits (1 − rate)·initial + rate·student)", "choices": TEACHER_KINDS})
+    teacher_rate: float = field(default=0.05, metadata={
+        "help": "in [0, 1]: the EMA rate r of θ_T ← (1 − r)·θ_T + r·θ (ema) or the mixing rate toward the student (trust_region)"})
     # -- hybrid --
-    controller: str = "constant"  # constant | divergence | entropy
-    alpha_mix: float = 0.5  # constant value, or starting value of the entropy controller
-    divergence_tau: float = 0.1  # threshold τ of sigmoid((D̄ − τ)/(τ/3))
-    entropy_target: Optional[float] = None  # H* (nats per token) for controller="entropy"
-    entropy_gain: float = 0.5  # step of the entropy controller per nat of error
+    controller: str = field(default="constant", metadata={
+        "help": "hybrid's rule for alpha_mix: constant, divergence (sigmoid((D − τ)/(τ/3)) of the batch-mean divergence D) "
+                "or entropy (alpha_mix += gain·(H − H*), clipped to [0, 1])", "choices": CONTROLLERS})
+    alpha_mix: float = field(default=0.5, metadata={
+        "help": "hybrid's weight in [0, 1] of the SDPO term: the constant value, or the entropy controller's starting value"})
+    divergence_tau: float = field(default=0.1, metadata={
+        "help": "threshold τ of the divergence controller, nats per token, in [1e-6, 1000]"})
+    entropy_target: Optional[float] = field(default=None, metadata={
+        "help": "target per-token entropy H* (nats) of the entropy controller, at most ln(vocabulary size); needed for "
+                "controller=entropy, null otherwise"})
+    entropy_gain: float = field(default=0.5, metadata={
+        "help": "step of the entropy controller per nat of entropy error, in [0, 1000]"})
     # -- policy gradient (reinforce, grpo, hybrid) --
-    num_generations: int = 8  # group size: completions per prompt
-    scale_rewards: str = "group"  # group | batch | none
-    loss_type: str = "token_mean"  # token_mean | sequence_mean | dr_grpo
-    epsilon: float = 0.2  # PPO-style ratio clip when rollouts are reused
-    temperature: float = 1.0  # sampling temperature
+    num_generations: int = field(default=8, metadata={
+        "help": "group size: completions sampled per prompt (≥ 2 for grpo, sdpo and hybrid, whose groups need siblings)"})
+    scale_rewards: str = field(default="group", metadata={
+        "help": "grpo's advantage scale: the group's reward std, the batch's, or none (centred rewards, Dr. GRPO)",
+        "choices": SCALES})
+    loss_type: str = field(default="token_mean", metadata={
+        "help": "how token losses are averaged: token_mean (over all tokens of the batch), sequence_mean (each completion's "
+                "token mean, then over completions) or dr_grpo (the sum over tokens divided by completions × the maximum completion length)", "choices": LOSS_TYPES})
+    epsilon: float = field(default=0.2, metadata={
+        "help": "PPO ratio clip [1 − ε, 1 + ε], in [0, 1000], when rollouts are reused (LLM updates_per_batch > 1)"})
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature, in [0.001, 1000]; the losses divide the logits by it too (as TRL does)"})
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> "MethodConfig":
         """Check every field; raise ``ValueError`` naming the first bad one and what is allowed."""
-        _choice("name", self.name, METHODS)
-        _number("alpha", self.alpha, 0.0, 1.0)
-        _choice("support", self.support, SUPPORTS)
+        check_choice(_OWNER, "name", self.name, METHODS)
+        check_number(_OWNER, "alpha", self.alpha, 0.0, 1.0)
+        check_choice(_OWNER, "support", self.support, SUPPORTS)
         if self.support == "topk":
-            if not isinstance(self.topk, int) or isinstance(self.topk, bool) or self.topk < 1:
-                raise ValueError(f"MethodConfig.topk={self.topk!r} must be a positive integer when support='topk'")
-        elif self.topk is not None and (not isinstance(self.topk, int) or self.topk < 1):
-            raise ValueError(f"MethodConfig.topk={self.topk!r} must be a positive integer or null")
+            check_int(_OWNER, "topk", self.topk, 1, rule="must be a positive integer when support='topk'")
+        else:
+            check_int(_OWNER, "topk", self.topk, 1, optional=True, rule="must be a positive integer or null")
         if self.support == "sampled" and self.alpha != 1.0:
             raise ValueError(f"MethodConfig.support='sampled' needs alpha=1.0 (reverse KL), got alpha={self.alpha!r}")
-        if not isinstance(self.add_tail, bool):
-            raise ValueError(f"MethodConfig.add_tail={self.add_tail!r} must be true or false")
-        _number("is_clip", self.is_clip, 0.0, MAX_IS_CLIP, lo_open=True, why="a larger cap never binds")
-        _choice("teacher_kind", self.teacher_kind, TEACHER_KINDS)
-        _number("teacher_rate", self.teacher_rate, 0.0, 1.0)
-        _choice("controller", self.controller, CONTROLLERS)
-        _number("alpha_mix", self.alpha_mix, 0.0, 1.0)
-        _number("divergence_tau", self.divergence_tau, *TAU_RANGE, why="nats per token")
+        check_bool(_OWNER, "add_tail", self.add_tail)
+        check_number(_OWNER, "is_clip", self.is_clip, 0.0, MAX_IS_CLIP, lo_open=True, why="a larger cap never binds")
+        check_choice(_OWNER, "teacher_kind", self.teacher_kind, TEACHER_KINDS)
+        check_number(_OWNER, "teacher_rate", self.teacher_rate, 0.0, 1.0)
+        check_choice(_OWNER, "controller", self.controller, CONTROLLERS)
+        check_number(_OWNER, "alpha_mix", self.alpha_mix, 0.0, 1.0)
+        check_number(_OWNER, "divergence_tau", self.divergence_tau, *TAU_RANGE, why="nats per token")
         if self.entropy_target is not None:
-            _number("entropy_target", self.entropy_target, 0.0, MAX_ENTROPY_TARGET, why="nats per token")
+            check_number(_OWNER, "entropy_target", self.entropy_target, 0.0, MAX_ENTROPY_TARGET, why="nats per token")
         if self.name == "hybrid" and self.controller == "entropy" and self.entropy_target is None:
             raise ValueError("MethodConfig.entropy_target must be set (nats per token) when controller='entropy'")
-        _number("entropy_gain", self.entropy_gain, 0.0, MAX_ENTROPY_GAIN)
-        if not isinstance(self.num_generations, int) or isinstance(self.num_generations, bool) or self.num_generations < 1:
-            raise ValueError(f"MethodConfig.num_generations={self.num_generations!r} must be a positive integer")
+        check_number(_OWNER, "entropy_gain", self.entropy_gain, 0.0, MAX_ENTROPY_GAIN)
+        check_int(_OWNER, "num_generations", self.num_generations, 1, rule="must be a positive integer")
         if self.name in ("grpo", "sdpo", "hybrid") and self.num_generations < 2:
             raise ValueError(f"MethodConfig.num_generations must be ≥ 2 for name={self.name!r} (groups need siblings)")
-        _choice("scale_rewards", self.scale_rewards, SCALES)
-        _choice("loss_type", self.loss_type, LOSS_TYPES)
-        _number("epsilon", self.epsilon, 0.0, MAX_EPSILON, why="a larger clip never binds")
-        _number("temperature", self.temperature, *TEMPERATURE_RANGE)
+        check_choice(_OWNER, "scale_rewards", self.scale_rewards, SCALES)
+        check_choice(_OWNER, "loss_type", self.loss_type, LOSS_TYPES)
+        check_number(_OWNER, "epsilon", self.epsilon, 0.0, MAX_EPSILON, why="a larger clip never binds")
+        check_number(_OWNER, "temperature", self.temperature, *TEMPERATURE_RANGE)
         return self
 
     # ----- what the method does (both worlds' loops ask these; nothing else decides it) -----
