@@ -54,7 +54,7 @@ def build_parser() -> OneLineParser:
     parser.add_argument("--out", default="outputs/tiny-model", help="output directory (new, or empty; see --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing model directory at --out")
     parser.add_argument("--hidden-size", type=int, default=64, help="64 is the size the proof verifies (a multiple of 4)")
-    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--num-layers", type=int, default=2, help="transformer layers (default 2)")
     parser.add_argument("--seed", type=int, default=0, help=f"weights and pretraining data seed, 0..{MAX_SEED}")
     parser.add_argument("--pretrain-steps", type=int, default=None,
                         help="supervised steps teaching the model to use feedback in context "

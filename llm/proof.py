@@ -276,16 +276,23 @@ def write_outputs(result: dict, figures_dir: Path, stem: str = "llm_proof") -> l
     return paths
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``sdpo-llm proof``: pretrain a tiny model, train it with SDPO/GRPO/hybrid, write figures/llm_proof.*"""
+def build_parser() -> OneLineParser:
+    """The ``sdpo-llm proof`` command line."""
     parser = OneLineParser(prog="sdpo-llm proof", description=main.__doc__)
-    parser.add_argument("--scale", default="full", choices=("full", "ci"))
+    parser.add_argument("--scale", default="full", choices=("full", "ci"),
+                        help="preset: full (the committed figure, ≤ 10 min on 2 cores) or ci (SDPO only, ≤ 90 s; default full)")
     parser.add_argument("--out", default="outputs/llm-proof", help="working directory (model, runs)")
     parser.add_argument("--figures", default="figures", help="where llm_proof.{png,svg,csv} go")
     parser.add_argument("--model", default=None, help="reuse this pretrained tiny model (from an earlier proof run) "
                         "instead of pretraining a new one")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the preset)")
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (overrides the preset)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``sdpo-llm proof``: pretrain a tiny model, train it with SDPO/GRPO/hybrid, write figures/llm_proof.*"""
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:  # the output places before anything is built (the preset, seeds and model are checked by run_proof)
         check_output_dir(args.out, "--out")

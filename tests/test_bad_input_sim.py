@@ -95,6 +95,17 @@ ROWS = [
     ([*RUN, "--method", "hybrid", "--controller", "entropy", "--entropy-target", "5"], 2, "must be ≤ ln(vocab_size) = 1.099 nats", {}),
     ([*RUN, "--support", "topk", "--topk", "0"], 2, "MethodConfig.topk=0 must be a positive integer", {}),
     ([*RUN, "--colour", "red"], 2, "unrecognized arguments: --colour red", {}),
+    # -- run: --set FIELD=VALUE (the same fields as the flags, flat keys, YAML values) ---------------------------------
+    ([*RUN, "--set", "alpha"], 2, "argument --set: --set 'alpha' must look like field=value", {}),
+    ([*RUN, "--set", "=0.5"], 2, "--set '=0.5' must look like field=value", {}),
+    ([*RUN, "--set", "alpha=[1,"], 2, "the value is not valid YAML", {}),
+    ([*RUN, "--set", "colour=red"], 2, "unknown RunConfig field(s) 'colour'", {}),
+    ([*RUN, "--set", "alpha=2"], 2, "MethodConfig.alpha=2.0 must be a number in [0.0, 1.0]", {}),
+    ([*RUN, "--set", "eval_every=abc"], 2, "RunConfig.eval_every='abc' must be an integer ≥ 1", {}),
+    ([*RUN, "--set", "method=ppo"], 2, "MethodConfig.name='ppo' is not allowed; choose one of", {}),
+    ([*RUN, "--alpha", "0.5", "--set", "alpha=0.7"], 2, "alpha is given by --alpha and by --set alpha=...; give each field once", {}),
+    ([*RUN, "--set", "rho=0.1", "--set", "rho=0.2"], 2, "rho is given twice by --set rho=...; give each field once", {}),
+    ([*RUN, "--set", "steps=2"], 2, "steps is given by --steps and by --set steps=...", {}),
     # -- figures ------------------------------------------------------------------------------------------------------
     (["figures", "missing"], 2, "sweep directory 'missing' does not exist", {}),
     (["figures", "afile"], 2, "'afile' is a file, not a sweep directory", F),

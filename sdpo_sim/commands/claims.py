@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
                                           "Canonical scale: ~80 runs, ≤ 15 min on 2 cores; --quick: a tiny world in seconds.")
     scale = p.add_mutually_exclusive_group()
     scale.add_argument("--quick", dest="scale", action="store_const", const="quick", help="tiny smoke scale (numbers are not evidence)")
-    scale.add_argument("--scale", choices=["canonical", "main", "quick"])
+    scale.add_argument("--scale", choices=["canonical", "main", "quick"],
+                       help="canonical (the committed report, default), main (the small sweep of `sdpo-sim main`) or quick")
     p.add_argument("--spec", help="use this spec file instead of the packaged one (same block names)")
     p.add_argument("--out", default=None, help="sweep directory (default outputs/claims[-SCALE])")
     p.add_argument("--report", default=None, help="where CLAIMS.md/.json go (default: --out); the committed report uses `.`")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.config_fields import field_choices
+from ..core.method import MethodConfig
 from .sweep import positive_int
 
 
@@ -12,11 +14,11 @@ def add_parser(subparsers) -> None:
                               description="Rule: highest mean final exact reward among configurations whose mean final per-token entropy "
                                           "≥ --entropy-floor (oracle/seed-paper/null teachers excluded). Prints what does not transfer.")
     p.add_argument("sweep", help="a finished sweep directory")
+    p.add_argument("--method", default=None, choices=field_choices(MethodConfig, "name"), help="only consider this method")
     p.add_argument("--base", default=None, help="LLM recipe to start from (default: the packaged llm/recipes/tiny-cpu.yaml, from any directory)")
     p.add_argument("--out", default=None, help="where to write the recipe (default SWEEP/promoted-recipe.yaml)")
     p.add_argument("--entropy-floor", type=float, default=0.5, help="minimal mean final per-token entropy, nats (default 0.5)")
     p.add_argument("--metric", default="final_reward", choices=["final_reward", "auc"], help="what 'best' maximises (default final_reward)")
-    p.add_argument("--method", default=None, choices=["reinforce", "grpo", "sdpo", "hybrid"], help="only consider this method")
     p.add_argument("--top", type=positive_int, default=5, help="show this many candidates")
     p.set_defaults(func=main)
 

@@ -1,7 +1,9 @@
 """``sdpo-sim run``: train seeds of one toy-world configuration and print a summary (or JSON).
 
-Every RunConfig and MethodConfig field is a flag (``task_seed`` → ``--task-seed``); only the flags
-given are passed on, so defaults live in one place (the dataclasses).
+Every RunConfig and MethodConfig field is reachable two ways: its own flag (``task_seed`` → ``--task-seed``,
+``MethodConfig.name`` → ``--method``; help from the field's metadata) and ``--set task_seed=3`` (flat keys, YAML
+values, repeatable). A field given twice (a flag and ``--set``, or two ``--set``) is refused. Only the fields given
+are passed on, so defaults live in one place (the dataclasses).
 """
 
 from __future__ import annotations
@@ -9,56 +11,38 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import typing
-from dataclasses import fields
 
+from ..core.config_fields import (
+    add_field_flags,
+    add_set_flag,
+    given_fields,
+    merge_overrides,
+)
 from ..core.method import MethodConfig
 from ..train import RunConfig, run
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _optional(kind):
-    """Parser for an Optional[number] field: ``none``/``null`` → None."""
-    def parse(text: str):
-        return None if text.lower() in ("none", "null") else kind(text)
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _add_fields(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        if f.name in skip:
-            continue
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        base = next((a for a in args if a is not type(None)), hint)
-        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS}
-        if base is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, **kw)
-            continue
-        kw["type"] = _optional(base) if type(None) in args else base
-        parser.add_argument(_flag(f.name), **kw)
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "run", help="train one toy-world configuration over several seeds",
-        description="Train cfg.seeds independent runs at once and report exact reward, entropy and credit correlation.",
+        usage="%(prog)s [-h] [--json] [--set FIELD=VALUE] [--FIELD VALUE ...]",
+        description="Train cfg.seeds independent runs at once and report exact reward, entropy and credit correlation. "
+                    "Any field can be set by its own flag (--alpha 0.5) or by --set (--set alpha=0.5); a field may be given once.",
     )
-    p.add_argument("--method", dest="method", default=argparse.SUPPRESS, help="reinforce | grpo | sdpo | hybrid")
-    _add_fields(p, MethodConfig, skip=("name",))
-    _add_fields(p, RunConfig, skip=("method",))
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
-    p.set_defaults(func=main)
+    add_set_flag(p, key_form="field", example="alpha=0.5")
+    dests = add_field_flags(p.add_argument_group("method (MethodConfig; --method is its name)"), MethodConfig, rename={"name": "method"})
+    dests.update(add_field_flags(p.add_argument_group("run (RunConfig)"), RunConfig, skip=("method",)))
+    p.set_defaults(func=main, field_dests=dests)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run's configuration from the fields given by their flags and by ``--set`` (each at most once)."""
+    return RunConfig.from_dict(merge_overrides(given_fields(args, args.field_dests), args.set))
 
 
 def main(args: argparse.Namespace) -> int:
-    values = {k: v for k, v in vars(args).items() if k not in ("json", "func", "command")}
-    cfg = RunConfig.from_dict(values)
+    cfg = config_from_args(args)
     result = run(cfg, progress=not args.json)
     summary = result.summary()
     if args.json:
