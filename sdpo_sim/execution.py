@@ -30,6 +30,9 @@ BACKENDS = ("process", "serial", "ray")
 META_COLUMNS = ("block", "run_id", "status", "package_version", "git_commit", "code_hash")
 
 RunFn = Callable[[dict], "tuple[pd.DataFrame, dict]"]  # full config -> (history, summary)
+# A run function may also train several configurations as one program: it then has ``group_key(config) -> str``
+# (configs with equal keys can share a program), ``run_many(configs) -> [(history, summary), ...]`` and
+# ``group_runs`` (the most runs, seeds summed, one program holds). Results must not depend on the grouping.
 
 
 # ----------------------------------------------------------------------------- execution
@@ -52,28 +55,69 @@ def is_done(runs_dir: Path, rid: str) -> bool:
 
 def execute_one(run_fn: RunFn, rid: str, config: dict, runs_dir: str, meta: dict) -> dict:
     """Worker body: run one config, write history then the JSON marker atomically; never raises."""
+    return execute_group(run_fn, [(rid, config)], runs_dir, meta)[0]
+
+
+def execute_group(run_fn: RunFn, items: Sequence[tuple[str, dict]], runs_dir: str, meta: dict) -> list[dict]:
+    """Worker body for ``items`` = [(run id, config)] that share one program (``run_fn.run_many``; one item: ``run_fn``).
+    Each run's history then its JSON marker is written atomically; never raises. If the shared program fails,
+    every item is run alone so that each failure is recorded against its own run."""
     try:
-        return _execute_one(run_fn, rid, config, runs_dir, meta)
+        if len(items) == 1:
+            return [_execute(lambda: [run_fn(items[0][1])], items, runs_dir, meta)[0]]
+        out = _execute(lambda: run_fn.run_many([c for _, c in items]), items, runs_dir, meta, fallback=True)
+        return out if out is not None else [_execute(lambda c=c: [run_fn(c)], [(rid, c)], runs_dir, meta)[0] for rid, c in items]
     finally:  # a worker told to stop (Ctrl-C in the parent) leaves once the run has unwound; the run stays pending
         exit_if_stopping()
 
 
-def _execute_one(run_fn: RunFn, rid: str, config: dict, runs_dir: str, meta: dict) -> dict:
+def _execute(train: Callable[[], list], items: Sequence[tuple[str, dict]], runs_dir: str, meta: dict, *, fallback: bool = False) -> Optional[list[dict]]:
     runs = Path(runs_dir)
-    meta_path, hist_path = record_paths(runs, rid)
     start = time.perf_counter()
-    record = {"run_id": rid, "config": config, **meta}
     try:
-        history, summary = run_fn(config)
-        if not isinstance(history, pd.DataFrame) or history.empty:
-            raise RuntimeError(f"run function returned no history ({type(history).__name__})")
-        atomic_write(hist_path, lambda tmp: history.to_parquet(tmp, index=False))
-        record.update(status="ok", summary=_jsonable(summary), error=None)
+        results = train()
+        if len(results) != len(items):
+            raise RuntimeError(f"run function returned {len(results)} results for {len(items)} configurations")
+        for history, _ in results:
+            if not isinstance(history, pd.DataFrame) or history.empty:
+                raise RuntimeError(f"run function returned no history ({type(history).__name__})")
+        error = None
     except Exception as err:  # a crashed run is recorded, the sweep goes on
-        record.update(status="failed", summary=None, error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
-    record.update(wall_time_s=round(time.perf_counter() - start, 3), finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    atomic_write_text(meta_path, json.dumps(record, indent=1, default=str))
-    return {"run_id": rid, "status": record["status"], "error": record["error"]}
+        if fallback:
+            return None
+        results, error = [(None, None)] * len(items), (f"{type(err).__name__}: {err}", traceback.format_exc())
+    wall = round((time.perf_counter() - start) / len(items), 3)  # a shared program's time is split evenly
+    out = []
+    for (rid, config), (history, summary) in zip(items, results):
+        meta_path, hist_path = record_paths(runs, rid)
+        record = {"run_id": rid, "config": config, **meta}
+        if error is None:
+            atomic_write(hist_path, lambda tmp, h=history: h.to_parquet(tmp, index=False))
+            record.update(status="ok", summary=_jsonable(summary), error=None)
+        else:
+            record.update(status="failed", summary=None, error=error[0], traceback=error[1])
+        record.update(wall_time_s=wall, finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), shared_program=len(items))
+        atomic_write_text(meta_path, json.dumps(record, indent=1, default=str))
+        out.append({"run_id": rid, "status": record["status"], "error": record["error"]})
+    return out
+
+
+def groups(pending: Sequence[Planned], run_fn: RunFn) -> list[list[Planned]]:
+    """``pending`` split into the programs it trains as: runs with equal ``run_fn.group_key`` together, in plan
+    order, at most ``run_fn.group_runs`` seeds per program; one run per program for a plain run function."""
+    if not hasattr(run_fn, "run_many"):
+        return [[p] for p in pending]
+    by_key: dict[str, list[list[Planned]]] = {}
+    out: list[list[Planned]] = []
+    for p in pending:
+        key = run_fn.group_key(p.config)
+        chunks = by_key.setdefault(key, [])
+        size = int(p.config.get("seeds", 1))
+        if not chunks or sum(int(q.config.get("seeds", 1)) for q in chunks[-1]) + size > run_fn.group_runs:
+            chunks.append([])
+            out.append(chunks[-1])
+        chunks[-1].append(p)
+    return out
 
 
 @contextlib.contextmanager
@@ -150,43 +194,52 @@ def execute(
         bar.update(1)
         bar.set_postfix(failed=len(outcome["failed"]))
 
+    programs = groups(pending, run_fn)
     try:
         if backend == "ray":
-            _execute_ray(pending, runs_dir, run_fn, meta, record)
-        elif backend == "serial" or workers == 1 or len(pending) <= 1:
+            _execute_ray(programs, runs_dir, run_fn, meta, record)
+        elif backend == "serial" or workers == 1 or len(programs) <= 1:
             with _single_thread():  # tabular runs are many tiny ops: extra threads only contend
-                for p in pending:
-                    record(execute_one(run_fn, p.run_id, p.config, str(runs_dir), meta))
+                for group in programs:
+                    for res in execute_group(run_fn, _items(group), str(runs_dir), meta):
+                        record(res)
         else:
             with contextlib.ExitStack() as stack:
                 if pool is None:  # a pool of its own, stopped on the way out (at once on Ctrl-C)
                     pool = stack.enter_context(WorkerPool(workers))
-                _execute_pool(pending, runs_dir, run_fn, meta, record, pool)
+                _execute_pool(programs, runs_dir, run_fn, meta, record, pool)
     finally:
         bar.close()
     return outcome
 
 
-def _execute_pool(pending: Sequence[Planned], runs_dir: Path, run_fn: RunFn, meta: dict, record: Callable[[dict], None],
+def _items(group: Sequence[Planned]) -> list[tuple[str, dict]]:
+    return [(p.run_id, p.config) for p in group]
+
+
+def _execute_pool(programs: Sequence[Sequence[Planned]], runs_dir: Path, run_fn: RunFn, meta: dict, record: Callable[[dict], None],
                   pool: WorkerPool) -> None:
-    """Run ``pending`` on the pool's workers; a worker that dies fails its run and the pool is replaced.
+    """Run each program on the pool's workers; a worker that dies fails its runs and the pool is replaced.
     On Ctrl-C the pending runs are cancelled and the workers stopped before ``KeyboardInterrupt`` goes on."""
     futures = {}
     try:
-        for p in pending:
-            futures[pool.submit(execute_one, run_fn, p.run_id, p.config, str(runs_dir), meta)] = p
+        for group in programs:
+            futures[pool.submit(execute_group, run_fn, _items(group), str(runs_dir), meta)] = group
         broken = False
         for fut in cf.as_completed(futures):
-            p = futures[fut]
             try:
-                record(fut.result())
+                results = fut.result()
             except Exception as err:  # the worker process itself died (e.g. killed, out of memory)
                 broken = True
                 error = f"worker process failed: {type(err).__name__}: {err}"
-                if not is_done(runs_dir, p.run_id):
-                    rec = {"run_id": p.run_id, "config": p.config, **meta, "status": "failed", "summary": None, "error": error}
-                    atomic_write_text(record_paths(runs_dir, p.run_id)[0], json.dumps(rec, indent=1, default=str))
-                record({"run_id": p.run_id, "status": "failed", "error": error})
+                results = []
+                for p in futures[fut]:
+                    if not is_done(runs_dir, p.run_id):
+                        rec = {"run_id": p.run_id, "config": p.config, **meta, "status": "failed", "summary": None, "error": error}
+                        atomic_write_text(record_paths(runs_dir, p.run_id)[0], json.dumps(rec, indent=1, default=str))
+                    results.append({"run_id": p.run_id, "status": "failed", "error": error})
+            for res in results:
+                record(res)
         if broken:
             pool.reset()
     except KeyboardInterrupt:
@@ -195,16 +248,16 @@ def _execute_pool(pending: Sequence[Planned], runs_dir: Path, run_fn: RunFn, met
         raise
 
 
-def _execute_ray(pending: Sequence[Planned], runs_dir: Path, run_fn: RunFn, meta: dict, record: Callable[[dict], None]) -> None:
+def _execute_ray(programs: Sequence[Sequence[Planned]], runs_dir: Path, run_fn: RunFn, meta: dict, record: Callable[[dict], None]) -> None:
     import ray  # check_backend made sure it is installed
 
     ray.init(ignore_reinit_error=True)
-    remote = ray.remote(execute_one)
-    refs = [remote.remote(run_fn, p.run_id, p.config, str(runs_dir), meta) for p in pending]
+    remote = ray.remote(execute_group)
+    refs = [remote.remote(run_fn, _items(group), str(runs_dir), meta) for group in programs]
     while refs:
         done, refs = ray.wait(refs, num_returns=1)
-        record(ray.get(done[0]))
-
+        for res in ray.get(done[0]):
+            record(res)
 
 
 def _jsonable(value: Any) -> Any:

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from . import rng
+from .per_run import Setting, per_run
 from .world import Task, sequence_index
 
 CHANNELS = ("binary", "ordinal", "continuous", "critique", "demo")
@@ -38,10 +39,10 @@ class Feedback:
     lower: torch.Tensor  # [runs, B] (−inf for open intervals)
     upper: torch.Tensor  # [runs, B] (+inf for open intervals)
     group_size: int
-    noise: float  # σ of the judge's noise (public knowledge about the judge)
+    noise: Setting  # σ of the judge's noise (public knowledge about the judge): a float or [runs]
     threshold: Optional[float] = None  # τ for binary
     hints: Optional[torch.Tensor] = None  # [runs, B, T] critique hints
-    hint_noise: float = 0.0
+    hint_noise: Setting = 0.0  # σ_h: a float or [runs]
     demo: Optional[torch.Tensor] = None  # [runs, B, T] best sibling's tokens
     demo_mask: Optional[torch.Tensor] = None  # [runs, B] True when the sibling scored higher than y
 
@@ -73,14 +74,15 @@ class Judge:
         return r - r.mean(-1, keepdim=True)
 
     def __call__(
-        self, sequences: torch.Tensor, kind: str, *, group_size: int, noise: float = 0.0, hint_noise: float = 0.0,
+        self, sequences: torch.Tensor, kind: str, *, group_size: int, noise: Setting = 0.0, hint_noise: Setting = 0.0,
         seeds: torch.Tensor, step: int,
     ) -> Feedback:
-        """Judge ``sequences [runs, B, T]`` on channel ``kind``; noise drawn from each run's own stream."""
+        """Judge ``sequences [runs, B, T]`` on channel ``kind``; noise drawn from each run's own stream, with σ
+        (and σ_h) one float for all runs or one per run (``[runs]``)."""
         if kind not in CHANNELS:
             raise ValueError(f"feedback={kind!r} is not allowed; choose one of {', '.join(map(repr, CHANNELS))}")
         runs, batch, T = sequences.shape
-        latent = self.task.reward(sequences) + noise * rng.normal(seeds, rng.NOISE, step, (batch,))
+        latent = self.task.reward(sequences) + per_run(noise, dims=1) * rng.normal(seeds, rng.NOISE, step, (batch,))
         inf = torch.full_like(latent, float("inf"))
         common = dict(kind=kind, group_size=group_size, noise=noise)
         if kind == "binary":
@@ -95,7 +97,7 @@ class Judge:
         fb = Feedback(score=latent, lower=latent, upper=latent, **common)
         if kind == "critique":
             c = self.contributions(sequences).gather(-1, sequences.unsqueeze(-1)).squeeze(-1)
-            fb.hints = c + hint_noise * rng.normal(seeds, rng.HINT_NOISE, step, (batch, T))
+            fb.hints = c + per_run(hint_noise, dims=2) * rng.normal(seeds, rng.HINT_NOISE, step, (batch, T))
             fb.hint_noise = hint_noise
         if kind == "demo":
             fb.demo, fb.demo_mask = best_sibling(sequences, latent, group_size)

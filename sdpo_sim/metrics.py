@@ -54,7 +54,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def exact_state(
     task: Task, policy: TabularPolicy, theta: torch.Tensor, theta_init: torch.Tensor, sequences: torch.Tensor,
-    *, chunk: int = 2,
+    *, chunk: int = 1,
 ) -> dict[str, torch.Tensor]:
     """Exact quantities of the current policies, computed ``chunk`` runs at a time (float64), sharing
     one pass of prefix tables.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import pandas as pd
 import yaml
@@ -36,7 +36,7 @@ from .sweep_spec import (
     validate_points,
 )
 from .tables import collect, write_table
-from .train import RunConfig, run
+from .train import RunConfig, group_key, run, run_group
 from .tuning import TuningSpec, exempt_blocks, tune
 from .workers import WorkerPool
 
@@ -47,12 +47,30 @@ def toy_config(data: Mapping[str, Any]) -> dict:
     return RunConfig.from_dict(dict(data)).to_dict()
 
 
-def toy_run(config: Mapping[str, Any]) -> "tuple[pd.DataFrame, dict]":
-    """Run the toy world on one full config: ``(history [seeds × eval steps rows], summary)``."""
-    result = run(RunConfig.from_dict(dict(config)))
+def _result(result) -> "tuple[pd.DataFrame, dict]":
     summary = dict(result.summary())
     summary.pop("config", None)
     return result.history, summary
+
+
+class ToyRun:
+    """The toy world as a sweep's run function: one full config → ``(history [seeds × eval steps rows], summary)``;
+    configurations that differ only in per-run fields (lr, β, ρ, noise, seeds) train as one program
+    (:func:`sdpo_sim.train.run_group`), bit for bit as they would alone."""
+
+    group_runs = 64  # seeds summed per program: [64, 32, 6, 8] training tensors and one run's exact tables at a time
+
+    def __call__(self, config: Mapping[str, Any]) -> "tuple[pd.DataFrame, dict]":
+        return _result(run(RunConfig.from_dict(dict(config))))
+
+    def group_key(self, config: Mapping[str, Any]) -> str:
+        return group_key(RunConfig.from_dict(dict(config)))
+
+    def run_many(self, configs: Sequence[Mapping[str, Any]]) -> "list[tuple[pd.DataFrame, dict]]":
+        return [_result(r) for r in run_group([RunConfig.from_dict(dict(c)) for c in configs])]
+
+
+toy_run = ToyRun()
 
 
 # ----------------------------------------------------------------------------- the sweep

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .exact import credit_scale
 from .feedback import STARS, Feedback, Judge
+from .per_run import Setting, per_run
 
 TEACHERS = ("bayes", "demo", "oracle", "null", "seed-paper")
 LINK_SD = 0.5  # the teacher's allowance (in units of s) for what an additive credit model cannot explain
@@ -41,23 +42,27 @@ class SelfKnowledge:
     The misbelief belongs to the (shared) initial model, so all training seeds share it.
     """
 
-    def __init__(self, judge: Judge, rho: float, seed: int = 0) -> None:
-        if not isinstance(rho, (int, float)) or not 0.0 <= rho <= 1.0:
-            raise ValueError(f"rho={rho!r} (self-knowledge fidelity) must be a number in [0, 1]")
+    def __init__(self, judge: Judge, rho: Setting, seed: int = 0) -> None:
+        values = rho.tolist() if isinstance(rho, torch.Tensor) else [rho]
+        if not all(isinstance(r, (int, float)) and 0.0 <= r <= 1.0 for r in values):
+            raise ValueError(f"rho={rho!r} (self-knowledge fidelity) must be a number in [0, 1] (or a [runs] tensor of them)")
         task = judge.task
-        self.judge, self.rho = judge, float(rho)
+        self.judge, self.rho = judge, rho.double() if isinstance(rho, torch.Tensor) else float(rho)
         self.scale = credit_scale(task.rewards, task.seq_len)  # s
         gen = torch.Generator().manual_seed(7919 * seed + 17)
         self._z = torch.randn(task.num_sequences, task.seq_len, generator=gen, dtype=torch.float64)
 
-    def prior(self, attempt: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Prior mean ``[..., T, V]`` and variance (scalar) of the credits ``c_t(v; y)`` of ``attempt [..., T]``."""
+    def prior(self, attempt: torch.Tensor) -> tuple[torch.Tensor, Setting]:
+        """Prior mean ``[runs, B, T, V]`` and variance (a float, or ``[runs, 1, 1]`` for per-run ρ) of the credits
+        ``c_t(v; y)`` of ``attempt [runs, B, T]``."""
         V, T = self.judge.task.vocab_size, self.judge.task.seq_len
         c = self.judge.contributions(attempt)
         z = self._z[self.judge.swapped_index(attempt), torch.arange(T).unsqueeze(-1)]
         z = (z - z.mean(-1, keepdim=True)) * math.sqrt(V / (V - 1))  # centred over v like c, unit variance
-        rho, s = self.rho, self.scale
-        return rho * (rho * c + math.sqrt(1.0 - rho**2) * s * z), (1.0 - rho**2) * s**2
+        s, d = self.scale, c.dim() - 1
+        rho = per_run(self.rho, dims=d)
+        spread = per_run(self.rho, lambda r: math.sqrt(1.0 - r**2) * s, dims=d)
+        return rho * (rho * c + spread * z), per_run(self.rho, lambda r: (1.0 - r**2) * s**2, dims=d - 1)
 
 
 def _leave_one_out(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -66,7 +71,7 @@ def _leave_one_out(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return ((g.sum(-1, keepdim=True) - g) / (group_size - 1)).view(x.shape)
 
 
-def expected_score(feedback: Feedback, spread: float) -> torch.Tensor:
+def expected_score(feedback: Feedback, spread: Setting) -> torch.Tensor:
     """The teacher's expectation of its latent score ``R+ε`` from its siblings' feedback, ``[runs, B]``.
 
     continuous/critique/demo: leave-one-out mean score; ordinal: mean of the siblings' bin midpoints;
@@ -103,21 +108,22 @@ class BayesTeacher:
     on taken tokens and the prior mean elsewhere (a shift shared by all v is invisible to softmax).
     """
 
-    def __init__(self, beta: float = 1.0) -> None:
+    def __init__(self, beta: Setting = 1.0) -> None:
         self.beta = beta
 
     def __call__(self, logits: torch.Tensor, attempt: torch.Tensor, feedback: Feedback, knowledge: SelfKnowledge) -> TeacherOutput:
         s, T = knowledge.scale, attempt.shape[-1]
         mu, var0 = knowledge.prior(attempt)  # [runs, B, T, V], σ0²
         m = mu.gather(-1, attempt.unsqueeze(-1)).squeeze(-1)  # [runs, B, T]
-        v = torch.full_like(m, var0)
+        v = var0 + torch.zeros_like(m)
         if feedback.hints is not None:  # per-token Gaussian update: m ← m + σ0²/(σ0²+σh²)·(h − m)
-            var_h = feedback.hint_noise**2 + (HINT_FLOOR * s) ** 2
+            var_h = per_run(feedback.hint_noise, lambda h: h**2 + (HINT_FLOOR * s) ** 2, dims=2)
             m = m + var0 / (var0 + var_h) * (feedback.hints - m)
             v = v * var_h / (var0 + var_h)
-        var_e = feedback.noise**2 + (LINK_SD * s) ** 2
+        var_e = per_run(feedback.noise, lambda n: n**2 + (LINK_SD * s) ** 2, dims=1)  # σ² + (LINK_SD·s)²
+        spread = per_run(feedback.noise, lambda n: math.sqrt(T * s**2 + (n**2 + (LINK_SD * s) ** 2)), dims=1)
         total_var = v.sum(-1) + var_e  # Var(w) = Σ_t v_t + σ_e²
-        offset = expected_score(feedback, spread=math.sqrt(T * s**2 + var_e)) + m.sum(-1)  # E[score] under the prior
+        offset = expected_score(feedback, spread=spread) + m.sum(-1)  # E[score] under the prior
         if feedback.kind in ("binary", "ordinal"):  # censored: E[w | lower < w < upper]
             sd = total_var.sqrt()
             innovation = sd * truncated_normal_mean((feedback.lower - offset) / sd, (feedback.upper - offset) / sd)
@@ -126,27 +132,27 @@ class BayesTeacher:
         posterior = m + v / total_var.unsqueeze(-1) * innovation.unsqueeze(-1)  # E[x_t | obs]
         credit = mu.scatter(-1, attempt.unsqueeze(-1), posterior.unsqueeze(-1)) / s
         mask = torch.ones(attempt.shape[:-1], dtype=torch.bool)
-        return TeacherOutput(logits + self.beta * credit.to(logits.dtype), credit, mask)
+        return TeacherOutput(logits + per_run(self.beta, dims=3, dtype=logits.dtype) * credit.to(logits.dtype), credit, mask)
 
 
 class DemoTeacher:
     """Re-reading with a better sibling in context: ``ℓ_T = ℓ + β·onehot(demo_t)``; only completions
     whose demonstration scored higher get a loss (a completion is never its own demonstration)."""
 
-    def __init__(self, beta: float = 1.0) -> None:
+    def __init__(self, beta: Setting = 1.0) -> None:
         self.beta = beta
 
     def __call__(self, logits: torch.Tensor, attempt: torch.Tensor, feedback: Feedback, knowledge: SelfKnowledge) -> TeacherOutput:
         if feedback.demo is None:
             raise ValueError("teacher='demo' needs feedback='demo' (a sibling demonstration)")
         credit = F.one_hot(feedback.demo, logits.shape[-1]).double()
-        return TeacherOutput(logits + self.beta * credit.to(logits.dtype), credit, feedback.demo_mask)
+        return TeacherOutput(logits + per_run(self.beta, dims=3, dtype=logits.dtype) * credit.to(logits.dtype), credit, feedback.demo_mask)
 
 
 class OracleTeacher:
     """Upper bound: ``Â = A*/s``, the exact advantage of every alternative (the only teacher given A*)."""
 
-    def __init__(self, beta: float = 1.0) -> None:
+    def __init__(self, beta: Setting = 1.0) -> None:
         self.beta = beta
 
     def __call__(
@@ -155,7 +161,7 @@ class OracleTeacher:
     ) -> TeacherOutput:
         credit = true_advantages / knowledge.scale
         mask = torch.ones(attempt.shape[:-1], dtype=torch.bool)
-        return TeacherOutput(logits + self.beta * credit.to(logits.dtype), credit, mask)
+        return TeacherOutput(logits + per_run(self.beta, dims=3, dtype=logits.dtype) * credit.to(logits.dtype), credit, mask)
 
 
 class SeedPaperTeacher:
@@ -166,13 +172,13 @@ class SeedPaperTeacher:
     from every logit, which softmax ignores.
     """
 
-    def __init__(self, quality_table: torch.Tensor, beta: float = 1.0) -> None:
+    def __init__(self, quality_table: torch.Tensor, beta: Setting = 1.0) -> None:
         self.q, self.beta = quality_table, beta  # [T, V]
 
     def __call__(self, logits: torch.Tensor, attempt: torch.Tensor, feedback: Feedback, knowledge: SelfKnowledge) -> TeacherOutput:
         f = (feedback.score - 1) / (STARS - 1) if feedback.kind == "ordinal" else feedback.score
         credit = f[..., None, None] * self.q  # [runs, B, T, V]
-        out = logits + self.beta * credit.to(logits.dtype)
+        out = logits + per_run(self.beta, dims=3, dtype=logits.dtype) * credit.to(logits.dtype)
         if feedback.hints is not None:
             out = out - feedback.hints.unsqueeze(-1).to(logits.dtype)  # a per-position shift: no effect after softmax
         return TeacherOutput(out, credit, torch.ones(attempt.shape[:-1], dtype=torch.bool))

@@ -7,9 +7,10 @@ shared loss from :mod:`sdpo_sim.core.losses` → Adam update, for ``cfg.seeds`` 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import pandas as pd
 import torch
@@ -277,34 +278,73 @@ def _teacher_stats(logits: torch.Tensor, teacher_logits: torch.Tensor, seqs: tor
     return (div * mask).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1), signal * mask
 
 
+# Fields that may differ between the configurations of one tensor program (run_group): each run carries its own.
+PER_RUN_FIELDS = ("lr", "beta", "rho", "noise", "hint_noise", "seeds", "seed_start")
+
+
+def group_key(cfg: RunConfig) -> str:
+    """What configurations must share to train together in :func:`run_group`: every field but :data:`PER_RUN_FIELDS`."""
+    return json.dumps({k: v for k, v in cfg.to_dict().items() if k not in PER_RUN_FIELDS}, sort_keys=True)
+
+
 def run(cfg: RunConfig, *, progress: bool = False) -> RunResult:
     """Train ``cfg.seeds`` independent runs at once and return their exact learning curves."""
+    return run_group([cfg], progress=progress)[0]
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The parameters of all runs ``[runs, T, C, V]`` from each configuration's leaf tensor (the leaf itself if one)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunResult]:
+    """Train several configurations as one tensor program and return one :class:`RunResult` per configuration.
+
+    The configurations may differ only in :data:`PER_RUN_FIELDS` (``group_key`` equal); their runs are stacked
+    along the runs axis (``[Σ seeds, B, T, V]``), each run with its own learning rate (one optimiser parameter
+    group per configuration), β, ρ and noise. Runs never interact, so a run's numbers are bit for bit those it
+    gets alone (tested).
+    """
+    cfgs = list(cfgs)
+    if not cfgs:
+        raise ValueError("run_group needs at least one configuration")
+    cfg = cfgs[0]
+    mismatched = [i for i, c in enumerate(cfgs) if group_key(c) != group_key(cfg)]
+    if mismatched:
+        raise ValueError(f"run_group: configuration(s) {mismatched} differ from the first in a field other than {', '.join(PER_RUN_FIELDS)}")
     m = cfg.method
-    R, B, T, V = cfg.seeds, cfg.batch_size, cfg.seq_len, cfg.vocab_size
-    seeds = torch.arange(cfg.seed_start, cfg.seed_start + R)
+    R, B, T, V = sum(c.seeds for c in cfgs), cfg.batch_size, cfg.seq_len, cfg.vocab_size
+    seeds = torch.cat([torch.arange(c.seed_start, c.seed_start + c.seeds) for c in cfgs])
+
+    def setting(name: str) -> torch.Tensor:  # [R]: each run's value of a per-run field
+        return torch.cat([torch.full((c.seeds,), float(getattr(c, name)), dtype=torch.float64) for c in cfgs])
+
     task = Task(cfg.task_seed, V, T)
     policy = TabularPolicy(cfg.policy, V, T, m.temperature)
-    theta = policy.init_params(R).requires_grad_(True)
+    parts = [policy.init_params(c.seeds).requires_grad_(True) for c in cfgs]  # one leaf per configuration
+    theta = _joined(parts)
     theta_init = theta.detach().clone()
     teacher_theta = theta.detach().clone()  # ema / frozen / trust-region reference
-    opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)([theta], lr=cfg.lr)
+    opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)([{"params": [p], "lr": c.lr} for p, c in zip(parts, cfgs)])
 
     threshold = cfg.threshold if cfg.threshold is not None else initial_median_reward(task, policy, theta_init)
     judge = Judge(task, threshold)
-    knowledge = SelfKnowledge(judge, cfg.rho, seed=cfg.task_seed)
+    noise, hint_noise, beta = setting("noise"), setting("hint_noise"), setting("beta")
+    knowledge = SelfKnowledge(judge, setting("rho"), seed=cfg.task_seed)
     teacher = {"bayes": BayesTeacher, "null": BayesTeacher, "demo": DemoTeacher, "oracle": OracleTeacher}.get(cfg.teacher)
-    teacher = teacher(cfg.beta) if teacher else SeedPaperTeacher(task.q, cfg.beta)
+    teacher = teacher(beta) if teacher else SeedPaperTeacher(task.q, beta)
     controller = m.make_controller()
 
     rows = []
     for step in tqdm(range(cfg.steps + 1), disable=not progress, desc=f"{m.name}/{cfg.teacher}", unit="step"):
         evaluate = step % cfg.eval_every == 0 or step == cfg.steps
+        theta = _joined(parts)
         # 1. sample a group of completions per run
         seqs = policy.sample(theta, rng.uniform(seeds, rng.SAMPLE, step, (B, T)))  # [R, B, T]
         logits = policy.logits(theta, seqs)  # [R, B, T, V]
         logp = _token_logp(logits, seqs)  # [R, B, T]
         # 2. the judge's feedback about each completion
-        fb = judge(seqs, cfg.feedback, group_size=m.num_generations, noise=cfg.noise, hint_noise=cfg.hint_noise, seeds=seeds, step=step)
+        fb = judge(seqs, cfg.feedback, group_size=m.num_generations, noise=noise, hint_noise=hint_noise, seeds=seeds, step=step)
         exact_now = metrics.exact_state(task, policy, theta, theta_init, seqs) if evaluate else None
         # 3. policy-gradient term: REINFORCE (batch-mean baseline) or GRPO (group-normalised)
         if m.uses_policy_gradient:
@@ -354,13 +394,13 @@ def run(cfg: RunConfig, *, progress: bool = False) -> RunResult:
                 "credit_pearson": metrics.pearson(credit, a_star), "credit_spearman": metrics.spearman(credit, a_star),
                 "credit_pearson_within": metrics.pearson_within(credit, a_star),
                 "feedback_credit_pearson": metrics.pearson(feedback_credit, a_star) if m.distills else torch.full((R,), float("nan")),
-                "grad_cos": metrics.cosine(-theta.grad, exact_now["grad_J"]), "batch_reward": task.reward(seqs).mean(1),
+                "grad_cos": metrics.cosine(-_joined([p.grad for p in parts]), exact_now["grad_J"]), "batch_reward": task.reward(seqs).mean(1),
             })
         if step < cfg.steps:
             opt.step()
             with torch.no_grad():
-                teacher_theta += m.teacher_rate * (theta - teacher_theta)  # EMA teacher: θ_T ← θ_T + rate·(θ − θ_T)
+                teacher_theta += m.teacher_rate * (_joined(parts) - teacher_theta)  # EMA teacher: θ_T ← θ_T + rate·(θ − θ_T)
     history = pd.DataFrame({k: torch.cat([r[k].detach().double() if k not in ("seed", "step") else r[k] for r in rows]).numpy()
                             for k in HISTORY_COLUMNS})
-    history = history.sort_values(["seed", "step"], kind="stable").reset_index(drop=True)
-    return RunResult(cfg, history)
+    owner = torch.repeat_interleave(torch.arange(len(cfgs)), torch.tensor([c.seeds for c in cfgs])).repeat(len(rows)).numpy()
+    return [RunResult(c, history[owner == i].sort_values(["seed", "step"], kind="stable").reset_index(drop=True)) for i, c in enumerate(cfgs)]

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from sdpo_sim.sweep import Spec, plan, run_sweep
+from sdpo_sim.execution import groups
+from sdpo_sim.sweep import Spec, plan, run_sweep, toy_run
 from sweep_fakes import fake_config, fake_run
 
 SPEC = {"name": "t", "base": {"steps": 10, "seeds": 2}, "grid": {"method": ["reinforce", "sdpo"], "noise": [0.0, 0.1]}}
@@ -162,3 +163,32 @@ def test_a_block_that_fixes_lr_keeps_it_and_is_not_tuned_on(tmp_path, runlog):
     assert len([line for line in runlog() if line.split()[2] == "50"]) == 2 * 2  # replica's points are not tuned on
     with pytest.raises(ValueError, match="base.lr"):
         sweep({**spec, "base": {"lr": 0.1}}, tmp_path / "other")
+
+
+def _alone(config):
+    """The toy world's run function without the ability to share a program: every run trains by itself."""
+    return toy_run(config)
+
+
+def test_toy_runs_that_can_share_a_program_do_and_get_the_same_tables(tmp_path):
+    spec = {"name": "g", "base": {"steps": 8, "eval_every": 4, "seeds": 2, "batch_size": 16, "num_generations": 4, "method": "sdpo"},
+            "grid": {"lr": [0.1, 0.3, 1.0], "noise": [0.0, 0.2], "feedback": ["binary", "critique"]}}
+    planned = plan(Spec.from_dict(spec))
+    programs = groups(planned, toy_run)
+    assert len(planned) == 12 and len(programs) == 2  # one program per feedback type: lr and noise vary within it
+    assert sorted(len(g) for g in programs) == [6, 6] and all(len({p.config["feedback"] for p in g}) == 1 for g in programs)
+    shared = run_sweep(Spec.from_dict(spec), tmp_path / "shared", workers=1, progress=False)
+    alone = run_sweep(Spec.from_dict(spec), tmp_path / "alone", workers=1, progress=False, run_fn=_alone)
+    for table in ("history", "seeds"):
+        a, b = getattr(shared, table), getattr(alone, table)
+        metrics = [c for c in a.columns if c not in ("wall_time_s", "git_commit", "code_hash", "package_version")]
+        pd.testing.assert_frame_equal(a[metrics], b[metrics], check_exact=True)
+    record = json.loads(next((tmp_path / "shared" / "runs").glob("*.json")).read_text())
+    assert record["shared_program"] == 6
+
+
+def test_programs_hold_at_most_group_runs_seeds():
+    spec = {"name": "g", "base": {"seeds": 40}, "grid": {"lr": [0.1, 0.3, 1.0]}}
+    assert [len(g) for g in groups(plan(Spec.from_dict(spec)), toy_run)] == [1, 1, 1]  # 40 + 40 > 64
+    spec["base"]["seeds"] = 20
+    assert [len(g) for g in groups(plan(Spec.from_dict(spec)), toy_run)] == [3]
