@@ -8,13 +8,13 @@ model is loaded; errors name the offending field (``training.learning_rate=...``
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import yaml
 
-from sdpo_sim.core.config_fields import YamlLoader, config_class
+from sdpo_sim.core.config_fields import YamlLoader, config_class, setting
 from sdpo_sim.core.io import atomic_write_text, read_yaml_file
 from sdpo_sim.core.method import MethodConfig
 from sdpo_sim.core.validation import (
@@ -48,11 +48,10 @@ def _owner(section: str) -> str:
 class LoraConfig:
     """Optional LoRA adapters (peft). ``target_modules`` defaults to all attention and MLP projections."""
 
-    r: int = field(default=16, metadata={"help": "rank of each adapter, ≥ 1"})
-    alpha: int = field(default=32, metadata={"help": "LoRA scaling α > 0 (the update is scaled by α / r)"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the adapters' input, in [0, 1]"})
-    target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                 metadata={"help": "names of the linear modules that get adapters (a non-empty list)"})
+    r: int = setting(16, "rank of each adapter, ≥ 1")
+    alpha: int = setting(32, "LoRA scaling α > 0 (the update is scaled by α / r)")
+    dropout: float = setting(0.0, "dropout on the adapters' input, in [0, 1]")
+    target_modules: list = setting(help="names of the linear modules that get adapters (a non-empty list)", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
     def validate(self) -> None:
         o = _owner("model.lora")
@@ -67,17 +66,11 @@ class LoraConfig:
 class ModelConfig:
     """The model to train: where it is, its precision and how it is loaded."""
 
-    path: str = field(default="outputs/tiny-model", metadata={
-        "help": "a saved transformers model directory, or a hub id downloaded ahead of time (runs never download)"})
-    dtype: str = field(default="float32", metadata={
-        "help": "precision of the weights; a plain (unsharded) run refuses bfloat16/float16 trainable weights, whose "
-                "AdamW updates round away (use float32, LoRA or the FSDP2/DeepSpeed configs)", "choices": DTYPES})
-    gradient_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute activations in the backward pass (less memory, more compute; turns share_prompt_prefix auto off)"})
-    lora: Optional[LoraConfig] = field(default=None, metadata={
-        "help": "LoRA adapters as a mapping {r, alpha, dropout, target_modules}; null: train all weights"})
-    attn_implementation: Optional[str] = field(default=None, metadata={
-        "help": "attention kernel passed to transformers, e.g. sdpa or flash_attention_2; null: transformers' default"})
+    path: str = setting("outputs/tiny-model", "a saved transformers model directory, or a hub id downloaded ahead of time (runs never download)")
+    dtype: str = setting("float32", "precision of the weights; a plain (unsharded) run refuses bfloat16/float16 trainable weights, whose AdamW updates round away (use float32, LoRA or the FSDP2/DeepSpeed configs)", choices=DTYPES)
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory, more compute; turns share_prompt_prefix auto off)")
+    lora: Optional[LoraConfig] = setting(None, "LoRA adapters as a mapping {r, alpha, dropout, target_modules}; null: train all weights")
+    attn_implementation: Optional[str] = setting(None, "attention kernel passed to transformers, e.g. sdpa or flash_attention_2; null: transformers' default")
 
     def validate(self) -> None:
         o = _owner("model")
@@ -93,15 +86,11 @@ class ModelConfig:
 class TaskConfig:
     """Where prompts come from and how completions are judged and their feedback rendered."""
 
-    name: str = field(default="word-constraints", metadata={"help": "a built-in task of llm.tasks"})
-    feedback: str = field(default="critique", metadata={
-        "help": "feedback channel rendered for the teacher (the toy world's channels; none: no feedback text, "
-                "demonstrations only)", "choices": FEEDBACK_KINDS})
-    noise: float = field(default=0.0, metadata={
-        "help": "std of the Gaussian noise added to the score before quantisation, in [0, 100] (scores lie in [0, 1])"})
-    threshold: float = field(default=0.5, metadata={"help": "pass threshold τ of binary feedback, in [0, 1]"})
-    judge: Optional[str] = field(default=None, metadata={
-        "help": "judge spec: module:callable or a local reward-model directory; null: the task's own rule-based judge"})
+    name: str = setting("word-constraints", "a built-in task of llm.tasks")
+    feedback: str = setting("critique", "feedback channel rendered for the teacher (the toy world's channels; none: no feedback text, demonstrations only)", choices=FEEDBACK_KINDS)
+    noise: float = setting(0.0, "std of the Gaussian noise added to the score before quantisation, in [0, 100] (scores lie in [0, 1])")
+    threshold: float = setting(0.5, "pass threshold τ of binary feedback, in [0, 1]")
+    judge: Optional[str] = setting(None, "judge spec: module:callable or a local reward-model directory; null: the task's own rule-based judge")
 
     def validate(self) -> None:
         o = _owner("task")
@@ -117,22 +106,14 @@ class TaskConfig:
 class ContextConfig:
     """How each completion's teacher context (reprompt) is built; see :mod:`llm.context`."""
 
-    use_feedback: bool = field(default=True, metadata={"help": "put the rendered feedback on the completion in the teacher's context"})
-    use_demo: bool = field(default=True, metadata={
-        "help": "put the best successful sibling of the group (never the completion itself) in the teacher's context"})
-    success_threshold: float = field(default=0.8, metadata={
-        "help": "a sibling scoring at least this (in [0, 1]) is a demonstration"})
-    feedback_only_without_demo: bool = field(default=False, metadata={
-        "help": "drop the feedback when a demonstration is present (an official SDPO option)"})
-    max_context_tokens: int = field(default=512, metadata={
-        "help": "token budget ≥ 1 of the teacher context (prompt + demonstration + feedback); over it the demonstration "
-                "loses its end first, then the feedback, then the prompt its beginning; the completion is never cut"})
-    reprompt_template: str = field(default=DEFAULT_REPROMPT, metadata={
-        "help": "the teacher context; must contain {prompt}, {demo} and {feedback}"})
-    demo_template: str = field(default=DEFAULT_DEMO, metadata={
-        "help": "how a demonstration fills {demo}; must contain {demo}"})
-    feedback_template: str = field(default=DEFAULT_FEEDBACK, metadata={
-        "help": "how the feedback fills {feedback}; must contain {feedback}"})
+    use_feedback: bool = setting(True, "put the rendered feedback on the completion in the teacher's context")
+    use_demo: bool = setting(True, "put the best successful sibling of the group (never the completion itself) in the teacher's context")
+    success_threshold: float = setting(0.8, "a sibling scoring at least this (in [0, 1]) is a demonstration")
+    feedback_only_without_demo: bool = setting(False, "drop the feedback when a demonstration is present (an official SDPO option)")
+    max_context_tokens: int = setting(512, "token budget ≥ 1 of the teacher context (prompt + demonstration + feedback); over it the demonstration loses its end first, then the feedback, then the prompt its beginning; the completion is never cut")
+    reprompt_template: str = setting(DEFAULT_REPROMPT, "the teacher context; must contain {prompt}, {demo} and {feedback}")
+    demo_template: str = setting(DEFAULT_DEMO, "how a demonstration fills {demo}; must contain {demo}")
+    feedback_template: str = setting(DEFAULT_FEEDBACK, "how the feedback fills {feedback}; must contain {feedback}")
 
     def validate(self) -> None:
         o = _owner("context")
@@ -153,45 +134,29 @@ class ContextConfig:
 class TrainingConfig:
     """The optimisation loop: steps, batch, AdamW, checkpoints and logs, and how the loss is computed."""
 
-    steps: int = field(default=20, metadata={"help": "training steps (generated batches), ≥ 1"})
-    learning_rate: float = field(default=1e-5, metadata={
-        "help": "AdamW learning rate, in (0, 1] (it does not transfer from the toy world)"})
-    prompts_per_step: int = field(default=4, metadata={
-        "help": "prompts per step over all processes (divisible by their number), each with num_generations completions"})
-    max_new_tokens: int = field(default=16, metadata={"help": "longest completion in tokens, ≥ 1"})
-    weight_decay: float = field(default=0.01, metadata={
-        "help": "AdamW weight decay ≥ 0; learning_rate × weight_decay must be < 1"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clip: the largest global gradient norm, > 0"})
-    adam_betas: list = field(default_factory=lambda: [0.9, 0.999], metadata={
-        "help": "AdamW's (β1, β2), a list of two numbers in [0, 1)"})
-    seed: int = field(default=0, metadata={
-        "help": "seed ≥ 0 of the prompts, the samples and the feedback noise (each completion has its own stream)"})
-    output_dir: str = field(default="outputs/llm-run", metadata={
-        "help": "run directory (recipe.yaml, metrics.jsonl, checkpoints, final model); must be a writable directory"})
-    save_every: int = field(default=0, metadata={"help": "steps between checkpoints, ≥ 0 (0: only at the end)"})
-    log_every: int = field(default=1, metadata={"help": "steps between rows of metrics.jsonl, ≥ 1 (the last step is always logged)"})
-    heatmap_every: int = field(default=0, metadata={"help": "steps between per-token credit heat-maps, ≥ 0 (0: never)"})
-    max_prompt_length: int = field(default=256, metadata={"help": "student prompt tokens ≥ 1 (longer prompts lose their beginning)"})
-    max_consecutive_nonfinite: int = field(default=3, metadata={
-        "help": "this many non-finite losses or gradients in a row (each skips its update) save a checkpoint and stop the run"})
-    updates_per_batch: int = field(default=1, metadata={
-        "help": "optimiser steps per generated batch, ≥ 1 (> 1 reuses rollouts: method.is_clip and method.epsilon apply)"})
-    micro_batch_size: int = field(default=0, metadata={
-        "help": "completions per forward/backward on each process, gradients accumulated (0: all of them at once)"})
-    fused_loss: Any = field(default="auto", metadata={
-        "help": "the chunked SDPO loss from hidden states and the LM head, without [tokens, vocab] logits; auto: when the "
-                "vocabulary has ≥ fused_min_vocab tokens", "choices": AUTO_CHOICES})
-    fused_min_vocab: int = field(default=32768, metadata={"help": "vocabulary size ≥ 1 from which fused_loss=auto fuses"})
-    chunk_size: Optional[int] = field(default=None, metadata={
-        "help": "tokens per chunk of the fused loss, ≥ 1; null: about 32 MiB of float32 logits per buffer"})
+    steps: int = setting(20, "training steps (generated batches), ≥ 1")
+    learning_rate: float = setting(1e-5, "AdamW learning rate, in (0, 1] (it does not transfer from the toy world)")
+    prompts_per_step: int = setting(4, "prompts per step over all processes (divisible by their number), each with num_generations completions")
+    max_new_tokens: int = setting(16, "longest completion in tokens, ≥ 1")
+    weight_decay: float = setting(0.01, "AdamW weight decay ≥ 0; learning_rate × weight_decay must be < 1")
+    max_grad_norm: float = setting(1.0, "gradient clip: the largest global gradient norm, > 0")
+    adam_betas: list = setting(help="AdamW's (β1, β2), a list of two numbers in [0, 1)", factory=lambda: [0.9, 0.999])
+    seed: int = setting(0, "seed ≥ 0 of the prompts, the samples and the feedback noise (each completion has its own stream)")
+    output_dir: str = setting("outputs/llm-run", "run directory (recipe.yaml, metrics.jsonl, checkpoints, final model); must be a writable directory")
+    save_every: int = setting(0, "steps between checkpoints, ≥ 0 (0: only at the end)")
+    log_every: int = setting(1, "steps between rows of metrics.jsonl, ≥ 1 (the last step is always logged)")
+    heatmap_every: int = setting(0, "steps between per-token credit heat-maps, ≥ 0 (0: never)")
+    max_prompt_length: int = setting(256, "student prompt tokens ≥ 1 (longer prompts lose their beginning)")
+    max_consecutive_nonfinite: int = setting(3, "this many non-finite losses or gradients in a row (each skips its update) save a checkpoint and stop the run")
+    updates_per_batch: int = setting(1, "optimiser steps per generated batch, ≥ 1 (> 1 reuses rollouts: method.is_clip and method.epsilon apply)")
+    micro_batch_size: int = setting(0, "completions per forward/backward on each process, gradients accumulated (0: all of them at once)")
+    fused_loss: Any = setting("auto", "the chunked SDPO loss from hidden states and the LM head, without [tokens, vocab] logits; auto: when the vocabulary has ≥ fused_min_vocab tokens", choices=AUTO_CHOICES)
+    fused_min_vocab: int = setting(32768, "vocabulary size ≥ 1 from which fused_loss=auto fuses")
+    chunk_size: Optional[int] = setting(None, "tokens per chunk of the fused loss, ≥ 1; null: about 32 MiB of float32 logits per buffer")
     # run each prompt once per group in the student forward (its KV cache serves the group's G completions):
     # auto = on unless gradient checkpointing or a sharded model (FSDP / DeepSpeed) | true | false
-    share_prompt_prefix: Any = field(default="auto", metadata={
-        "help": "run each shared prompt prefix once and let its KV cache serve the rows that begin with it (same loss "
-                "and gradients); auto: on unless gradient checkpointing or a sharded model (true refuses those)",
-        "choices": AUTO_CHOICES})
-    tensorboard: bool = field(default=False, metadata={
-        "help": "also write TensorBoard logs to output_dir/tensorboard (pip install 'sdpo-lab[tensorboard]')"})
+    share_prompt_prefix: Any = setting("auto", "run each shared prompt prefix once and let its KV cache serve the rows that begin with it (same loss and gradients); auto: on unless gradient checkpointing or a sharded model (true refuses those)", choices=AUTO_CHOICES)
+    tensorboard: bool = setting(False, "also write TensorBoard logs to output_dir/tensorboard (pip install 'sdpo-lab[tensorboard]')")
 
     def validate(self) -> None:
         o = _owner("training")
@@ -223,12 +188,10 @@ class TrainingConfig:
 class GenerationConfig:
     """Sampling settings; the temperature is the method's (``method.temperature``)."""
 
-    backend: str = field(default="transformers", metadata={
-        "help": "sampler: transformers' generate, or vLLM (needs vLLM installed; not with model.lora)", "choices": BACKENDS})
-    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass, in (0, 1] (1: off)"})
-    top_k: int = field(default=0, metadata={"help": "keep only the k most probable tokens, ≥ 0 (0: off)"})
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={
-        "help": "share of GPU memory, in (0, 1], vLLM may take (backend=vllm only)"})
+    backend: str = setting("transformers", "sampler: transformers' generate, or vLLM (needs vLLM installed; not with model.lora)", choices=BACKENDS)
+    top_p: float = setting(1.0, "nucleus sampling mass, in (0, 1] (1: off)")
+    top_k: int = setting(0, "keep only the k most probable tokens, ≥ 0 (0: off)")
+    vllm_gpu_memory_utilization: float = setting(0.3, "share of GPU memory, in (0, 1], vLLM may take (backend=vllm only)")
 
     def validate(self) -> None:
         o = _owner("generation")
@@ -253,13 +216,12 @@ def _refuse_unknown_fields(source: str, prefix: str, block: Mapping, spec_cls: t
 class Recipe:
     """A validated LLM run description. Build with :func:`load_recipe` or :meth:`from_dict`."""
 
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the model to train (ModelConfig)"})
-    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "prompts, judge and feedback channel (TaskConfig)"})
-    method: MethodConfig = field(default_factory=MethodConfig, metadata={
-        "help": "the method, exactly a toy-world MethodConfig mapping"})
-    context: ContextConfig = field(default_factory=ContextConfig, metadata={"help": "how teacher contexts are built (ContextConfig)"})
-    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "the optimisation loop (TrainingConfig)"})
-    generation: GenerationConfig = field(default_factory=GenerationConfig, metadata={"help": "sampling settings (GenerationConfig)"})
+    model: ModelConfig = setting(help="the model to train (ModelConfig)", factory=ModelConfig)
+    task: TaskConfig = setting(help="prompts, judge and feedback channel (TaskConfig)", factory=TaskConfig)
+    method: MethodConfig = setting(help="the method, exactly a toy-world MethodConfig mapping", factory=MethodConfig)
+    context: ContextConfig = setting(help="how teacher contexts are built (ContextConfig)", factory=ContextConfig)
+    training: TrainingConfig = setting(help="the optimisation loop (TrainingConfig)", factory=TrainingConfig)
+    generation: GenerationConfig = setting(help="sampling settings (GenerationConfig)", factory=GenerationConfig)
 
     def validate(self) -> "Recipe":
         for name in SECTIONS:

@@ -30,7 +30,11 @@ def git_commit() -> str:
 
 
 def _without_docstrings(tree: ast.AST) -> ast.AST:
+    """``tree`` without docstrings and without the help texts of settings (``setting(default, "help")``)."""
     for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setting":
+            node.args = node.args[:1] + [ast.Constant("")] * len(node.args[1:2]) + node.args[2:]
+            node.keywords = [k for k in node.keywords if k.arg != "help"]
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
             if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Mapping, Optional, Sequence
 
 import pandas as pd
@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import exact, metrics, rng
+from .core.config_fields import setting
 from .core.losses import (
     aggregate,
     hybrid_loss,
@@ -78,46 +79,25 @@ class RunConfig:
     """Everything a toy-world run needs; :meth:`from_dict` takes a flat mapping (RunConfig and
     MethodConfig fields side by side)."""
 
-    method: MethodConfig = field(default_factory=MethodConfig, metadata={
-        "help": "the method and its settings (a MethodConfig; in the flat form its fields sit beside these, its name as method)"})
-    feedback: str = field(default="continuous", metadata={
-        "help": "feedback channel, noise added to the reward before quantisation: binary 1[R+ε > threshold], ordinal "
-                "1–5 stars, continuous R+ε, critique R+ε and per-token hints, demo R+ε and the best other sibling",
-        "choices": CHANNELS})
-    teacher: str = field(default="bayes", metadata={
-        "help": "retrospection model (what the self-teacher may see): bayes (posterior from feedback and self-knowledge), "
-                "demo (needs feedback=demo), oracle (the exact A*, an upper bound), null (another rollout's feedback, a "
-                "control) or seed-paper (the quality table, flawed on purpose)", "choices": TEACHERS})
-    noise: float = field(default=0.0, metadata={
-        "help": "σ of the Gaussian noise on the reward before quantisation, in [0, 1000] (rewards lie in [0, 1])"})
-    hint_noise: float = field(default=0.0, metadata={
-        "help": "σ_h of the noise on critique's per-token hints, in [0, 1000]"})
-    rho: float = field(default=0.5, metadata={
-        "help": "self-knowledge fidelity ρ in [0, 1]: the correlation of the teacher's introspective reading with the "
-                "true token contributions (0: none, the teacher knows only what the feedback says)"})
-    beta: float = field(default=1.0, metadata={
-        "help": "teacher sharpness β in (0, 1000]: teacher logits are ℓ + β·Â, Â in units of the credit scale s "
-                "(β = 1 moves a logit by one nat for a typical credit)"})
-    lr: Optional[float] = field(default=None, metadata={
-        "help": "learning rate in (0, 1000]; null: DEFAULT_LR of the method (reinforce 0.1, grpo/sdpo/hybrid 0.3, "
-                "tuned for Adam)"})
-    optimizer: str = field(default="adam", metadata={"help": "optimizer of the tabular logits", "choices": OPTIMIZERS})
-    steps: int = field(default=300, metadata={"help": "training steps (updates), ≥ 1"})
-    seeds: int = field(default=8, metadata={"help": "independent training runs, trained at once as one batch of tensors, ≥ 1"})
-    seed_start: int = field(default=0, metadata={"help": "seed of the first run; the runs use seeds seed_start … seed_start + seeds − 1"})
-    task_seed: int = field(default=0, metadata={"help": "seed of the task (its reward table), ≥ 0; every run trains on the same task"})
-    vocab_size: int = field(default=8, metadata={
-        "help": "vocabulary size V ≥ 2; all V**seq_len sequences are enumerated, at most 2**21"})
-    seq_len: int = field(default=6, metadata={"help": "sequence length T ≥ 2 (V**T ≤ 2**21)"})
-    policy: str = field(default="markov", metadata={
-        "help": "tabular policy: markov (logits θ[t, previous token, v], can express coherence) or factored "
-                "(θ[t, v], one table per position)", "choices": POLICIES})
-    batch_size: int = field(default=32, metadata={
-        "help": "completions sampled per step and run, a multiple of num_generations (batch_size / num_generations groups)"})
-    eval_every: int = field(default=10, metadata={
-        "help": "steps between exact evaluations (history rows); the first and last steps are always evaluated"})
-    threshold: Optional[float] = field(default=None, metadata={
-        "help": "τ of binary feedback, in [0, 1]; null: the median reward under the initial policy"})
+    method: MethodConfig = setting(help="the method and its settings (a MethodConfig; in the flat form its fields sit beside these, its name as method)", factory=MethodConfig)
+    feedback: str = setting("continuous", "feedback channel, noise added to the reward before quantisation: binary 1[R+ε > threshold], ordinal 1–5 stars, continuous R+ε, critique R+ε and per-token hints, demo R+ε and the best other sibling", choices=CHANNELS)
+    teacher: str = setting("bayes", "retrospection model (what the self-teacher may see): bayes (posterior from feedback and self-knowledge), demo (needs feedback=demo), oracle (the exact A*, an upper bound), null (another rollout's feedback, a control) or seed-paper (the quality table, flawed on purpose)", choices=TEACHERS)
+    noise: float = setting(0.0, "σ of the Gaussian noise on the reward before quantisation, in [0, 1000] (rewards lie in [0, 1])")
+    hint_noise: float = setting(0.0, "σ_h of the noise on critique's per-token hints, in [0, 1000]")
+    rho: float = setting(0.5, "self-knowledge fidelity ρ in [0, 1]: the correlation of the teacher's introspective reading with the true token contributions (0: none, the teacher knows only what the feedback says)")
+    beta: float = setting(1.0, "teacher sharpness β in (0, 1000]: teacher logits are ℓ + β·Â, Â in units of the credit scale s (β = 1 moves a logit by one nat for a typical credit)")
+    lr: Optional[float] = setting(None, "learning rate in (0, 1000]; null: DEFAULT_LR of the method (reinforce 0.1, grpo/sdpo/hybrid 0.3, tuned for Adam)")
+    optimizer: str = setting("adam", "optimizer of the tabular logits", choices=OPTIMIZERS)
+    steps: int = setting(300, "training steps (updates), ≥ 1")
+    seeds: int = setting(8, "independent training runs, trained at once as one batch of tensors, ≥ 1")
+    seed_start: int = setting(0, "seed of the first run; the runs use seeds seed_start … seed_start + seeds − 1")
+    task_seed: int = setting(0, "seed of the task (its reward table), ≥ 0; every run trains on the same task")
+    vocab_size: int = setting(8, "vocabulary size V ≥ 2; all V**seq_len sequences are enumerated, at most 2**21")
+    seq_len: int = setting(6, "sequence length T ≥ 2 (V**T ≤ 2**21)")
+    policy: str = setting("markov", "tabular policy: markov (logits θ[t, previous token, v], can express coherence) or factored (θ[t, v], one table per position)", choices=POLICIES)
+    batch_size: int = setting(32, "completions sampled per step and run, a multiple of num_generations (batch_size / num_generations groups)")
+    eval_every: int = setting(10, "steps between exact evaluations (history rows); the first and last steps are always evaluated")
+    threshold: Optional[float] = setting(None, "τ of binary feedback, in [0, 1]; null: the median reward under the initial policy")
 
     def __post_init__(self) -> None:
         if isinstance(self.method, Mapping):

@@ -27,7 +27,14 @@ def test_docstrings_comments_and_the_cli_do_not_change_the_hash_but_code_and_spe
     text = teachers.read_text()
     teachers.write_text(text.replace('"""Self-teachers of the toy world', '"""Self-teachers (reworded) of the toy world', 1) + "\n# a comment\n")
     (pkg / "commands" / "run.py").write_text((pkg / "commands" / "run.py").read_text() + "\nUNUSED = 1\n")
+    train = pkg / "train.py"
+    train_text = train.read_text()
+    assert 'rho: float = setting(0.5, "' in train_text
+    train.write_text(train_text.replace('rho: float = setting(0.5, "', 'rho: float = setting(0.5, "(reworded help) ', 1))
     assert code_hash(pkg) == before
+    train.write_text(train_text.replace('rho: float = setting(0.5, "', 'rho: float = setting(0.25, "', 1))
+    assert code_hash(pkg) != before  # a default is code
+    train.write_text(train_text)
     teachers.write_text(text.replace("LINK_SD = 0.5", "LINK_SD = 0.25", 1))
     changed = code_hash(pkg)
     assert changed != before

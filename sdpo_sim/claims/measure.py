@@ -29,13 +29,10 @@ from .formatting import fmt
 HOLDS, CONDITIONAL, FAILS, MISSING = "holds", "holds only under stated conditions", "does not hold", "not measured"
 FEEDBACK_ORDER = ("binary", "ordinal", "continuous", "critique")
 
-# how a claim's value is shown (sdpo_sim.claims.report writes each so)
-VALUE_FORMATS = {
-    "number": "a plain value, three decimals: 0.734",
-    "signed": "a difference: its sign shown in the summary table (+0.150), not in the details table (0.150)",
-    "percent": "a fraction as a percentage: 15.0%",
-    "step": "a training step: 'step 20' (20 in the details table), 'never' when not reached",
-}
+# How a claim's value is shown (sdpo_sim.claims.report writes each so): number 0.734; signed, a difference whose sign
+# shows in the summary table (+0.150) but not in the details table (0.150); percent 15.0%; step, a training step
+# ('step 20', 20 in the details table, 'never' when not reached).
+VALUE_FORMATS = ("number", "signed", "percent", "step")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Settings dataclasses as the single source of their help: command-line flags, ``--set KEY=VALUE`` and docs tables.
 
 Every field of a settings dataclass (``MethodConfig``, ``RunConfig``, the recipe sections) carries its help text in
-``field(..., metadata={"help": ..., "choices": ...})``. From that one place:
+its metadata, declared with :func:`setting` (``alpha: float = setting(1.0, "divergence index ...")``, which is
+``field(default=1.0, metadata={"help": ..., "choices": ...})``). From that one place:
 
 - :func:`add_field_flags` declares one flag per field (``task_seed`` → ``--task-seed``; with ``prefix="training"``,
   ``max_new_tokens`` → ``--training.max-new-tokens``), with its help line, allowed values and default;
@@ -40,6 +41,16 @@ YamlLoader.add_implicit_resolver(
 def load_yaml(text: str) -> Any:
     """``text`` parsed by :class:`YamlLoader` (safe: no Python tags)."""
     return yaml.load(text, Loader=YamlLoader)  # noqa: S506 — a SafeLoader subclass
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, choices: Optional[Sequence] = None,
+            factory: Optional[Callable[[], Any]] = None) -> Any:
+    """A settings field with its help (and allowed values): ``field(default=..., metadata={"help": ..., "choices": ...})``.
+    ``factory`` instead of ``default`` for mutable defaults (lists, nested configs)."""
+    metadata = {HELP: help, **({CHOICES: tuple(choices)} if choices is not None else {})}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 # ----- reading a dataclass's fields -----

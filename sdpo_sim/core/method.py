@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import torch
 import yaml
 
+from .config_fields import setting
 from .io import atomic_write_text
 from .losses import (
     CONTROLLERS,
@@ -59,54 +60,27 @@ TEMPERATURE_RANGE = (1e-3, 1e3)
 class MethodConfig:
     """A method's settings (docs/design.md §5). Construct with :meth:`from_dict` from plain mappings."""
 
-    name: str = field(default="sdpo", metadata={
-        "help": "the method: reinforce (batch-mean baseline), grpo (group-normalised advantages), sdpo (self-distillation "
-                "from the feedback-conditioned teacher) or hybrid (alpha_mix·SDPO + (1 − alpha_mix)·REINFORCE)",
-        "choices": METHODS})
+    name: str = setting("sdpo", "the method: reinforce (batch-mean baseline), grpo (group-normalised advantages), sdpo (self-distillation from the feedback-conditioned teacher) or hybrid (alpha_mix·SDPO + (1 − alpha_mix)·REINFORCE)", choices=METHODS)
     # -- distillation (sdpo, hybrid) --
-    alpha: float = field(default=1.0, metadata={
-        "help": "divergence index in [0, 1] between student and teacher: 0 forward KL, 1 reverse KL, between a generalised JSD"})
-    support: str = field(default="full", metadata={
-        "help": "tokens the divergence runs over: full vocabulary, the student's topk (with add_tail) or the sampled token "
-                "only (needs alpha=1)", "choices": SUPPORTS})
-    topk: Optional[int] = field(default=None, metadata={
-        "help": "K for support=topk, at most the vocabulary size (official SDPO: 100); null otherwise"})
-    add_tail: bool = field(default=True, metadata={
-        "help": "with support=topk, keep the leftover probability mass as one tail bucket (else renormalise the top K)"})
-    is_clip: float = field(default=2.0, metadata={
-        "help": "cap c in (0, 1000] of the importance weight min(exp(logp − old_logp), c) when rollouts are reused "
-                "(LLM updates_per_batch > 1; toy-world updates are on-policy)"})
-    teacher_kind: str = field(default="ema", metadata={
-        "help": "teacher weights: live (the student itself), ema (an exponential moving average of it), frozen (the "
-                "initial weights) or trust_region (logits (1 − rate)·initial + rate·student)", "choices": TEACHER_KINDS})
-    teacher_rate: float = field(default=0.05, metadata={
-        "help": "in [0, 1]: the EMA rate r of θ_T ← (1 − r)·θ_T + r·θ (ema) or the mixing rate toward the student (trust_region)"})
+    alpha: float = setting(1.0, "divergence index in [0, 1] between student and teacher: 0 forward KL, 1 reverse KL, between a generalised JSD")
+    support: str = setting("full", "tokens the divergence runs over: full vocabulary, the student's topk (with add_tail) or the sampled token only (needs alpha=1)", choices=SUPPORTS)
+    topk: Optional[int] = setting(None, "K for support=topk, at most the vocabulary size (official SDPO: 100); null otherwise")
+    add_tail: bool = setting(True, "with support=topk, keep the leftover probability mass as one tail bucket (else renormalise the top K)")
+    is_clip: float = setting(2.0, "cap c in (0, 1000] of the importance weight min(exp(logp − old_logp), c) when rollouts are reused (LLM updates_per_batch > 1; toy-world updates are on-policy)")
+    teacher_kind: str = setting("ema", "teacher weights: live (the student itself), ema (an exponential moving average of it), frozen (the initial weights) or trust_region (logits (1 − rate)·initial + rate·student)", choices=TEACHER_KINDS)
+    teacher_rate: float = setting(0.05, "in [0, 1]: the EMA rate r of θ_T ← (1 − r)·θ_T + r·θ (ema) or the mixing rate toward the student (trust_region)")
     # -- hybrid --
-    controller: str = field(default="constant", metadata={
-        "help": "hybrid's rule for alpha_mix: constant, divergence (sigmoid((D − τ)/(τ/3)) of the batch-mean divergence D) "
-                "or entropy (alpha_mix += gain·(H − H*), clipped to [0, 1])", "choices": CONTROLLERS})
-    alpha_mix: float = field(default=0.5, metadata={
-        "help": "hybrid's weight in [0, 1] of the SDPO term: the constant value, or the entropy controller's starting value"})
-    divergence_tau: float = field(default=0.1, metadata={
-        "help": "threshold τ of the divergence controller, nats per token, in [1e-6, 1000]"})
-    entropy_target: Optional[float] = field(default=None, metadata={
-        "help": "target per-token entropy H* (nats) of the entropy controller, at most ln(vocabulary size); needed for "
-                "controller=entropy, null otherwise"})
-    entropy_gain: float = field(default=0.5, metadata={
-        "help": "step of the entropy controller per nat of entropy error, in [0, 1000]"})
+    controller: str = setting("constant", "hybrid's rule for alpha_mix: constant, divergence (sigmoid((D − τ)/(τ/3)) of the batch-mean divergence D) or entropy (alpha_mix += gain·(H − H*), clipped to [0, 1])", choices=CONTROLLERS)
+    alpha_mix: float = setting(0.5, "hybrid's weight in [0, 1] of the SDPO term: the constant value, or the entropy controller's starting value")
+    divergence_tau: float = setting(0.1, "threshold τ of the divergence controller, nats per token, in [1e-6, 1000]")
+    entropy_target: Optional[float] = setting(None, "target per-token entropy H* (nats) of the entropy controller, at most ln(vocabulary size); needed for controller=entropy, null otherwise")
+    entropy_gain: float = setting(0.5, "step of the entropy controller per nat of entropy error, in [0, 1000]")
     # -- policy gradient (reinforce, grpo, hybrid) --
-    num_generations: int = field(default=8, metadata={
-        "help": "group size: completions sampled per prompt (≥ 2 for grpo, sdpo and hybrid, whose groups need siblings)"})
-    scale_rewards: str = field(default="group", metadata={
-        "help": "grpo's advantage scale: the group's reward std, the batch's, or none (centred rewards, Dr. GRPO)",
-        "choices": SCALES})
-    loss_type: str = field(default="token_mean", metadata={
-        "help": "how token losses are averaged: token_mean (over all tokens of the batch), sequence_mean (each completion's "
-                "token mean, then over completions) or dr_grpo (the sum over tokens divided by completions × the maximum completion length)", "choices": LOSS_TYPES})
-    epsilon: float = field(default=0.2, metadata={
-        "help": "PPO ratio clip [1 − ε, 1 + ε], in [0, 1000], when rollouts are reused (LLM updates_per_batch > 1)"})
-    temperature: float = field(default=1.0, metadata={
-        "help": "sampling temperature, in [0.001, 1000]; the losses divide the logits by it too (as TRL does)"})
+    num_generations: int = setting(8, "group size: completions sampled per prompt (≥ 2 for grpo, sdpo and hybrid, whose groups need siblings)")
+    scale_rewards: str = setting("group", "grpo's advantage scale: the group's reward std, the batch's, or none (centred rewards, Dr. GRPO)", choices=SCALES)
+    loss_type: str = setting("token_mean", "how token losses are averaged: token_mean (over all tokens of the batch), sequence_mean (each completion's token mean, then over completions) or dr_grpo (the sum over tokens divided by completions × the maximum completion length)", choices=LOSS_TYPES)
+    epsilon: float = setting(0.2, "PPO ratio clip [1 − ε, 1 + ε], in [0, 1000], when rollouts are reused (LLM updates_per_batch > 1)")
+    temperature: float = setting(1.0, "sampling temperature, in [0.001, 1000]; the losses divide the logits by it too (as TRL does)")
 
     def __post_init__(self) -> None:
         self.validate()
