@@ -81,7 +81,7 @@ class RunConfig:
 
     method: MethodConfig = setting(help="the method and its settings (a MethodConfig; in the flat form its fields sit beside these, its name as method)", factory=MethodConfig)
     feedback: str = setting("continuous", "feedback channel, noise added to the reward before quantisation: binary 1[R+ε > threshold], ordinal 1–5 stars, continuous R+ε, critique R+ε and per-token hints, demo R+ε and the best other sibling", choices=CHANNELS)
-    teacher: str = setting("bayes", "retrospection model (what the self-teacher may see): bayes (posterior from feedback and self-knowledge), demo (needs feedback=demo), oracle (the exact A*, an upper bound), null (another rollout's feedback, a control) or seed-paper (the quality table, flawed on purpose)", choices=TEACHERS)
+    teacher: str = setting("bayes", "retrospection model (what the self-teacher may see): bayes (posterior from feedback and self-knowledge), demo (needs feedback=demo), oracle (the exact A*, an upper bound), null (another rollout's feedback, a control; needs rho=0) or seed-paper (the quality table, flawed on purpose)", choices=TEACHERS)
     noise: float = setting(0.0, "σ of the Gaussian noise on the reward before quantisation, in [0, 1000] (rewards lie in [0, 1])")
     hint_noise: float = setting(0.0, "σ_h of the noise on critique's per-token hints, in [0, 1000]")
     rho: float = setting(0.5, "self-knowledge fidelity ρ in [0, 1]: the correlation of the teacher's introspective reading with the true token contributions (0: none, the teacher knows only what the feedback says)")
@@ -135,6 +135,9 @@ class RunConfig:
         if self.method.entropy_target is not None and self.method.entropy_target > math.log(self.vocab_size):
             fail(_OWNER, "entropy_target", self.method.entropy_target,
                  f"must be ≤ ln(vocab_size) = {math.log(self.vocab_size):.3f} nats (the largest per-token entropy)")
+        if self.teacher == "null" and self.rho != 0:  # the control must know nothing of its own attempt
+            fail(_OWNER, "rho", self.rho, "must be 0 with teacher='null': its feedback comes from another rollout, but a self-reading "
+                 "(rho > 0) would still see its own attempt's token contributions, so it would not be a control")
         if self.teacher == "demo" and self.feedback != "demo":
             fail(_OWNER, "teacher", self.teacher, f"needs feedback='demo' (a sibling demonstration), got feedback={self.feedback!r}")
         if self.method.name in ("sdpo", "hybrid") and self.method.num_generations < 2:

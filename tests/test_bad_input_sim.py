@@ -68,6 +68,7 @@ ROWS = [
     ([*RUN, "--noise", "1e308"], 2, "RunConfig.noise=1e+308 must be a number in [0, 1000]", {}),
     ([*RUN, "--noise", "-1"], 2, "RunConfig.noise=-1.0 must be a number in [0, 1000]", {}),
     ([*RUN, "--noise", "nan"], 2, "RunConfig.noise=nan must be a number", {}),
+    ([*RUN, "--teacher", "null", "--rho", "0.3"], 2, "RunConfig.rho=0.3 must be 0 with teacher='null'", {}),
     ([*RUN, "--hint-noise", "1e308"], 2, "RunConfig.hint_noise=1e+308 must be a number in [0, 1000]", {}),
     ([*RUN, "--lr", "1e30"], 2, "RunConfig.lr=1e+30 must be a number in (0, 1000]", {}),
     ([*RUN, "--lr", "0"], 2, "RunConfig.lr=0.0 must be a number in (0, 1000]", {}),

@@ -24,7 +24,7 @@ def small(**kw) -> RunConfig:
         dict(method="grpo", feedback="binary"),
         dict(method="sdpo", support="full", teacher_kind="live", feedback="ordinal"),
         dict(method="sdpo", support="topk", topk=2, alpha=0.5, teacher_kind="ema", feedback="critique", hint_noise=0.1),
-        dict(method="sdpo", support="sampled", teacher_kind="frozen", teacher="null"),
+        dict(method="sdpo", support="sampled", teacher_kind="frozen", teacher="null", rho=0.0),
         dict(method="sdpo", teacher_kind="trust_region", teacher="seed-paper"),
         dict(method="sdpo", feedback="demo", teacher="demo", alpha=0.0),
         dict(method="sdpo", teacher="oracle", policy="factored", optimizer="sgd", lr=0.5),
@@ -57,7 +57,7 @@ def test_every_method_runs_and_logs_every_metric(kw):
 
 
 def test_same_seed_bit_identical_and_different_seeds_differ():
-    cfg = small(method="hybrid", controller="divergence", feedback="critique", noise=0.05, hint_noise=0.05, teacher="null")
+    cfg = small(method="hybrid", controller="divergence", feedback="critique", noise=0.05, hint_noise=0.05, teacher="null", rho=0.0)
     a, b = run(cfg).history, run(cfg).history
     assert a.equals(b)
     c = run(cfg.replace(seed_start=2)).history
@@ -141,6 +141,7 @@ def test_config_round_trip_and_nested_method():
         ({"beta": -1.0}, "beta"),
         ({"batch_size": 12}, "multiple of num_generations"),
         ({"teacher": "demo"}, "feedback='demo'"),
+        ({"teacher": "null"}, r"RunConfig.rho=0.5 must be 0 with teacher=.null.: .* would not be a control"),
         ({"vocab_size": 16, "seq_len": 8}, "MAX_SEQUENCES"),
         ({"colour": "red"}, "unknown RunConfig field.*'colour'"),
     ],
