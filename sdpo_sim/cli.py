@@ -28,7 +28,7 @@ COMMANDS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="sdpo-sim", description="sdpo-lab toy world: exact SDPO vs REINFORCE/GRPO experiments.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, help="what to do (each has its own --help)")
     for module in COMMANDS.values():
         importlib.import_module(module).add_parser(sub)
     return parser
