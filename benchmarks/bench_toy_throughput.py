@@ -1,7 +1,10 @@
 """Toy-world throughput: 64 runs × 300 steps × 32 rollouts, markov policy, SDPO + bayes teacher, exact
 metrics every 10 steps, all runs vectorised in one ``run()`` — against a one-run-at-a-time loop of the
 same work in the same process. The loop is timed on ``--loop-runs`` runs (default 4) and extrapolated
-linearly to 64 (each run is independent, so its cost does not depend on the others).
+linearly (each run is independent, so its cost does not depend on the others).
+
+Second figure: a whole learning-rate tuning grid (6 learning rates × ``--grid-seeds`` seeds, default 32: 192 runs)
+trained as one tensor program by ``run_group`` against the same one-run loop; target ≥ 20× (issue 13).
 
     .venv/bin/python benchmarks/bench_toy_throughput.py            # writes benchmarks/results/toy_throughput.json
 """
@@ -14,7 +17,7 @@ import time
 import torch
 from _common import figure, load_average, write_results
 
-from sdpo_sim.train import RunConfig, run
+from sdpo_sim.train import RunConfig, run, run_group
 
 TARGET_S = 60.0
 
@@ -24,6 +27,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=64)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--loop-runs", type=int, default=4)
+    parser.add_argument("--grid-seeds", type=int, default=32, help="seeds per learning rate of the tuning grid (6 learning rates)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared; 2 threads were slower under load)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -41,6 +45,14 @@ def main() -> None:
     loop_s = (time.perf_counter() - t0) * args.runs / args.loop_runs
     loop_cpu = (time.process_time() - c0) * args.runs / args.loop_runs
 
+    lrs = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+    grid = [RunConfig.from_dict({**base, "seeds": args.grid_seeds, "lr": lr}) for lr in lrs]
+    t0 = time.perf_counter()
+    run_group(grid)
+    grid_s = time.perf_counter() - t0
+    grid_work = len(lrs) * args.grid_seeds * args.steps
+    loop_rate = args.runs * args.steps / loop_s  # the one-run loop, runs·steps per second
+
     work = args.runs * args.steps
     figures = [
         figure(f"wall time, {args.runs} runs × {args.steps} steps (vectorised)", round(vector_s, 2), TARGET_S, "s",
@@ -50,14 +62,17 @@ def main() -> None:
                "runs·steps/s", higher_is_better=True,
                note=f"loop timed on {args.loop_runs} runs and extrapolated to {args.runs}; CPU-time ratio "
                     f"{loop_cpu / vector_cpu:.2f}"),
+        figure(f"throughput: a tuning grid ({len(lrs)} learning rates × {args.grid_seeds} seeds) as one program vs the one-run loop",
+               round(grid_work / grid_s, 1), round(loop_rate, 1), "runs·steps/s", target_ratio=20.0, higher_is_better=True,
+               note=f"run_group: one Adam parameter group per learning rate; {grid_s:.1f} s for {len(lrs) * args.grid_seeds} runs"),
     ]
     for f in figures:
         print(f"{f['figure']}: {f['value']} {f['unit']} (baseline {f['baseline']}, ratio {f['ratio']:.2f})")
     write_results(
         "toy_throughput", "Toy world: vectorised runs vs one-run loop (SDPO + bayes, exact metrics every 10 steps)",
-        figures, settings={**base, "runs": args.runs, "loop_runs": args.loop_runs, "threads": args.threads},
+        figures, settings={**base, "runs": args.runs, "loop_runs": args.loop_runs, "threads": args.threads, "grid_seeds": args.grid_seeds},
         raw={"vectorised_s": vector_s, "vectorised_cpu_s": vector_cpu, "loop_s_extrapolated": loop_s,
-             "loop_cpu_s_extrapolated": loop_cpu, "load_average": load_average()}, wall_time_s=time.time() - start,
+             "loop_cpu_s_extrapolated": loop_cpu, "grid_s": grid_s, "load_average": load_average()}, wall_time_s=time.time() - start,
     )
 
 

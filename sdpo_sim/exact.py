@@ -108,19 +108,6 @@ def advantages(rewards: torch.Tensor, seq_logprobs: torch.Tensor, sequences: tor
     return action_values(rewards, seq_logprobs, sequences).gather(-1, sequences.unsqueeze(-1)).squeeze(-1)
 
 
-def advantage_mass(masses: list[torch.Tensor], values: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``P(y_<t, v)·(Q(y_<t, v) − Q(y_<t))`` for t = 0..T−1 as ``[..., V**t, V]`` tables.
-
-    Summed over the prefixes that share a softmax, this is the exact policy gradient
-    ``∂J/∂ℓ(v | ctx) = Σ_{y_<t ↦ ctx} P(y_<t)·π(v|y_<t)·A*(y_<t, v)`` of a tabular softmax policy.
-    """
-    out = []
-    for t in range(len(values) - 1):
-        shape = (*values[t].shape, -1)
-        out.append(masses[t + 1].view(shape) * (values[t + 1].view(shape) - values[t].unsqueeze(-1)))
-    return out
-
-
 def expected_reward(rewards: torch.Tensor, seq_logprobs: torch.Tensor) -> torch.Tensor:
     """``J = Σ_y π(y)·R(y)``, ``[...]``."""
     return (seq_logprobs.exp() * rewards.to(seq_logprobs.dtype)).sum(-1)
@@ -183,3 +170,74 @@ def credit_scale(rewards: torch.Tensor, seq_len: int) -> float:
     table = rewards.double().view(*(vocab,) * seq_len)
     var = sum(table.var(dim=t, unbiased=False).mean() for t in range(seq_len)) / seq_len
     return math.sqrt(float(var))
+
+
+# ----------------------------------------------------------------------------- chain policies (the tabular ones)
+def chain_tables(rewards: torch.Tensor, conditionals: torch.Tensor, markov: bool, *, full_masses: bool = True
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Prefix masses ``P(y_≤k)`` and values ``Q(y_≤k)`` for k = 0..T (``[runs, V**k]`` each), as :func:`prefix_tables`
+    gives them, for a policy whose next-token distribution depends only on the position and the previous token
+    (``full_masses=False``: masses for k = 0..T−1 only, all that :func:`chain_gradient` needs; it saves the largest table).
+
+    ``conditionals [runs, T, C, V]`` is ``π_t(v | c)`` with context ``c = y_{t−1}`` (``markov``, t ≥ 1; C = V) or
+    ``c = 0`` (position 0, or a factored policy; C = 1). Two passes, each ``≈ V**T·V/(V−1)`` products:
+
+    - backward: ``Q_T = R``, ``Q_k(p) = Σ_v π_k(v | ctx(p))·Q_{k+1}(p·v)``;
+    - forward: ``P_0 = 1``, ``P_{k+1}(p·v) = P_k(p)·π_k(v | ctx(p))``,
+
+    with ``ctx(p)`` the last token of prefix ``p`` (flat index ``p mod V``). No sequence log-probability is built or
+    exponentiated; a prefix of zero mass still gets its value under the policy.
+    """
+    runs, T, _, V = conditionals.shape
+    rewards = rewards.to(conditionals.dtype)
+    if rewards.shape[-1] != V**T:
+        raise ValueError(f"rewards has {rewards.shape[-1]} entries but V**T = {V**T} for the conditionals' V={V}, T={T}")
+
+    def step(table: torch.Tensor, k: int) -> torch.Tensor:  # [runs or 1, V**(k+1)] viewed with its last token split off
+        if markov and k >= 1:
+            return table.reshape(table.shape[0], -1, V, V), conditionals[:, k].unsqueeze(1)  # [., V**(k-1), c, v], [R, 1, c, v]
+        return table.reshape(table.shape[0], -1, V), conditionals[:, k, :1]  # [., V**k, v], [R, 1, v]
+
+    values = [rewards.unsqueeze(0)]
+    for k in range(T - 1, -1, -1):
+        q, pi = step(values[0], k)
+        values.insert(0, (q * pi).sum(-1).reshape(runs, -1))
+    values[-1] = values[-1].expand(runs, -1)
+    masses = [torch.ones(runs, 1, dtype=conditionals.dtype)]
+    for k in range(T if full_masses else T - 1):
+        last = masses[-1]
+        if markov and k >= 1:
+            nxt = last.view(runs, -1, V, 1) * conditionals[:, k].unsqueeze(1)  # [R, V**(k-1), c, v]
+        else:
+            nxt = last.view(runs, -1, 1) * conditionals[:, k, :1]  # [R, V**k, v]
+        masses.append(nxt.reshape(runs, -1))
+    return masses, values
+
+
+def chain_marginals(conditionals: torch.Tensor, markov: bool) -> torch.Tensor:
+    """``P(ctx_t = c)`` ``[runs, T, C]``: the distribution of each position's context (a ``C``-state Markov chain)."""
+    runs, T, C, V = conditionals.shape
+    out = [torch.zeros(runs, C, dtype=conditionals.dtype).index_fill_(1, torch.tensor([0]), 1.0)]
+    for t in range(T - 1):
+        out.append(torch.einsum("rc,rcv->rv", out[-1], conditionals[:, t]) if markov else out[-1])
+    return torch.stack(out, 1)
+
+
+def chain_gradient(masses: list[torch.Tensor], values: list[torch.Tensor], conditionals: torch.Tensor, markov: bool) -> torch.Tensor:
+    """Exact ``∂J/∂ℓ_t(v | c)`` ``[runs, T, C, V]`` of a chain policy with logits ``ℓ`` (softmax per position and context):
+
+    ``Σ_{y_<t with ctx c} P(y_<t)·π_t(v|c)·(Q(y_<t v) − Q(y_<t))`` = ``π_t(v|c)·(Σ_p P_t(p)·Q_{t+1}(p·v) − Σ_p P_t(p)·Q_t(p))``
+    summed over the prefixes ``p`` of context ``c``, from :func:`chain_tables` (masses for k ≤ T−1 suffice). Divide by the
+    temperature for ``∂J/∂θ``.
+    """
+    runs, T, C, V = conditionals.shape
+    grad = conditionals.new_zeros(runs, T, C, V)
+    for t in range(T):
+        if markov and t >= 1:
+            P = masses[t].view(runs, -1, V)  # [R, V**(t−1), c]
+            q_next, q_here = values[t + 1].view(runs, -1, V, V), values[t].view(runs, -1, V)
+            grad[:, t] = conditionals[:, t] * (torch.einsum("rac,racv->rcv", P, q_next) - (P * q_here).sum(1).unsqueeze(-1))
+        else:
+            P, q_next, q_here = masses[t].view(runs, -1), values[t + 1].view(runs, -1, V), values[t].view(runs, -1)
+            grad[:, t, 0] = conditionals[:, t, 0] * (torch.einsum("ra,rav->rv", P, q_next) - (P * q_here).sum(1, keepdim=True))
+    return grad

@@ -6,6 +6,8 @@ input gives NaN (the correlation is undefined), never a made-up number.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import exact
@@ -54,27 +56,49 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def exact_state(
     task: Task, policy: TabularPolicy, theta: torch.Tensor, theta_init: torch.Tensor, sequences: torch.Tensor,
-    *, chunk: int = 1,
+    *, chunk: int = 8,
 ) -> dict[str, torch.Tensor]:
-    """Exact quantities of the current policies, computed ``chunk`` runs at a time (float64), sharing
-    one pass of prefix tables.
+    """Exact quantities of the current policies (float64), ``chunk`` runs at a time, from the chain tables of
+    :func:`exact.chain_tables`. Computed on one thread: a multi-threaded reduction splits a row between threads
+    when there are fewer rows than threads, so its rounding would depend on how many runs share the tensor; on
+    one thread every run's row is reduced alone, bit for bit whatever the chunk (tested through ``run_group``).
 
-    Returns ``reward, entropy (per token), seq_entropy, kl_init`` as ``[runs]``, ``grad_J`` shaped
-    like ``theta`` and ``advantages`` ``[runs, B, T]`` (``A*`` of the given sampled sequences).
+    Returns ``reward, entropy (per token), seq_entropy, kl_init`` as ``[runs]``, ``grad_J`` shaped like ``theta``
+    and ``advantages`` ``[runs, B, T]`` (``A*`` of the given sampled sequences). With ``m_t(c) = P(ctx_t = c)``:
+    ``H(Y) = Σ_t Σ_c m_t(c)·H(π_t(·|c))`` and ``KL(π‖π_init) = Σ_t Σ_c m_t(c)·KL(π_t(·|c) ‖ π_init,t(·|c))``
+    (the chain rule; both checked against the enumeration in the tests).
     """
-    T = task.seq_len
+    with one_thread():
+        return _exact_state(task, policy, theta, theta_init, sequences, chunk)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one intra-op thread inside the block (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _exact_state(task: Task, policy: TabularPolicy, theta: torch.Tensor, theta_init: torch.Tensor, sequences: torch.Tensor,
+                 chunk: int) -> dict[str, torch.Tensor]:
+    T, markov = task.seq_len, policy.kind == "markov"
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("reward", "entropy", "seq_entropy", "kl_init", "grad_J", "advantages")}
     for lo in range(0, theta.shape[0], chunk):
-        logp = policy.seq_logprobs(theta[lo : lo + chunk].detach().double())
-        masses, values = exact.prefix_tables(task.rewards, logp, T)
-        p = masses[T]
-        h_seq = -(p * logp).nan_to_num(0.0).sum(-1)  # H(Y) = −Σ π log π
-        cross = (p * policy.seq_logprobs(theta_init[lo : lo + chunk].double())).nan_to_num(0.0).sum(-1)
+        cond = policy.conditionals(theta[lo : lo + chunk].detach().double())  # [r, T, C, V]
+        log_cond = torch.log_softmax(theta[lo : lo + chunk].detach().double() / policy.temperature, -1)
+        log_init = torch.log_softmax(theta_init[lo : lo + chunk].double() / policy.temperature, -1)
+        masses, values = exact.chain_tables(task.rewards, cond, markov, full_masses=False)
+        m = exact.chain_marginals(cond, markov)  # [r, T, C]
+        h_seq = (m * -(cond * log_cond).sum(-1)).sum((1, 2))
         seqs = sequences[lo : lo + chunk]
         parts["reward"].append(values[0][..., 0])  # Q of the empty prefix = J
         parts["seq_entropy"].append(h_seq)
-        parts["entropy"].append(h_seq / T)  # chain rule: mean conditional entropy = H(Y)/T (tested)
-        parts["kl_init"].append(-h_seq - cross)  # KL(π‖π_init) = −H(π) − Σ π log π_init
-        parts["grad_J"].append(policy.gradient_from_advantage_mass(exact.advantage_mass(masses, values)))
+        parts["entropy"].append(h_seq / T)  # chain rule: mean conditional entropy = H(Y)/T
+        parts["kl_init"].append((m * (cond * (log_cond - log_init)).sum(-1)).sum((1, 2)))
+        parts["grad_J"].append(exact.chain_gradient(masses, values, cond, markov) / policy.temperature)
         parts["advantages"].append(exact.action_values_from_tables(values, seqs).gather(-1, seqs.unsqueeze(-1)).squeeze(-1))
     return {k: torch.cat(v) for k, v in parts.items()}

@@ -54,6 +54,10 @@ class TabularPolicy:
                 ctx = tok
         return torch.stack(tokens, dim=-1)
 
+    def conditionals(self, theta: torch.Tensor) -> torch.Tensor:
+        """``π_t(v | c) = softmax(θ[t, c] / temperature)`` ``[runs, T, C, V]``."""
+        return torch.softmax(theta / self.temperature, dim=-1)
+
     def seq_logprobs(self, theta: torch.Tensor) -> torch.Tensor:
         """Log-probability of every sequence (``itertools.product`` order), ``[runs, V**T]``.
 
@@ -70,19 +74,3 @@ class TabularPolicy:
                 step = table.unsqueeze(-1) + logpi[:, t, 0].unsqueeze(1)  # [runs, V**t, V]
             table = step.reshape(runs, -1)
         return table
-
-    def gradient_from_advantage_mass(self, tables: list[torch.Tensor]) -> torch.Tensor:
-        """Exact ``∇_θ J`` ``[runs, T, C, V]`` from :func:`sdpo_sim.exact.advantage_mass` tables ``[runs, V**t, V]``.
-
-        ``∂J/∂θ[t, c, v] = (1/temperature)·Σ_{y_<t with context c} P(y_<t, v)·A*(y_<t, v)`` (softmax policy gradient).
-        """
-        runs, V = tables[0].shape[0], self.vocab_size
-        grad = tables[0].new_zeros(runs, self.seq_len, self.num_contexts, V)
-        grad[:, 0, 0] = tables[0][:, 0]
-        for t in range(1, self.seq_len):
-            if self.kind == "markov":  # the last token of the prefix is its context
-                grad[:, t] = tables[t].view(runs, -1, V, V).sum(1)
-            else:
-                grad[:, t, 0] = tables[t].sum(1)
-        return grad / self.temperature
-

@@ -338,7 +338,8 @@ def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunR
         if m.distills:
             base = _teacher_network_logits(m, policy, logits, teacher_theta, theta_init, seqs)
             if cfg.teacher == "oracle":  # the only teacher given A*
-                a_star = exact.action_values(task.rewards, policy.seq_logprobs(theta.detach().double()), seqs)
+                tables = exact.chain_tables(task.rewards, policy.conditionals(theta.detach().double()), policy.kind == "markov")[1]
+                a_star = exact.action_values_from_tables(tables, seqs)
                 out = teacher(base, seqs, fb, knowledge, true_advantages=a_star)
             elif cfg.teacher == "null":  # control: the feedback of a different, random rollout of the batch
                 shift = 1 + (rng.uniform(seeds, rng.NULL_PICK, step, (B,)) * (B - 1)).long()

@@ -148,12 +148,38 @@ def test_exact_state_agrees_with_the_library_functions(kind):
     theta = torch.randn(3, T, pol.num_contexts, V, generator=torch.Generator().manual_seed(5))
     theta0 = torch.randn(3, T, pol.num_contexts, V, generator=torch.Generator().manual_seed(6))
     seqs = torch.randint(V, (3, 5, T), generator=torch.Generator().manual_seed(7))
-    got = exact_state(task, pol, theta, theta0, seqs, chunk=2)
+    got = exact_state(task, pol, theta, theta0, seqs)
     logp, logp0 = pol.seq_logprobs(theta.double()), pol.seq_logprobs(theta0.double())
-    assert torch.allclose(got["reward"], exact.expected_reward(task.rewards, logp))
-    assert torch.allclose(got["entropy"], exact.token_entropy(logp, V, T))
-    assert torch.allclose(got["seq_entropy"], exact.sequence_entropy(logp))
-    assert torch.allclose(got["kl_init"], exact.kl_divergence(logp, logp0))
-    assert torch.allclose(got["advantages"], exact.advantages(task.rewards, logp, seqs))
-    # the analytic policy gradient equals autograd through the enumeration
-    assert torch.allclose(got["grad_J"], exact.reward_gradient(task.rewards, theta.double(), pol.seq_logprobs), atol=1e-12)
+    # each quantity is a sum of ≤ N = V**T float64 terms; entropies and KL terms are ≤ T·max|log π| each, so N·eps
+    # scaled by the largest log-probability bounds the rounding of either order of summation
+    tol = V**T * torch.finfo(torch.float64).eps * max(1.0, float(-logp.min()), float(-logp0.min()))
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=tol)  # noqa: E731
+    close(got["reward"], exact.expected_reward(task.rewards, logp))
+    close(got["entropy"], exact.token_entropy(logp, V, T))
+    close(got["seq_entropy"], exact.sequence_entropy(logp))
+    close(got["kl_init"], exact.kl_divergence(logp, logp0))
+    close(got["advantages"], exact.advantages(task.rewards, logp, seqs))
+    close(got["grad_J"], exact.reward_gradient(task.rewards, theta.double(), pol.seq_logprobs))
+
+
+@pytest.mark.parametrize("kind", ["markov", "factored"])
+def test_chain_tables_are_the_enumerations_tables(kind):
+    """The two-pass chain recursion gives the enumeration's prefix masses and values. Tolerance: each entry is a sum or
+    product of at most N = V**T float64 terms of magnitude ≤ 1 (probabilities, rewards in [0, 1]), so both sides are
+    within N·eps of the exact value (a crude, safe bound on the rounding of either summation order)."""
+    task = Task(seed=2, vocab_size=V, seq_len=T)
+    pol = TabularPolicy(kind, vocab_size=V, seq_len=T, temperature=0.7)
+    theta = torch.randn(3, T, pol.num_contexts, V, generator=torch.Generator().manual_seed(1)).double() * 2
+    tol = V**T * torch.finfo(torch.float64).eps
+    masses, values = exact.chain_tables(task.rewards, pol.conditionals(theta), kind == "markov")
+    ref_masses, ref_values = exact.prefix_tables(task.rewards, pol.seq_logprobs(theta), T)
+    assert len(masses) == len(values) == T + 1
+    for k in range(T + 1):
+        assert masses[k].shape == values[k].shape == (3, V**k)
+        torch.testing.assert_close(masses[k], ref_masses[k], rtol=0, atol=tol)
+        torch.testing.assert_close(values[k], ref_values[k], rtol=0, atol=tol)
+    marg = exact.chain_marginals(pol.conditionals(theta), kind == "markov")
+    for t in range(1, T):  # the context of position t is y_{t-1}: its marginal from the enumeration's prefix masses
+        if kind == "markov":
+            torch.testing.assert_close(marg[:, t], ref_masses[t].view(3, -1, V).sum(1), rtol=0, atol=tol)
+    assert torch.all(marg[:, 0, 0] == 1)

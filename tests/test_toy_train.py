@@ -183,8 +183,8 @@ def test_a_run_in_a_group_gets_bit_for_bit_what_it_gets_alone(shared):
     bit, the history of the same configuration trained alone (runs never interact)."""
     base = dict(shared, steps=12, eval_every=4, batch_size=16, num_generations=4)
     cfgs = [RunConfig.from_dict({**base, **per}) for per in (
-        dict(lr=0.3, beta=1.0, rho=0.5, noise=0.0, hint_noise=0.0, seeds=2, seed_start=0),
-        dict(lr=0.1, beta=0.3, rho=0.3, noise=0.1, hint_noise=0.05, seeds=3, seed_start=5),
+        dict(lr=0.3, beta=1.0, rho=0.5, noise=0.0, hint_noise=0.0, seeds=5, seed_start=0),  # 12 runs: more than one exact chunk
+        dict(lr=0.1, beta=0.3, rho=0.3, noise=0.1, hint_noise=0.05, seeds=6, seed_start=5),
         dict(lr=1.0, beta=2.0, rho=0.75, noise=0.3, hint_noise=0.2, seeds=1, seed_start=0),  # same seed as the first: still its own run
     )]
     grouped = run_group(cfgs)
