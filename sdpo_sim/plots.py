@@ -5,12 +5,20 @@ or ``None`` when the sweep lacks the variation it shows (e.g. no rho grid → no
 that differ in a condition the figure does not show are held at that condition's most common value
 (lowest on ties): e.g. learning curves are drawn at the lowest noise level of the sweep.
 Figures along noise or rho keep only the task seeds present at every level, so every point averages
-the same tasks. Bands and error bars are 95% bootstrap CIs over (task seed, seed) units.
+the same tasks. Bands and error bars are 95% bootstrap CIs over (task seed, seed) units (seeded: a
+figure drawn twice from the same tables is the same).
+
+Three rules hold in every figure: each method (arm) has one colour (:data:`ARM_COLORS`) and each
+feedback type one colour (:data:`FEEDBACK_COLORS`), so a legend reads the same everywhere, and a
+figure coloured by feedback puts its methods in separate panels; noise σ and ρ are numeric axes
+(lines through the measured values, ticks at them, never a categorical axis that spaces 0.1 and 0.3
+like neighbours); every panel's y axis is labelled, the inner panels of a grid included.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -18,10 +26,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from .core.io import atomic_write, check_output_dir  # noqa: E402
+from .stats import performance_profile  # noqa: E402
 
 # conditions a figure either shows or holds fixed (arm = method, with the hybrid controller)
 FACTORS = ("arm", "feedback", "noise", "rho", "teacher", "beta", "hint_noise", "policy", "alpha", "support", "teacher_kind",
@@ -37,8 +47,17 @@ LABELS = {
     "noise": "feedback noise σ (reward units)",
     "alpha_mix": "alpha_mix (weight on SDPO)",
     "rho": "teacher self-knowledge ρ",
+    "tau": "τ (final exact reward)",
+    "profile": "fraction of runs with final J > τ",
 }
 CI = ("ci", 95)
+BOOT_SEED = 0  # seaborn's bootstrap of the CIs: fixed, so the same tables give the same figure
+# one colour per method in every figure (seaborn "colorblind"); "hybrid" is the arm when no controller column exists
+ARM_COLORS = {"reinforce": "#0173b2", "grpo": "#de8f05", "sdpo": "#029e73", "hybrid-constant": "#cc78bc",
+              "hybrid-divergence": "#d55e00", "hybrid-entropy": "#ca9161", "hybrid": "#949494"}
+# one colour per feedback type, in order of richness (seaborn "mako"); distinct from the method colours
+FEEDBACK_COLORS = {"binary": "#332345", "ordinal": "#40498e", "continuous": "#357ba3", "critique": "#38aaac", "demo": "#79d6ae"}
+SPARE_COLORS = ("#fbafe4", "#ece133", "#56b4e9", "#8c613c", "#dc143c", "#4b0082")  # names outside the fixed palettes
 
 
 def with_arm(frame: pd.DataFrame) -> pd.DataFrame:
@@ -80,8 +99,45 @@ def _varies(frame: pd.DataFrame, col: str) -> bool:
     return col in frame and frame[col].nunique() > 1
 
 
+def palette(values: Sequence, fixed: dict[str, str]) -> dict[str, str]:
+    """``{value: colour}`` from a fixed palette; a value outside it gets a spare colour chosen by its name's CRC-32,
+    so it too has the same colour in every figure whatever else the figure shows."""
+    return {v: fixed.get(str(v), SPARE_COLORS[zlib.crc32(str(v).encode()) % len(SPARE_COLORS)]) for v in dict.fromkeys(values)}
+
+
+def _arm_hue(frame: pd.DataFrame) -> dict:
+    """seaborn keywords colouring by method: ``hue="arm"``, its order and the fixed method palette."""
+    order = _order(frame["arm"], ARM_ORDER)
+    return {"hue": "arm", "hue_order": order, "palette": palette(order, ARM_COLORS)}
+
+
+def _feedback_hue(frame: pd.DataFrame) -> dict:
+    """seaborn keywords colouring by feedback type: ``hue="feedback"``, its order and the fixed feedback palette."""
+    order = _order(frame["feedback"], FEEDBACK_ORDER)
+    return {"hue": "feedback", "hue_order": order, "palette": palette(order, FEEDBACK_COLORS)}
+
+
+def _label_every_y(grid: sns.FacetGrid, labels: Union[str, Sequence[str]]) -> None:
+    """Put a label on the y axis of every panel (one for all, or one per panel in ``grid.axes.flat`` order), shown even
+    where seaborn hid it (the inner panels of a shared-y grid), and re-fit the layout so labels do not overlap panels."""
+    axes = list(grid.axes.flat)
+    labels = [labels] * len(axes) if isinstance(labels, str) else list(labels)
+    for ax, label in zip(axes, labels):
+        ax.set_ylabel(label)
+        ax.yaxis.label.set_visible(True)
+    grid.tight_layout()
+
+
+def _numeric_ticks(grid: sns.FacetGrid, values: Sequence[float]) -> None:
+    """x ticks at the measured values of a numeric condition (noise σ, ρ) on every panel."""
+    ticks = sorted(set(float(v) for v in values))
+    for ax in grid.axes.flat:
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+
+
 def _finish(grid, title: str, x: str, y: str) -> plt.Figure:
     grid.set_axis_labels(LABELS.get(x, x), LABELS.get(y, y))
+    _label_every_y(grid, LABELS.get(y, y))
     grid.figure.suptitle(title, y=1.02)
     return grid.figure
 
@@ -91,21 +147,28 @@ def fig_learning_curves(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[
     h = hold_fixed(with_arm(history), ["arm", "feedback"])
     if h.empty or "feedback" not in h:
         return None
-    g = sns.relplot(data=h, x="step", y="reward", hue="arm", hue_order=_order(h.arm, ARM_ORDER), col="feedback",
-                    col_order=_order(h.feedback, FEEDBACK_ORDER), kind="line", errorbar=CI, height=3, aspect=1.1, col_wrap=min(4, h.feedback.nunique()),
+    g = sns.relplot(data=h, x="step", y="reward", **_arm_hue(h), col="feedback", col_order=_order(h.feedback, FEEDBACK_ORDER),
+                    kind="line", errorbar=CI, seed=BOOT_SEED, height=3, aspect=1.1, col_wrap=min(4, h.feedback.nunique()),
                     facet_kws={"sharey": True})
     return _finish(g, f"Learning curves (noise σ={_fixed(h, 'noise')}, {len(h.groupby(['task_seed', 'seed']))} task×seed units)", "step", "reward")
 
 
 def fig_credit_correlation(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[plt.Figure]:
-    """Credit correlation with the exact advantage, by feedback type × noise, per method."""
+    """Credit correlation with the exact advantage, by feedback type × noise, per method.
+
+    With a noise grid: one panel per method, one line per feedback type along the numeric σ axis; without one,
+    feedback types on a categorical x axis (they are categories), one colour per method.
+    """
     s = common_tasks(hold_fixed(with_arm(seeds), ["arm", "feedback", "noise"]), "noise")
     if s.empty or not s["credit_corr"].notna().any():
         return None
-    g = sns.catplot(data=s, x="noise" if _varies(s, "noise") else "feedback", y="credit_corr", hue="feedback" if _varies(s, "noise") else "arm",
-                    col="arm" if _varies(s, "noise") else None, kind="point", errorbar=CI, dodge=0.3, height=3, aspect=1.1,
-                    hue_order=_order(s.feedback, FEEDBACK_ORDER) if _varies(s, "noise") else _order(s.arm, ARM_ORDER),
-                    col_order=_order(s.arm, ARM_ORDER) if _varies(s, "noise") else None)
+    if _varies(s, "noise"):
+        g = sns.relplot(data=s, x="noise", y="credit_corr", **_feedback_hue(s), col="arm", col_order=_order(s.arm, ARM_ORDER),
+                        kind="line", marker="o", err_style="bars", errorbar=CI, seed=BOOT_SEED, height=3, aspect=1.1)
+        _numeric_ticks(g, s["noise"])
+    else:
+        g = sns.catplot(data=s, x="feedback", y="credit_corr", order=_order(s.feedback, FEEDBACK_ORDER), **_arm_hue(s), kind="point",
+                        errorbar=CI, seed=BOOT_SEED, dodge=0.3, height=3, aspect=1.1)
     for ax in g.axes.flat:
         ax.axhline(0.70, color="grey", ls=":", lw=1)
         ax.axhline(0.0, color="black", lw=0.5)
@@ -118,9 +181,8 @@ def fig_entropy_reward(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[p
     if h.empty:
         return None
     traj = h.groupby(["feedback", "arm", "step"], as_index=False)[["reward", "entropy"]].mean()
-    g = sns.relplot(data=traj, x="reward", y="entropy", hue="arm", hue_order=_order(traj.arm, ARM_ORDER), col="feedback",
-                    col_order=_order(traj.feedback, FEEDBACK_ORDER), kind="line", sort=False, marker="o", markersize=3, height=3, aspect=1.1,
-                    col_wrap=min(4, traj.feedback.nunique()))
+    g = sns.relplot(data=traj, x="reward", y="entropy", **_arm_hue(traj), col="feedback", col_order=_order(traj.feedback, FEEDBACK_ORDER),
+                    kind="line", sort=False, marker="o", markersize=3, height=3, aspect=1.1, col_wrap=min(4, traj.feedback.nunique()))
     if "vocab_size" in h:
         for ax in g.axes.flat:
             ax.axhline(math.log(int(h["vocab_size"].iloc[0])), color="grey", ls=":", lw=1)
@@ -128,13 +190,14 @@ def fig_entropy_reward(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[p
 
 
 def fig_noise_robustness(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[plt.Figure]:
-    """Final reward vs feedback noise, per feedback type and method."""
+    """Final reward vs feedback noise (numeric σ axis, ticks at the measured levels), per feedback type and method."""
     s = common_tasks(hold_fixed(with_arm(seeds), ["arm", "feedback", "noise"]), "noise")
     if s.empty or not _varies(s, "noise"):
         return None
-    g = sns.catplot(data=s, x="noise", y="final_reward", hue="arm", hue_order=_order(s.arm, ARM_ORDER), col="feedback",
-                    col_order=_order(s.feedback, FEEDBACK_ORDER), kind="point", errorbar=CI, dodge=0.3, height=3, aspect=1.1,
+    g = sns.relplot(data=s, x="noise", y="final_reward", **_arm_hue(s), col="feedback", col_order=_order(s.feedback, FEEDBACK_ORDER),
+                    kind="line", marker="o", err_style="bars", errorbar=CI, seed=BOOT_SEED, height=3, aspect=1.1,
                     col_wrap=min(4, s.feedback.nunique()))
+    _numeric_ticks(g, s["noise"])
     return _finish(g, "Noise robustness: final reward vs feedback noise", "noise", "final_reward")
 
 
@@ -146,8 +209,8 @@ def fig_hybrid_alpha(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[plt
     h = hold_fixed(h[h["method"] == "hybrid"], ["arm", "feedback"])
     if h.empty or not h["alpha_mix"].notna().any():
         return None
-    g = sns.relplot(data=h, x="step", y="alpha_mix", hue="arm", hue_order=_order(h.arm, ARM_ORDER), col="feedback",
-                    col_order=_order(h.feedback, FEEDBACK_ORDER), kind="line", errorbar=CI, height=3, aspect=1.1,
+    g = sns.relplot(data=h, x="step", y="alpha_mix", **_arm_hue(h), col="feedback", col_order=_order(h.feedback, FEEDBACK_ORDER),
+                    kind="line", errorbar=CI, seed=BOOT_SEED, height=3, aspect=1.1,
                     col_wrap=min(4, h.feedback.nunique()))
     for ax in g.axes.flat:
         ax.set_ylim(-0.02, 1.02)
@@ -155,21 +218,59 @@ def fig_hybrid_alpha(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[plt
 
 
 def fig_rho_sensitivity(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[plt.Figure]:
-    """Final reward and credit correlation vs the teacher's self-knowledge rho, per feedback type."""
+    """Final reward and credit correlation vs the teacher's self-knowledge rho (numeric axis), per feedback type.
+
+    One method only (SDPO when the sweep has it, else the most common arm), so colouring by feedback mixes no methods.
+    """
     s = with_arm(seeds)
     if "arm" in s and (s["arm"] == "sdpo").any():
         s = s[s["arm"] == "sdpo"]  # the teacher's self-knowledge matters most where it is used alone
     s = common_tasks(hold_fixed(s, ["rho", "feedback"]), "rho")
     if s.empty or not _varies(s, "rho"):
         return None
-    long = s.melt(id_vars=["rho", "feedback"], value_vars=["final_reward", "credit_corr"], var_name="metric", value_name="value")
-    long["metric"] = long["metric"].map({"final_reward": LABELS["final_reward"], "credit_corr": LABELS["credit_corr"]})
-    g = sns.catplot(data=long, x="rho", y="value", hue="feedback", hue_order=_order(long.feedback, FEEDBACK_ORDER), col="metric",
-                    kind="point", errorbar=CI, dodge=0.3, height=3, aspect=1.2, sharey=False)
+    metrics = {"final_reward": LABELS["final_reward"], "credit_corr": LABELS["credit_corr"]}
+    long = s.melt(id_vars=["rho", "feedback"], value_vars=list(metrics), var_name="metric", value_name="value")
+    long["metric"] = long["metric"].map(metrics)
+    g = sns.relplot(data=long, x="rho", y="value", **_feedback_hue(long), col="metric", col_order=list(metrics.values()), kind="line",
+                    marker="o", err_style="bars", errorbar=CI, seed=BOOT_SEED, height=3, aspect=1.2, facet_kws={"sharey": False})
     g.set_titles("{col_name}")
     g.set_axis_labels(LABELS["rho"], "")
-    g.figure.suptitle(f"Sensitivity to the teacher's self-knowledge ρ ({s['arm'].iloc[0]})", y=1.02)
+    _numeric_ticks(g, s["rho"])
+    _label_every_y(g, list(metrics.values()))
+    g.figure.suptitle(f"Sensitivity to the teacher's self-knowledge ρ ({s['arm'].iloc[0] if 'arm' in s else 'all runs'})", y=1.02)
     return g.figure
+
+
+def fig_performance_profile(history: pd.DataFrame, seeds: pd.DataFrame) -> Optional[plt.Figure]:
+    """Performance profiles of block ``main`` (the whole sweep without a block column): per feedback type, one line per
+    method, ``P(τ) = (1/N) Σ_i [J_i > τ]`` over the method's N (task seed, seed) final rewards ``J_i``.
+
+    ``P`` is a step function falling at each run's final reward; it is drawn exactly (steps at every distinct final
+    reward, τ from just below the lowest to the highest). One method dominates another where its curve lies above.
+    """
+    s = with_arm(seeds)
+    where = "all runs"
+    if "block" in s and (s["block"] == "main").any():
+        s, where = s[s["block"] == "main"], "block main"
+    s = hold_fixed(s, ["arm", "feedback"])
+    if s.empty or "arm" not in s or "final_reward" not in s or not s["final_reward"].notna().any():
+        return None
+    values = np.sort(s["final_reward"].dropna().unique())
+    span = float(values[-1] - values[0]) or 1.0
+    taus = np.concatenate([[values[0] - 0.05 * span], values])
+    panels = ["feedback"] if "feedback" in s else []
+    rows = [pd.DataFrame({**dict(zip(panels + ["arm"], key if isinstance(key, tuple) else (key,))), "tau": taus,
+                          "profile": performance_profile(runs["final_reward"], taus)})
+            for key, runs in s.groupby(panels + ["arm"], sort=False)]
+    prof = pd.concat(rows, ignore_index=True)
+    g = sns.relplot(data=prof, x="tau", y="profile", **_arm_hue(prof), col=panels[0] if panels else None,
+                    col_order=_order(prof.feedback, FEEDBACK_ORDER) if panels else None, kind="line", drawstyle="steps-post",
+                    errorbar=None, height=3, aspect=1.1, col_wrap=min(4, prof.feedback.nunique()) if panels else None)
+    for ax in g.axes.flat:
+        ax.set_ylim(-0.02, 1.02)
+    n = s.groupby(panels + ["arm"]).size()
+    count = f"{n.min()}" if n.min() == n.max() else f"{n.min()}–{n.max()}"
+    return _finish(g, f"Performance profiles ({where}; {count} task×seed runs per method and feedback)", "tau", "profile")
 
 
 FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame], Optional[plt.Figure]]] = {
@@ -179,6 +280,7 @@ FIGURES: dict[str, Callable[[pd.DataFrame, pd.DataFrame], Optional[plt.Figure]]]
     "noise_robustness": fig_noise_robustness,
     "hybrid_alpha": fig_hybrid_alpha,
     "rho_sensitivity": fig_rho_sensitivity,
+    "performance_profile": fig_performance_profile,
 }
 
 
