@@ -13,7 +13,7 @@ from ..core.io import check_output_dir
 from ..plots import write_figures
 from ..provenance import code_hash
 from ..sweep import Interrupted, Spec, kept_runs, run_sweep
-from .measure import evaluate, replica, units
+from .measure import aggregates, evaluate, replica, units
 from .report import write_report
 
 SCALES = {"canonical": "claims.yaml", "main": "main.yaml", "quick": "quick.yaml"}
@@ -45,7 +45,8 @@ def run_claims(scale: str = "canonical", *, out: Path, report_dir: Optional[Path
         meta = {"command": command, "spec": spec_file.name if not spec else str(spec_file), "scale": scale, "runs": result.counts["total"], "failed": len(result.failed), "reused": result.counts["skipped"],
                 "workers": workers, "wall_time_s": round(wall, 1), "package_version": _first(result.summary, "package_version"),
                 "git_commit": _first(result.summary, "git_commit"), "code_hash": runs_code_hash(result.summary), "report_code_hash": code_hash(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "lr_rule": result.tuning["rule"] if result.tuning else "as given in the spec", "tuning": result.tuning}
+                "lr_rule": result.tuning["rule"] if result.tuning else "as given in the spec", "tuning": result.tuning,
+                "aggregates": aggregates(units(result.seeds))}
         md, js = write_report(claims, replica(units(result.seeds)), meta, Path(report_dir or out))
     except KeyboardInterrupt:  # the sweep itself is complete: every run is kept
         raise Interrupted(kept_runs(out)) from None

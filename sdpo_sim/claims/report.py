@@ -111,6 +111,17 @@ def render_markdown(claims: Sequence[Claim], rep: Sequence[dict], meta: dict) ->
         lines.append(f"| {r['block']} | {r['teacher']} | {r['feedback']} | {r['method']} | {r['policy']} | {r['optimizer']} | {r['lr']:g} | {r['rho']:g} | "
                      f"{fmt(r['final_reward'] if r['final_reward'] is not None else float('nan'))} | {fmt(r['credit_corr'] if r['credit_corr'] is not None else float('nan'))} | "
                      f"{fmt(r['entropy_drop'] if r['entropy_drop'] is not None else float('nan'), pct=True)} | {margin} |")
+    if meta.get("aggregates"):
+        lines += ["", "## Across tasks (block main)", "",
+                  "Aggregates in the conventions of rliable (Agarwal et al., 2021): the interquartile mean (IQM) over all (task, seed) "
+                  "runs, the spread of the per-task means, and P(SDPO > method): the probability that an SDPO run beats a run of "
+                  "that method on the same task (Mann–Whitney, averaged over tasks; 0.5 = no difference).", "",
+                  "| feedback | method | metric | tasks | runs | mean | IQM | per-task means (min – max) | P(SDPO > method) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in meta["aggregates"]:
+            poi = fmt(r["p_sdpo_better"]) if r["p_sdpo_better"] is not None else "—"
+            lines.append(f"| {r['feedback']} | {r['method']} | {r['metric']} | {r['n_tasks']} | {r['n']} | {fmt(r['mean'])} | {fmt(r['iqm'])} | "
+                         f"{fmt(r['task_min'])} – {fmt(r['task_max'])} | {poi} |")
     if meta.get("tuning"):
         lines += ["", "## Learning rates", "", f"Rule: {meta['tuning']['rule']}.", "",
                   "| " + " | ".join(meta["tuning"]["per"]) + " | lr |", "|" + "---|" * (len(meta["tuning"]["per"]) + 1)]
