@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -50,6 +51,12 @@ def test_quick_claims_write_a_row_per_claim_with_values_cis_and_verdicts(quick):
     assert {r["block"] for r in data["seed_paper_replica"]} >= {"seed_paper", "teachers", "main"}
     assert data["meta"]["git_commit"] and data["meta"]["package_version"]
     assert data["meta"]["code_hash"] == data["meta"]["report_code_hash"] == code_hash()  # every run and the report: this code
+    assert "## Across tasks (block main)" in md
+    rows = data["meta"]["aggregates"]
+    assert {r["method"] for r in rows} >= {"sdpo", "reinforce"} and all(r["n_tasks"] >= 1 for r in rows)
+    assert all((r["p_sdpo_better"] is None) == (r["method"] == "sdpo") for r in rows)
+    c2 = next(c for c in res["claims"] if c.id == "C2")
+    assert "feedback credit" in c2.metric and all("distillation signal" in x.note for x in c2.conditions)
 
 
 def test_claims_resume_without_rerunning(quick):
@@ -232,3 +239,16 @@ def test_separation_requires_staying_ahead(lead, expected):
             for m in ("sdpo", "reinforce") for seed in range(8) for step, d in lead.items()]
     cond = claim_separation(pd.DataFrame(rows)).conditions[0]
     assert (cond.value == expected) if expected is not None else np.isnan(cond.value)
+
+
+def test_the_committed_report_was_made_by_the_current_code():
+    """Fresh by construction: the committed CLAIMS.md/CLAIMS.json must come from the code that is here now (every run of
+    the sweep and the report itself), as ``sdpo_sim.provenance.code_hash`` sees it (docstrings, comments, help texts
+    and the command line do not count)."""
+    root = Path(__file__).resolve().parents[1]
+    meta = json.loads((root / "CLAIMS.json").read_text())["meta"]
+    now = code_hash()
+    assert meta.get("code_hash") == now and meta.get("report_code_hash") == now, (
+        f"CLAIMS.json was made by code {meta.get('code_hash')} (runs) / {meta.get('report_code_hash')} (report), the code here is "
+        f"{now}: regenerate it from the repository root with `sdpo-sim claims --out <a new directory> --report . --figures figures`")
+    assert f"code hash of the runs `{now}`" in (root / "CLAIMS.md").read_text()
