@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -169,6 +169,18 @@ def load_average() -> Optional[list[float]]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def finish(name: str, title: str, figures: list[dict], settings: dict, raw: Any, wall_time_s: float, results_dir: Path,
+           lines: Sequence[str] = ()) -> int:
+    """The end of a benchmark: write its results file, print ``lines`` (a per-variant table), the figures and the
+    path written; returns the exit code 0."""
+    path = write_results(name, title, figures, settings, raw, wall_time_s, results_dir=Path(results_dir))
+    for line in lines:
+        print(line)
+    print_figures(figures)
+    print(f"wrote {path}")
+    return 0
 
 
 def print_figures(figures: list[dict]) -> None:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, figure, load_average, parse_or_work, print_figures, spawn_worker, time_calls, write_results  # noqa: E402
+from _common import PeakRSS, figure, finish, load_average, parse_or_work, spawn_worker, time_calls  # noqa: E402
 
 VARIANTS = ("fused", "plain", "trl_full", "fused_topk", "trl_topk")
 NAME = "fused_loss"
@@ -212,14 +212,10 @@ def main(argv=None) -> int:
         if len(vals) > 1:
             settings[f"max_loss_disagreement[{'/'.join(group)}]"] = max(vals) - min(vals)
 
-    path = write_results(NAME, f"SDPO loss, forward+backward, N={args.n} V={args.v} H={args.h} fp32 CPU",
-                         figures, settings, raw, wall, results_dir=Path(args.out_dir))
-    print(f"{'variant':<12}{'peak MiB':>10}{'min s':>9}{'cpu s':>9}   loss")
-    for v, r in raw.items():
-        print(f"{v:<12}{r['peak_growth_mib']:>10.1f}{r['min_s']:>9.2f}{r['cpu_min_s']:>9.2f}   {r['loss']:.6f}")
-    print_figures(figures)
-    print(f"wrote {path}")
-    return 0
+    table = [f"{'variant':<12}{'peak MiB':>10}{'min s':>9}{'cpu s':>9}   loss"]
+    table += [f"{v:<12}{r['peak_growth_mib']:>10.1f}{r['min_s']:>9.2f}{r['cpu_min_s']:>9.2f}   {r['loss']:.6f}" for v, r in raw.items()]
+    return finish(NAME, f"SDPO loss, forward+backward, N={args.n} V={args.v} H={args.h} fp32 CPU", figures, settings, raw, wall,
+                  args.out_dir, table)
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # only the parent imports _common: it puts this checkout first on sys.path and imports its sdpo_sim, which a
     # worker for another tree must not do
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _common import figure, load_average, print_figures, write_results
+    from _common import figure, finish, load_average
 
     _check_tree(ROOT)
     workloads = [w for w in WORKLOADS if w in args.workloads]
@@ -244,14 +244,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                "training.learning_rate 1e-6, training.seed 0",
         "figure": "min over rounds (current) / min over rounds (base); one fresh process per measurement",
         "load_average_before": load_before, "load_average_after": load_average()}
-    path = write_results(NAME, f"Current tree vs base commit {base_commit[:7]}: toy runs and an LLM training step, "
-                         "fresh processes", figures, settings, raw, time.perf_counter() - t0,
-                         results_dir=Path(args.out_dir))
-    for key, row in raw.items():
-        print(f"{key:<24} min {row['min_s']:.4f} s  median {row['median_s']:.4f} s  spread {row['spread']:.3f}")
-    print_figures(figures)
-    print(f"wrote {path}")
-    return 0
+    table = [f"{key:<24} min {row['min_s']:.4f} s  median {row['median_s']:.4f} s  spread {row['spread']:.3f}" for key, row in raw.items()]
+    return finish(NAME, f"Current tree vs base commit {base_commit[:7]}: toy runs and an LLM training step, fresh processes",
+                  figures, settings, raw, time.perf_counter() - t0, args.out_dir, table)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .core.io import atomic_write, atomic_write_text, remove_stale_temporaries
+from .core.threads import one_thread
 from .provenance import code_hash, git_commit
 from .sweep_spec import Planned
 from .workers import WorkerPool, exit_if_stopping, sigint_ignored
@@ -120,22 +121,6 @@ def groups(pending: Sequence[Planned], run_fn: RunFn) -> list[list[Planned]]:
     return out
 
 
-@contextlib.contextmanager
-def _single_thread():
-    """Run torch on one thread inside the block, restoring the caller's setting after."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a sweep, raised once its workers are stopped: ``kept`` finished runs are on disk."""
 
@@ -199,7 +184,7 @@ def execute(
         if backend == "ray":
             _execute_ray(programs, runs_dir, run_fn, meta, record)
         elif backend == "serial" or workers == 1 or len(programs) <= 1:
-            with _single_thread():  # tabular runs are many tiny ops: extra threads only contend
+            with one_thread():  # tabular runs are many tiny ops: extra threads only contend
                 for group in programs:
                     for res in execute_group(run_fn, _items(group), str(runs_dir), meta):
                         record(res)

@@ -6,11 +6,10 @@ input gives NaN (the correlation is undefined), never a made-up number.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from . import exact
+from .core.threads import one_thread
 from .policies import TabularPolicy
 from .world import Task
 
@@ -70,17 +69,6 @@ def exact_state(
     """
     with one_thread():
         return _exact_state(task, policy, theta, theta_init, sequences, chunk)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """torch on one intra-op thread inside the block (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _exact_state(task: Task, policy: TabularPolicy, theta: torch.Tensor, theta_init: torch.Tensor, sequences: torch.Tensor,
