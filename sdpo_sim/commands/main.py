@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"  figures         {out / 'figures'}/  ({', '.join(sorted(res['figures']))})")
     print(f"  tables          {out}/history.parquet|csv (run × seed × step), summary.parquet|csv (run), seeds.parquet|csv (run × seed)")
     print(f"  learning rates  {out}/tuning.json")
-    print("  canonical numbers (10 seeds, 2 tasks, 300 steps): CLAIMS.md; how to read all this: docs/experiments.md")
+    print("  canonical numbers (10 seeds × 8 tasks, 300 steps): CLAIMS.md; how to read all this: docs/experiments.md")
     if res["sweep"].failed:
         print(res["sweep"].report())
         return 1
