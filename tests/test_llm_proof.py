@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from llm.proof import main, preset, run_proof, summarise, write_outputs  # noqa: E402
+from llm.proof import preset, run_proof, summarise, write_outputs  # noqa: E402
 
 
 def test_summarise_gain_and_standard_error():

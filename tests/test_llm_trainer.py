@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from llm.feedback import Judgement
 from llm.tasks import get_task
 from llm.teacher_weights import Teacher
 from llm.trainer import Batch, NonFiniteLossError, Trainer

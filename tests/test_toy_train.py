@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from sdpo_sim.cli import main as cli_main
 from sdpo_sim.train import DEFAULT_LR, HISTORY_COLUMNS, RunConfig, run, group_key, run_group
