@@ -146,6 +146,7 @@ class TrainingConfig:
     save_every: int = setting(0, "steps between checkpoints, ≥ 0 (0: only at the end)")
     log_every: int = setting(1, "steps between rows of metrics.jsonl, ≥ 1 (the last step is always logged)")
     heatmap_every: int = setting(0, "steps between per-token credit heat-maps, ≥ 0 (0: never)")
+    feedback_credit_every: int = setting(0, "steps between measurements of the feedback credit log p_T(y|context) − log p_T(y|prompt) (one more teacher forward; logged beside the distillation signal and the teacher lag), ≥ 0 (0: never)")
     max_prompt_length: int = setting(256, "student prompt tokens ≥ 1 (longer prompts lose their beginning)")
     max_consecutive_nonfinite: int = setting(3, "this many non-finite losses or gradients in a row (each skips its update) save a checkpoint and stop the run")
     updates_per_batch: int = setting(1, "optimiser steps per generated batch, ≥ 1 (> 1 reuses rollouts: method.is_clip and method.epsilon apply)")
@@ -174,7 +175,7 @@ class TrainingConfig:
             fail(o, "adam_betas", self.adam_betas, "must be a list of two numbers in [0, 1)")
         check_int(o, "seed", self.seed, 0)
         check_str(o, "output_dir", self.output_dir)
-        for name in ("save_every", "heatmap_every", "micro_batch_size"):
+        for name in ("save_every", "heatmap_every", "feedback_credit_every", "micro_batch_size"):
             check_int(o, name, getattr(self, name), 0)
         for name in ("log_every", "max_prompt_length", "max_consecutive_nonfinite", "updates_per_batch", "fused_min_vocab"):
             check_int(o, name, getattr(self, name), 1)

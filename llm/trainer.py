@@ -39,6 +39,7 @@ from sdpo_sim.core.losses import (
 
 from .batch import Batch, merge_stats, select_rows
 from .checkpoint import is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint
+from .credit import credit_metrics, feedback_credit
 from .generation import TransformersGenerator, VLLMGenerator, require_vllm
 from .judges import load_judge
 from .logging import MetricsLogger
@@ -65,6 +66,7 @@ class NonFiniteLossError(RuntimeError):
 
 class Trainer:
     """Runs a :class:`~llm.recipe.Recipe` under accelerate. ``Trainer(recipe).train()``."""
+    measure_credit = False  # this step measures the feedback credit (training.feedback_credit_every)
 
     def __init__(self, recipe: Recipe, *, accelerator=None, task=None, judge: Optional[Callable] = None):
         self.recipe = recipe.validate()
@@ -209,7 +211,10 @@ class Trainer:
             count = d_mask.sum() if m.loss_type == "token_mean" else d_mask.shape[0]
             terms_loss["sdpo"] = sd * self._share(float(count), counts["sdpo"])
             stats["divergence_sum"], stats["distilled_tokens"] = float((div * d_mask.cpu()).sum()), float(d_mask.sum())
-            stats["log_ratio"] = ratio
+            stats["log_ratio"], stats["signal_sum"] = ratio, float((ratio * d_mask.cpu()).sum())
+            if self.measure_credit:  # the same teacher weights without the context (llm/credit.py)
+                credit = feedback_credit(self, batch, rows, teacher_out, teacher_head, T) if rows.numel() else torch.zeros(0, T)
+                stats["feedback_credit_sum"] = float((credit * d_mask[rows].cpu()).sum())
         if self.method.uses_policy_gradient:
             pg_mask = comp_mask * batch.judged.unsqueeze(-1)
             pg_tok = policy_gradient_token_loss(logp, batch.advantages, batch.old_logp, epsilon=m.epsilon)
@@ -229,7 +234,8 @@ class Trainer:
     def step(self, step: int) -> dict:
         """One training step: rollouts, then ``updates_per_batch`` optimiser updates on them, each
         accumulating gradients over micro-batches of ``micro_batch_size`` completions."""
-        t0 = time.time()
+        t0, every = time.time(), self.training.feedback_credit_every
+        self.measure_credit = self.method.distills and every > 0 and step % every == 0
         batch, info = self.rollout(step)
         parts, counts = batch.split(self.training.micro_batch_size), self._counts(batch)
         adaptive = self.method.name == "hybrid" and self.method.controller != "constant" and len(parts) > 1
@@ -279,6 +285,7 @@ class Trainer:
             "demo_fraction": S(info["demos"]) / max(1.0, completions),
             "judge_failures": int(S(info["judge_failures"])),
             "grad_norm": grad_norm,
+            **credit_metrics(S, stats),
             "seconds": seconds,
         }
         out["_heatmap"] = (info, stats.get("log_ratio"))

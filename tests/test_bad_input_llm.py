@@ -46,6 +46,7 @@ ROWS = [
     (S("=5"), 2, "must look like section.field=value"),
     (S("optimiser.lr=1"), 2, "must be 'section.field' with section one of"),
     (S("training.steps=[1,"), 2, "the value is not valid YAML"),
+    (S("training.feedback_credit_every=-1"), 2, "recipe field training.feedback_credit_every=-1 must be an integer ≥ 0"),
     (S("training.steps=1", "training.steps=2"), 2, "training.steps is given twice by --set training.steps=...; give each field once"),
     (S("model.lora.rank=8"), 2, "unknown field(s) model.lora.rank"),
     (S("model.lora.r=0"), 2, "recipe field model.lora.r=0 must be an integer ≥ 1"),

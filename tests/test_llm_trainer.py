@@ -250,3 +250,37 @@ def test_teacher_kinds_bookkeeping():
     torch.testing.assert_close(terms[1][1], model(x))
     with pytest.raises(ValueError, match="teacher kind"):
         Teacher("oracle", 0.1, model)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_feedback_credit_is_the_distillation_signal_for_a_live_teacher(tiny_dir, tmp_path, fused):
+    """A live teacher has no lag, so the feedback credit (the teacher with its context vs the same weights without
+    it, an extra forward) must equal the distillation signal (teacher with context vs the student) to float32
+    accumulation: the two come from different forwards of the same weights on different row selections."""
+    recipe = tiny_recipe(tiny_dir, tmp_path, method__teacher_kind="live", training__feedback_credit_every=1,
+                         training__fused_loss=fused, training__steps=1)
+    trainer = Trainer(recipe)
+    row = trainer.step(0)
+    tol = metric_tolerance(trainer)
+    assert math.isfinite(row["feedback_credit"]) and math.isfinite(row["distillation_signal"])
+    assert abs(row["feedback_credit"] - row["distillation_signal"]) <= tol and abs(row["teacher_lag"]) <= tol, row
+
+
+def test_a_frozen_teacher_lags_and_the_lag_is_the_signal_minus_the_credit(tiny_dir, tmp_path):
+    recipe = tiny_recipe(tiny_dir, tmp_path, method__teacher_kind="frozen", training__feedback_credit_every=1,
+                         training__learning_rate=3e-2, training__steps=2)
+    trainer = Trainer(recipe)
+    first, second = trainer.step(0), trainer.step(1)
+    tol = metric_tolerance(trainer)
+    assert abs(first["teacher_lag"]) <= tol  # before any update the frozen teacher is the student
+    assert abs(second["teacher_lag"]) > 10 * tol, second  # after one: the distillation signal carries the lag
+    assert second["teacher_lag"] == pytest.approx(second["distillation_signal"] - second["feedback_credit"])
+
+
+def test_feedback_credit_is_measured_only_when_asked_and_only_for_distilling_methods(tiny_dir, tmp_path):
+    off = Trainer(tiny_recipe(tiny_dir, tmp_path / "off", training__steps=1, training__feedback_credit_every=0)).step(0)
+    assert math.isnan(off["feedback_credit"]) and math.isfinite(off["distillation_signal"])
+    every2 = Trainer(tiny_recipe(tiny_dir, tmp_path / "two", training__steps=2, training__feedback_credit_every=2))
+    assert math.isfinite(every2.step(0)["feedback_credit"]) and math.isnan(every2.step(1)["feedback_credit"])
+    grpo = Trainer(tiny_recipe(tiny_dir, tmp_path / "grpo", method__name="grpo", training__steps=1, training__feedback_credit_every=1)).step(0)
+    assert all(math.isnan(grpo[k]) for k in ("feedback_credit", "distillation_signal", "teacher_lag"))
