@@ -37,7 +37,7 @@ from .teachers import (
     SeedPaperTeacher,
     SelfKnowledge,
 )
-from .world import Task, check_size
+from .world import FAMILIES, Task, check_size, family_task
 
 OPTIMIZERS = ("adam", "sgd")
 # Adam learning rates used when ``lr`` is not given. Chosen on tuning seeds 1000–1007 of task seed 0
@@ -98,6 +98,7 @@ class RunConfig:
     batch_size: int = setting(32, "completions sampled per step and run, a multiple of num_generations (batch_size / num_generations groups)")
     eval_every: int = setting(10, "steps between exact evaluations (history rows); the first and last steps are always evaluated")
     threshold: Optional[float] = setting(None, "τ of binary feedback, in [0, 1]; null: the median reward under the initial policy")
+    family: str = setting("default", "task family (the reward's weights, sdpo_sim.world.FAMILIES): default, or motif (weak additive and bigram terms, a dominant non-additive motif: harder credit assignment)", choices=tuple(FAMILIES))
 
     def __post_init__(self) -> None:
         if isinstance(self.method, Mapping):
@@ -109,7 +110,7 @@ class RunConfig:
         self.validate()
 
     def validate(self) -> "RunConfig":
-        for name, allowed in (("feedback", CHANNELS), ("teacher", TEACHERS), ("optimizer", OPTIMIZERS), ("policy", POLICIES)):
+        for name, allowed in (("feedback", CHANNELS), ("teacher", TEACHERS), ("optimizer", OPTIMIZERS), ("policy", POLICIES), ("family", tuple(FAMILIES))):
             check_choice(_OWNER, name, getattr(self, name), allowed)
         for name in ("noise", "hint_noise"):
             check_number(_OWNER, name, getattr(self, name), 0, MAX_NOISE, why="rewards lie in [0, 1]")
@@ -302,7 +303,7 @@ def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunR
     def setting(name: str) -> torch.Tensor:  # [R]: each run's value of a per-run field
         return torch.cat([torch.full((c.seeds,), float(getattr(c, name)), dtype=torch.float64) for c in cfgs])
 
-    task = Task(cfg.task_seed, V, T)
+    task = family_task(cfg.task_seed, V, T, cfg.family)
     policy = TabularPolicy(cfg.policy, V, T, m.temperature)
     parts = [policy.init_params(c.seeds).requires_grad_(True) for c in cfgs]  # one leaf per configuration
     theta = _joined(parts)

@@ -15,6 +15,12 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_SEQUENCES = 2**21  # enumeration limit for V**T (V=8,T=7 fits; V=8,T=8 does not)
+# Task families: the reward's weights. ``motif`` (chosen before any result, issue 13's harder family) weakens the additive
+# per-position and bigram terms and doubles the non-additive motif, so a token's value depends more on the others.
+FAMILIES = {
+    "default": {"w_local": 1.0, "w_coh": 0.5, "w_motif": 1.0, "w_div": 0.5},
+    "motif": {"w_local": 0.25, "w_coh": 0.125, "w_motif": 2.0, "w_div": 0.5},
+}
 
 
 def check_size(vocab_size: int, seq_len: int) -> int:
@@ -104,3 +110,10 @@ class Task:
     def reward(self, seqs: torch.Tensor) -> torch.Tensor:
         """Exact reward in [0, 1] of sequences ``[..., T]`` (a gather from the table) → ``[...]``."""
         return self.rewards[sequence_index(seqs, self.vocab_size)]
+
+
+def family_task(seed: int, vocab_size: int, seq_len: int, family: str = "default") -> Task:
+    """The task of ``seed`` in a family of :data:`FAMILIES` (its reward weights)."""
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is not allowed; choose one of {', '.join(map(repr, FAMILIES))}")
+    return Task(seed, vocab_size, seq_len, **FAMILIES[family])

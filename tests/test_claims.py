@@ -23,7 +23,7 @@ from sdpo_sim.claims import (
     render_markdown,
     run_claims,
 )
-from sdpo_sim.claims.measure import claim_margin, claim_noise, claim_richness, claim_separation
+from sdpo_sim.claims.measure import claim_margin, claim_noise, claim_richness, claim_separation, robustness
 from sdpo_sim.claims.report import STYLES
 from sdpo_sim.provenance import code_hash
 
@@ -252,3 +252,28 @@ def test_the_committed_report_was_made_by_the_current_code():
         f"CLAIMS.json was made by code {meta.get('code_hash')} (runs) / {meta.get('report_code_hash')} (report), the code here is "
         f"{now}: regenerate it from the repository root with `sdpo-sim claims --out <a new directory> --report . --figures figures`")
     assert f"code hash of the runs `{now}`" in (root / "CLAIMS.md").read_text()
+
+
+def _with_alternative(seeds: pd.DataFrame, block: str, margin: float, arms=("sdpo",)) -> pd.DataFrame:
+    """``seeds`` plus a copy of block main's rows of ``arms`` as ``block``, SDPO's final reward moved to ``margin`` over REINFORCE."""
+    alt = seeds[(seeds.block == "main") & seeds.method.isin(arms)].copy()
+    rf = seeds[(seeds.block == "main") & (seeds.method == "reinforce")].set_index("seed")["final_reward"]
+    alt["final_reward"] = alt["seed"].map(rf) + margin
+    alt["block"], alt["run_id"] = block, alt["run_id"] + "-" + block
+    return pd.concat([seeds, alt], ignore_index=True)
+
+
+def test_robustness_names_the_alternative_that_flips_a_verdict():
+    # every column the claims read (only C1's values matter here)
+    seeds = _seeds(0.15).assign(entropy_drop=0.5, entropy=1.0, credit_corr=0.5, feedback_credit_corr=0.5, teacher_kind="ema")
+    claims = [claim_margin(seeds)]
+    robustness(claims, seeds, pd.DataFrame())
+    assert claims[0].verdict == HOLDS and claims[0].robustness == "not measured"  # no alternative was run
+    flipped = _with_alternative(seeds, "main_live", 0.0)  # with a live teacher SDPO's margin vanishes
+    claims = [claim_margin(flipped)]
+    robustness(claims, flipped, pd.DataFrame())
+    assert claims[0].verdict == HOLDS and claims[0].robustness == "fragile: does not hold with a live teacher"
+    stands = _with_alternative(seeds, "main_live", 0.15)
+    claims = [claim_margin(stands)]
+    robustness(claims, stands, pd.DataFrame())
+    assert claims[0].robustness == "robust (1 of 1)"

@@ -183,3 +183,14 @@ def test_chain_tables_are_the_enumerations_tables(kind):
         if kind == "markov":
             torch.testing.assert_close(marg[:, t], ref_masses[t].view(3, -1, V).sum(1), rtol=0, atol=tol)
     assert torch.all(marg[:, 0, 0] == 1)
+
+
+def test_task_families_keep_the_default_task_and_reweight_the_motif():
+    from sdpo_sim.world import FAMILIES, family_task
+
+    assert torch.equal(family_task(3, V, T).rewards, Task(3, V, T).rewards)  # the default family is the old task, bit for bit
+    motif = family_task(3, V, T, "motif")
+    assert FAMILIES["motif"]["w_motif"] > FAMILIES["default"]["w_motif"] and not torch.equal(motif.rewards, Task(3, V, T).rewards)
+    assert motif.rewards.min() == 0 and motif.rewards.max() == 1
+    with pytest.raises(ValueError, match="family='hard' is not allowed; choose one of 'default', 'motif'"):
+        family_task(3, V, T, "hard")

@@ -69,6 +69,7 @@ class Claim:
     value_format: str  # how the value is shown: a key of VALUE_FORMATS
     conditions: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    robustness: str = ""  # how the verdict fares under the alternative choices (robustness())
 
     def __post_init__(self) -> None:
         if self.value_format not in VALUE_FORMATS:
@@ -188,6 +189,7 @@ def claim_credit(seeds: pd.DataFrame, history: pd.DataFrame) -> Claim:
               "whole CI above 0.70", "blocks main (EMA teacher, rate 0.05) and live_teacher: noise 0, ρ=0.5, β=1, Bayes teacher",
               value_format="number")
     frame = pd.concat([_block(seeds, "main"), _block(seeds, "live_teacher")])
+    frame = frame.drop_duplicates(["run_id", "seed"]) if len(frame) else frame  # a run in both blocks counts once
     if len(frame) and "feedback_credit_corr" not in frame:
         c.notes.append("The runs predate the feedback-credit metric (no feedback_credit_corr column): rerun the sweep in a fresh directory.")
         return c
@@ -453,11 +455,59 @@ def aggregates(seeds: pd.DataFrame, metrics: Sequence[str] = ("final_reward", "a
     return rows
 
 
-def evaluate(tables: dict) -> list[Claim]:
-    """Every claim, from a claims-style sweep's tables (``seeds`` and ``history``)."""
-    seeds, history = units(tables["seeds"]), tables["history"]
-    if seeds.empty:
-        raise ValueError("the sweep has no finished runs; nothing to evaluate")
+def _claims(seeds: pd.DataFrame, history: pd.DataFrame) -> list[Claim]:
     return [claim_margin(seeds), claim_credit(seeds, history), claim_entropy(seeds, history), claim_richness(seeds, "final_reward", "C4a", "Alignment quality (final reward)"),
             claim_richness(seeds, "credit_corr", "C4b", "Credit correlation", ("main", "live_teacher")), claim_noise(seeds), claim_hybrid(seeds), claim_separation(history)]
 
+
+# Alternative choices a reviewer would accept, each a replacement of block main's runs by another block's
+# (label, block, arms replaced; None: every arm, and only block main is kept — the other blocks belong to the default choice).
+ALTERNATIVES = (
+    ("the harder task family (motif)", "main_motif", None),
+    ("a live teacher", "main_live", ("sdpo", "hybrid-divergence")),
+)
+
+
+def _substitute(frame: pd.DataFrame, block: str, arms) -> pd.DataFrame | None:
+    """``frame`` with block main's rows (of ``arms``) replaced by ``block``'s rows relabelled main; None without that block."""
+    if frame.empty or "block" not in frame or not (frame["block"] == block).any():
+        return None
+    frame = with_arm(frame)
+    alt = frame[frame["block"] == block].assign(block="main")
+    if arms is None:
+        return alt
+    keep = ~((frame["block"] == "main") & frame["arm"].isin(arms)) & (frame["block"] != block)
+    return pd.concat([frame[keep], alt[alt["arm"].isin(arms)]], ignore_index=True)
+
+
+def robustness(claims: Sequence[Claim], seeds: pd.DataFrame, history: pd.DataFrame) -> None:
+    """Set each claim's ``robustness``: its verdict recomputed under every alternative of :data:`ALTERNATIVES` the sweep
+    ran — "robust (k of k)" when it stands under all, else "fragile: <verdict> with <alternative>" for each that flips it;
+    alternatives that cannot measure a claim (its blocks belong to the default choice) are not counted."""
+    outcomes: dict[str, list[tuple[str, str]]] = {c.id: [] for c in claims}
+    for label, block, arms in ALTERNATIVES:
+        alt_seeds, alt_history = _substitute(seeds, block, arms), _substitute(history, block, arms)
+        if alt_seeds is None:
+            continue
+        for alt in _claims(alt_seeds, alt_history if alt_history is not None else history.iloc[0:0]):
+            if alt.id in outcomes and alt.verdict != MISSING:
+                outcomes[alt.id].append((label, alt.verdict))
+    for c in claims:
+        flips = [(label, v) for label, v in outcomes[c.id] if v != c.verdict]
+        if not outcomes[c.id] or c.verdict == MISSING:
+            c.robustness = "not measured"
+        elif not flips:
+            c.robustness = f"robust ({len(outcomes[c.id])} of {len(outcomes[c.id])})"
+        else:
+            c.robustness = "fragile: " + "; ".join(f"{v} with {label}" for label, v in flips)
+
+
+def evaluate(tables: dict) -> list[Claim]:
+    """Every claim, from a claims-style sweep's tables (``seeds`` and ``history``), with its robustness to the
+    alternatives of :data:`ALTERNATIVES` the sweep ran."""
+    seeds, history = units(tables["seeds"]), tables["history"]
+    if seeds.empty:
+        raise ValueError("the sweep has no finished runs; nothing to evaluate")
+    claims = _claims(seeds, history)
+    robustness(claims, seeds, history)
+    return claims

@@ -77,14 +77,17 @@ def render_markdown(claims: Sequence[Claim], rep: Sequence[dict], meta: dict) ->
         "tasks, so the CIs include the variance between tasks — paired where two arms are compared. Learning rates: " + meta.get("lr_rule", "as given") + ". "
         "Verdict rules are fixed in advance: a range claim passes a condition when its CI overlaps the range; a threshold or "
         "direction claim when the whole CI is on the claimed side; *holds* = every condition passes, *holds only under stated "
-        "conditions* = some do (listed in the details), *does not hold* = none. Methodology: docs/experiments.md.",
+        "conditions* = some do (listed in the details), *does not hold* = none. Robustness: the verdict recomputed with block "
+        "main's runs replaced by those of each alternative choice the sweep ran (the harder task family; a live teacher for the "
+        "distilling arms): *robust (k of k)* when it stands under all, *fragile* naming each alternative that flips it. "
+        "Methodology: docs/experiments.md.",
         "",
-        "| # | the study says | we measure | 95% CI | conditions | verdict |",
-        "|---|---|---|---|---|---|",
+        "| # | the study says | we measure | 95% CI | conditions | verdict | robustness |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in claims:
         vals, cis = _value_text(c)
-        lines.append(f"| {c.id} | {c.statement} | {vals} | {cis} | {c.setting} | **{c.verdict}** |")
+        lines.append(f"| {c.id} | {c.statement} | {vals} | {cis} | {c.setting} | **{c.verdict}** | {c.robustness or '—'} |")
     lines += ["", "## Details", ""]
     for c in claims:
         lines += [f"### {c.id}. {c.statement}", "", f"- measured: {c.metric}", f"- a condition passes when: {c.rule}", f"- setting: {c.setting}",
