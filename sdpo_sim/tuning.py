@@ -1,9 +1,10 @@
-"""Fair learning rates: per-method lr chosen on tuning seeds disjoint from the evaluation seeds.
+"""Fair learning rates (and teacher sharpness β): chosen per method and condition on tuning seeds disjoint from the evaluation seeds.
 
 A sweep spec's ``tuning`` block::
 
     tuning:
       lr: [0.03, 0.1, 0.3]     # candidates
+      beta: [0.5, 1.0, 2.0]    # optional: candidates of the self-teacher's β, for the methods that distill (sdpo, hybrid)
       seeds: 4                 # tuning seeds seed_start .. seed_start+seeds-1 ...
       seed_start: 1000         # ... must not overlap any evaluation run's seeds
       criterion: auc           # auc (mean exact reward over the step budget) | final (final exact reward)
@@ -13,8 +14,9 @@ A sweep spec's ``tuning`` block::
       steps: 100               # optional: a shorter budget for tuning
 
 A block whose own ``base`` fixes ``lr`` (e.g. a replica of a published setting) keeps it and is
-not tuned on. Rule (recorded in ``tuning.json``): for each group of ``per``, the candidate with the highest mean
-criterion over all tuning runs and seeds of that group; ties go to the smaller lr.
+not tuned on (nor is β there). Rule (recorded in ``tuning.json``): for each group of ``per``, the candidate (lr, and β
+for distilling methods) with the highest mean criterion over all tuning runs and seeds of that group; ties go to the
+smaller lr, then the smaller β. Methods that do not distill ignore β, so they are tuned over lr alone.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from .sweep_spec import expand, validate_points
 from .tables import collect, write_table
 
 CRITERIA = ("auc", "final")
-TUNING_KEYS = ("lr", "seeds", "seed_start", "criterion", "per", "where", "blocks", "steps")
+TUNING_KEYS = ("lr", "beta", "seeds", "seed_start", "criterion", "per", "where", "blocks", "steps")
+DISTILLING = ("sdpo", "hybrid")  # the methods whose loss reads the teacher, so β matters
 
 
 @dataclass
@@ -46,6 +49,7 @@ class TuningSpec:
     where: dict = field(default_factory=dict)
     blocks: Optional[list] = None
     steps: Optional[int] = None
+    beta: Optional[list] = None  # candidates of β for distilling methods (None: β is not tuned)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], known_fields: Sequence[str]) -> "TuningSpec":
@@ -75,12 +79,23 @@ class TuningSpec:
         steps = data.get("steps")
         if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
             raise ValueError(f"tuning.steps={steps!r} must be a positive integer")
-        return cls([float(x) for x in lr], data.get("seeds", 4), data.get("seed_start", 1000), criterion, list(per), dict(where), blocks, steps)
+        beta = data.get("beta")
+        if beta is not None and (not isinstance(beta, list) or not beta
+                                 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in beta)):
+            raise ValueError(f"tuning.beta must be a non-empty list of positive numbers, got {beta!r}")
+        if "beta" in per:
+            raise ValueError("tuning.per must not contain beta: beta is a tuned candidate (tuning.beta), not a condition")
+        if beta is not None and "method" not in per:
+            raise ValueError("tuning.beta needs method in tuning.per: only distilling methods are tuned over beta")
+        return cls([float(x) for x in lr], data.get("seeds", 4), data.get("seed_start", 1000), criterion, list(per), dict(where), blocks, steps,
+                   None if beta is None else [float(x) for x in beta])
 
     @property
     def rule(self) -> str:
         seeds = f"{self.seed_start}..{self.seed_start + self.seeds - 1}"
-        return f"lr in {self.lr} maximising mean {self.criterion} per {'×'.join(self.per)} on tuning seeds {seeds}" + (f" at {self.steps} steps" if self.steps else "")
+        beta = f" and, for {'/'.join(DISTILLING)}, β in {self.beta}" if self.beta else ""
+        return (f"lr in {self.lr}{beta} maximising mean {self.criterion} per {'×'.join(self.per)} on tuning seeds {seeds}"
+                + (f" at {self.steps} steps" if self.steps else ""))
 
     def selects(self, block: str, point: Mapping[str, Any]) -> bool:
         """Whether a grid point is one the tuning runs on."""
@@ -88,8 +103,12 @@ class TuningSpec:
             return False
         return all(point.get(k) == v for k, v in self.where.items())
 
-    def tuning_point(self, point: Mapping[str, Any], lr: float) -> dict:
-        changes = {"lr": lr, "seeds": self.seeds, "seed_start": self.seed_start}
+    def betas(self, config: Mapping[str, Any]) -> list:
+        """The β candidates of a grid point: :attr:`beta` for a distilling method, else only its own β."""
+        return list(self.beta) if self.beta and config.get("method") in DISTILLING else [config.get("beta")]
+
+    def tuning_point(self, point: Mapping[str, Any], lr: float, beta: Optional[float] = None) -> dict:
+        changes = {"lr": lr, "seeds": self.seeds, "seed_start": self.seed_start, **({"beta": beta} if self.beta and beta is not None else {})}
         if self.steps is not None:
             changes["steps"] = self.steps
         return {**point, **changes}
@@ -98,13 +117,16 @@ class TuningSpec:
         chosen = [(b, p) for b, p in points if b not in exempt and self.selects(b, config_fn(p))]  # where matches defaults too
         if not chosen:
             raise ValueError(f"tuning: no grid point matches where={self.where} blocks={self.blocks}")
-        return validate_points([("tuning", self.tuning_point(p, lr)) for _, p in chosen for lr in self.lr], config_fn)
+        return validate_points([("tuning", self.tuning_point(p, lr, beta)) for _, p in chosen for lr in self.lr
+                                for beta in self.betas(config_fn(p))], config_fn)
 
     def check_against(self, spec, points: Sequence[tuple[str, dict]], config_fn) -> None:
         """Refuse lr in the grid, block names that do not exist, and seed ranges that overlap."""
         names = {b.name for b in spec.blocks}
         if "lr" in spec.base:
             raise ValueError("base.lr is set but the tuning block chooses lr; remove one (a block's own base may fix lr to opt out of tuning)")
+        if self.beta and "beta" in spec.base:
+            raise ValueError("base.beta is set but tuning.beta chooses beta; remove one")
         if self.blocks is not None and set(self.blocks) - names:
             raise ValueError(f"tuning.blocks names unknown block(s) {sorted(set(self.blocks) - names)}; blocks: {sorted(names)}")
         exempt = exempt_blocks(spec)
@@ -129,15 +151,17 @@ def exempt_blocks(spec) -> set:
 
 
 def select(per_seed: pd.DataFrame, tspec: TuningSpec) -> tuple[pd.DataFrame, dict]:
-    """Score every (group, lr) and pick the best lr per group. Returns (score table, {group key: lr})."""
+    """Score every (group, lr, β) and pick the best per group. Returns (score table, {group key: {"lr": …, "beta": …}})."""
     value = "auc" if tspec.criterion == "auc" else "final_reward"
-    scores = summarize(per_seed, value, [*tspec.per, "lr"])
+    knobs = ["lr", "beta"] if tspec.beta else ["lr"]
+    scores = summarize(per_seed, value, [*tspec.per, *knobs])
     chosen = {}
     for key, part in scores.groupby(tspec.per, sort=True):
         key = key if isinstance(key, tuple) else (key,)
-        best = part.sort_values(["mean", "lr"], ascending=[False, True]).iloc[0]
-        chosen[key] = float(best["lr"])
-    scores["selected"] = [chosen.get(tuple(r[p] for p in tspec.per)) == r["lr"] for _, r in scores.iterrows()]
+        best = part.sort_values(["mean", *knobs], ascending=[False, *[True] * len(knobs)]).iloc[0]
+        distills = dict(zip(tspec.per, key)).get("method") in DISTILLING
+        chosen[key] = {k: float(best[k]) for k in knobs if k == "lr" or distills}  # β only where it is a candidate
+    scores["selected"] = [all(chosen.get(tuple(r[p] for p in tspec.per), {}).get(k) == r[k] for k in knobs) for _, r in scores.iterrows()]
     return scores, chosen
 
 
@@ -160,7 +184,7 @@ def tune(spec, tspec: TuningSpec, out: Path, *, config_fn, run_fn, workers: int,
         key = tuple(config_fn(p)[k] for k in tspec.per)
         if key not in chosen:
             raise ValueError(f"tuning: no tuning runs for {dict(zip(tspec.per, key))} (block {block!r}); widen tuning.where/blocks")
-        eval_points.append((block, {**p, "lr": chosen[key]}))
+        eval_points.append((block, {**p, **chosen[key]} if config_fn(p)["method"] in DISTILLING else {**p, "lr": chosen[key]["lr"]}))
     planned = validate_points(eval_points, config_fn)
     record = {
         "rule": tspec.rule,
@@ -169,7 +193,8 @@ def tune(spec, tspec: TuningSpec, out: Path, *, config_fn, run_fn, workers: int,
         "tuning_seeds": [tspec.seed_start, tspec.seed_start + tspec.seeds - 1],
         "runs": len(tuning_plan),
         # a choice at the smallest or largest candidate may mean the grid is too narrow: flagged, not hidden
-        "selected": [{**dict(zip(tspec.per, k)), "lr": v, "at_edge": len(tspec.lr) > 1 and v in (min(tspec.lr), max(tspec.lr))}
+        "selected": [{**dict(zip(tspec.per, k)), **v, "at_edge": len(tspec.lr) > 1 and v["lr"] in (min(tspec.lr), max(tspec.lr)),
+                      **({"beta_at_edge": len(tspec.beta) > 1 and v["beta"] in (min(tspec.beta), max(tspec.beta))} if "beta" in v else {})}
                      for k, v in sorted(chosen.items(), key=lambda kv: str(kv[0]))],
         "scores": json.loads(scores.to_json(orient="records")),
     }

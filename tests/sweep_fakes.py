@@ -8,8 +8,9 @@ import os
 import numpy as np
 import pandas as pd
 
-DEFAULTS = {"method": "sdpo", "lr": 0.1, "steps": 20, "seeds": 3, "seed_start": 0, "task_seed": 0, "noise": 0.0, "eval_every": 5, "fail": False}
+DEFAULTS = {"method": "sdpo", "lr": 0.1, "beta": 1.0, "steps": 20, "seeds": 3, "seed_start": 0, "task_seed": 0, "noise": 0.0, "eval_every": 5, "fail": False}
 BEST_LR = {"reinforce": 0.3, "sdpo": 0.1}  # the fake reward curve rises fastest at this lr
+BEST_BETA = 2.0  # ... and, for sdpo, at this beta (reinforce ignores beta, as the real one does)
 
 
 def fake_config(data: dict) -> dict:
@@ -35,6 +36,8 @@ def fake_run(cfg: dict):
     if cfg["fail"]:
         raise RuntimeError("boom: this run was asked to fail")
     rate = 0.2 * math.exp(-abs(math.log(cfg["lr"] / BEST_LR[cfg["method"]])))
+    if cfg["method"] == "sdpo":
+        rate *= math.exp(-abs(math.log(cfg["beta"] / BEST_BETA)))
     steps = sorted(set(range(0, cfg["steps"] + 1, cfg["eval_every"])) | {cfg["steps"]})
     rows = []
     for seed in range(cfg["seed_start"], cfg["seed_start"] + cfg["seeds"]):

@@ -192,3 +192,32 @@ def test_programs_hold_at_most_group_runs_seeds():
     assert [len(g) for g in groups(plan(Spec.from_dict(spec)), toy_run)] == [1, 1, 1]  # 40 + 40 > 64
     spec["base"]["seeds"] = 20
     assert [len(g) for g in groups(plan(Spec.from_dict(spec)), toy_run)] == [3]
+
+
+def test_tuning_chooses_beta_for_distilling_methods_only(tmp_path, runlog):
+    spec = {**SPEC, "tuning": {"lr": [0.1, 0.3], "beta": [1.0, 2.0, 4.0], "seeds": 2, "seed_start": 100, "where": {"noise": 0.0}}}
+    res = sweep(spec, tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "tuning.json").read_text())
+    sel = {r["method"]: r for r in record["selected"]}
+    assert sel["sdpo"]["lr"] == 0.1 and sel["sdpo"]["beta"] == 2.0 and not sel["sdpo"]["beta_at_edge"]
+    assert sel["reinforce"]["lr"] == 0.3 and "beta" not in sel["reinforce"]  # reinforce ignores beta: tuned over lr alone
+    assert len([line for line in runlog() if line.split()[2] == "100"]) == 2 * 3 + 2  # sdpo: lr × beta; reinforce: lr
+    assert dict(res.summary.groupby("method")["beta"].first()) == {"reinforce": 1.0, "sdpo": 2.0}
+    assert "β in [1.0, 2.0, 4.0]" in record["rule"]
+
+
+@pytest.mark.parametrize("tuning, needle", [
+    ({"lr": [0.1], "beta": []}, "tuning.beta must be a non-empty list of positive numbers"),
+    ({"lr": [0.1], "beta": [0.0]}, "tuning.beta must be a non-empty list of positive numbers"),
+    ({"lr": [0.1], "beta": [1.0], "per": ["noise"]}, "tuning.beta needs method in tuning.per"),
+    ({"lr": [0.1], "per": ["beta"]}, "tuning.per must not contain beta"),
+])
+def test_bad_beta_tuning_is_refused(tmp_path, tuning, needle):
+    with pytest.raises(ValueError, match=needle):
+        sweep({**SPEC, "tuning": {"seed_start": 100, **tuning}}, tmp_path / "out")
+
+
+def test_base_beta_and_tuned_beta_are_refused_together(tmp_path):
+    spec = {**SPEC, "base": {**SPEC["base"], "beta": 1.0}, "tuning": {"lr": [0.1], "beta": [1.0, 2.0], "seed_start": 100}}
+    with pytest.raises(ValueError, match="base.beta is set but tuning.beta chooses beta"):
+        sweep(spec, tmp_path / "out")

@@ -126,11 +126,12 @@ def render_markdown(claims: Sequence[Claim], rep: Sequence[dict], meta: dict) ->
             lines.append(f"| {r['feedback']} | {r['method']} | {r['metric']} | {r['n_tasks']} | {r['n']} | {fmt(r['mean'])} | {fmt(r['iqm'])} | "
                          f"{fmt(r['task_min'])} – {fmt(r['task_max'])} | {poi} |")
     if meta.get("tuning"):
-        lines += ["", "## Learning rates", "", f"Rule: {meta['tuning']['rule']}.", "",
-                  "| " + " | ".join(meta["tuning"]["per"]) + " | lr |", "|" + "---|" * (len(meta["tuning"]["per"]) + 1)]
+        per, edge = meta["tuning"]["per"], " (at the edge of the candidate grid)"
+        lines += ["", "## Learning rates and β", "", f"Rule: {meta['tuning']['rule']}.", "",
+                  "| " + " | ".join(per) + " | lr | β |", "|" + "---|" * (len(per) + 2)]
         for row in meta["tuning"]["selected"]:
-            edge = " (at the edge of the candidate grid)" if row.get("at_edge") else ""
-            lines.append("| " + " | ".join(str(row[p]) for p in meta["tuning"]["per"]) + f" | {row['lr']:g}{edge} |")
+            beta = f"{row['beta']:g}{edge if row.get('beta_at_edge') else ''}" if row.get("beta") is not None else "— (not tuned)"
+            lines.append("| " + " | ".join(str(row[p]) for p in per) + f" | {row['lr']:g}{edge if row.get('at_edge') else ''} | {beta} |")
     lines.append("")
     return "\n".join(lines)
 
