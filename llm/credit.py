@@ -18,22 +18,14 @@ import torch
 
 from .batch import Batch, select_rows
 from .losses import token_stats
-from .models import completion_outputs
+from .models import teacher_outputs
 
 
-def feedback_credit(trainer, batch: Batch, rows: torch.Tensor, teacher_out: torch.Tensor, teacher_head, T: int) -> torch.Tensor:
+def feedback_credit(trainer, batch: Batch, rows: torch.Tensor, teacher_out: torch.Tensor, T: int) -> torch.Tensor:
     """Per-token feedback credit ``[len(rows), T]`` of the distilled ``rows`` (``trainer``: a :class:`~llm.trainer.Trainer`;
     ``teacher_out``: the teacher's outputs with its contexts, ``[B, T, V]`` logits or ``[B, T, H]`` hidden states)."""
-    ids, mask = select_rows(batch.input_ids, batch.attention_mask, rows)
-    head = trainer.unwrapped.get_output_embeddings().weight if trainer.fused else None
-
-    def plain_forward():
-        out = completion_outputs(trainer.model, ids, mask, T, hidden=trainer.fused, share_prefix=trainer.share_prefix)
-        return (out, head.detach().clone()) if trainer.fused and trainer.teacher.has_copy else (out, None)
-
-    terms = trainer.teacher.outputs(trainer.unwrapped, plain_forward)
-    plain = sum(c * out for c, (out, _) in terms) / trainer.method.temperature
-    weight = teacher_head if teacher_head is not None else head
+    plain, teacher_head = teacher_outputs(trainer, *select_rows(batch.input_ids, batch.attention_mask, rows), T)
+    weight = teacher_head if teacher_head is not None else (trainer.unwrapped.get_output_embeddings().weight if trainer.fused else None)
     _, _, credit = token_stats(plain.detach(), teacher_out[rows].detach(), batch.completion_ids[rows], trainer.method.alpha,
                                weight=weight, teacher_weight=weight)
     return credit

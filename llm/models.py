@@ -100,3 +100,17 @@ def completion_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     if hidden:
         return out.hidden_states[-1][:, -num_tokens - 1:-1]
     return out.logits[:, :-1]
+
+
+def teacher_outputs(trainer, ids: torch.Tensor, mask: torch.Tensor, T: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The teacher weights of ``trainer`` (a :class:`~llm.trainer.Trainer`; swapped in and out) reading rows ``ids``/``mask``
+    ``[b, L]``: outputs ``[b, T, V]`` (or hidden states ``[b, T, H]`` on the fused path) at the last ``T`` positions over the
+    temperature, and the teacher's own LM head when it has stored weights (fused path; else ``None``)."""
+    head = trainer.unwrapped.get_output_embeddings().weight if trainer.fused else None
+
+    def forward():
+        out = completion_outputs(trainer.model, ids, mask, T, hidden=trainer.fused, share_prefix=trainer.share_prefix)
+        return (out, head.detach().clone()) if trainer.fused and trainer.teacher.has_copy else (out, None)
+
+    terms = trainer.teacher.outputs(trainer.unwrapped, forward)
+    return sum(c * out for c, (out, _) in terms) / trainer.method.temperature, terms[0][1][1]

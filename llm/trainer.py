@@ -49,6 +49,7 @@ from .models import (
     completion_outputs,
     load_model_and_tokenizer,
     no_forward_buffer_sync,
+    teacher_outputs,
 )
 from .recipe import Recipe
 from .rollout import rollout
@@ -179,16 +180,8 @@ class Trainer:
             rows = batch.distill_mask.nonzero().squeeze(-1)
             if rows.numel() == 0 and self.sharded:
                 rows = rows.new_zeros(1)
-            t_ids, t_mask = select_rows(batch.teacher_input_ids, batch.teacher_attention_mask, rows)
-
-            def teacher_forward():
-                out = completion_outputs(self.model, t_ids, t_mask, T, hidden=self.fused, share_prefix=self.share_prefix)
-                return (out, head.detach().clone()) if self.fused and self.teacher.has_copy else (out, None)
-
             if rows.numel():
-                terms = self.teacher.outputs(self.unwrapped, teacher_forward)
-                teacher_out = sum(c * out for c, (out, _) in terms) / temp
-                teacher_head = terms[0][1][1]  # the teacher's own LM head when it has stored weights (fused path)
+                teacher_out, teacher_head = teacher_outputs(self, *select_rows(batch.teacher_input_ids, batch.teacher_attention_mask, rows), T)
         student_out = completion_outputs(self.model, batch.input_ids, batch.attention_mask, T, hidden=self.fused,
                                          share_prefix=self.share_prefix) / temp
         if self.method.distills and rows.numel() < student_out.shape[0]:  # rows the teacher skipped: the student's own outputs
@@ -213,7 +206,7 @@ class Trainer:
             stats["divergence_sum"], stats["distilled_tokens"] = float((div * d_mask.cpu()).sum()), float(d_mask.sum())
             stats["log_ratio"], stats["signal_sum"] = ratio, float((ratio * d_mask.cpu()).sum())
             if self.measure_credit:  # the same teacher weights without the context (llm/credit.py)
-                credit = feedback_credit(self, batch, rows, teacher_out, teacher_head, T) if rows.numel() else torch.zeros(0, T)
+                credit = feedback_credit(self, batch, rows, teacher_out, T) if rows.numel() else torch.zeros(0, T)
                 stats["feedback_credit_sum"] = float((credit * d_mask[rows].cpu()).sum())
         if self.method.uses_policy_gradient:
             pg_mask = comp_mask * batch.judged.unsqueeze(-1)
