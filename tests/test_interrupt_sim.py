@@ -22,15 +22,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sdpo_sim.sweep import Interrupted, kept_runs, run_sweep
+from sdpo_sim.execution import groups
+from sdpo_sim.sweep import Interrupted, kept_runs, plan, run_sweep, toy_run
+from sdpo_sim.sweep_spec import Spec
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to find the sweep's children")
 
 # 8 runs of a 3×2 world, each a few tenths of a second per core, so on 2 workers the sweep still has several runs to
-# go when its first one is kept (the ratio holds however loaded the machine is)
-SPEC = {"name": "interrupt", "base": {"vocab_size": 3, "seq_len": 2, "steps": 200, "seeds": 1, "batch_size": 4, "num_generations": 2,
+# go when its first one is kept (the ratio holds however loaded the machine is). The grid varies only fields that
+# runs cannot share a program over (method, feedback, batch size: not in train.PER_RUN_FIELDS), so each run is its own
+# program and is kept on its own; a grid over lr/noise/rho would train as two programs of four runs, kept four at a
+# time, and the interrupt could come after both (test_the_grid_trains_as_one_program_per_run checks this premise)
+SPEC = {"name": "interrupt", "base": {"vocab_size": 3, "seq_len": 2, "steps": 200, "seeds": 1, "num_generations": 2,
                                       "eval_every": 100},
-        "grid": {"method": ["sdpo", "reinforce"], "noise": [0.0, 0.1], "rho": [0.2, 0.8]}}
+        "grid": {"method": ["sdpo", "reinforce"], "feedback": ["binary", "continuous"], "batch_size": [4, 6]}}
 RUNS = 8
 DEADLINE_S = 180.0  # generous: spawning two workers that import torch on a shared 2-core machine
 
@@ -84,6 +89,11 @@ def first_run_kept_with_workers(proc: subprocess.Popen, out: Path):
     """Children (2 workers + the resource tracker) once at least one run is on disk."""
     pids = children(proc.pid)
     return pids if kept(out) >= 1 and len(pids) >= 3 else None
+
+
+def test_the_grid_trains_as_one_program_per_run():
+    programs = groups(plan(Spec.from_dict(SPEC)), toy_run)
+    assert len(programs) == RUNS and all(len(p) == 1 for p in programs)
 
 
 def test_ctrl_c_prints_one_line_exits_130_and_the_same_command_resumes(tmp_path):
