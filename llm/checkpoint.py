@@ -6,12 +6,18 @@ complete, so a crash never leaves a half checkpoint behind as ``latest``. Weight
 process's local pieces (one file when the model is replicated, one per rank when it is sharded), so
 resuming needs the same number of processes for a sharded run. Everything loads with
 ``torch.load(weights_only=True)``. Under DeepSpeed the engine's own ``save_state`` holds model and optimiser.
+
+Rotation (``save_total_limit``, TRL/HF's name): after a new checkpoint is complete and ``latest`` names it, only
+the newest ``save_total_limit`` complete checkpoints are kept (``None`` keeps all); the one ``latest`` names is
+never deleted. An old checkpoint is first renamed to a hidden ``.step-*.deleting`` and then removed, so a crash
+mid-deletion never leaves a half checkpoint that looks complete.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -72,8 +78,13 @@ def save_checkpoint(
     rank: int = 0,
     barrier=lambda: None,
     accelerator=None,
+    save_total_limit: Optional[int] = None,
 ) -> Path:
-    """Write checkpoint ``step`` (call on every process; ``barrier`` synchronises them). Returns its directory."""
+    """Write checkpoint ``step`` (call on every process; ``barrier`` synchronises them). Returns its directory.
+
+    With ``save_total_limit`` (≥ 1), rank 0 then deletes all but the newest ``save_total_limit`` complete
+    checkpoints (:func:`rotate_checkpoints`) while the other processes wait at the last barrier."""
+    check_save_total_limit(save_total_limit)
     root = Path(output_dir) / "checkpoints"
     final = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.tmp"
@@ -102,8 +113,46 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         atomic_write_text(root / "latest", final.name + "\n")
+        if save_total_limit is not None:
+            rotate_checkpoints(output_dir, save_total_limit)
     barrier()
     return final
+
+
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def check_save_total_limit(limit: Optional[int], field_name: str = "save_total_limit") -> None:
+    """Refuse (one-line ``ValueError``) a limit that is neither None (keep all) nor an integer ≥ 1."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{field_name}={limit!r} must be an integer >= 1 (keep that many checkpoints) or null (keep all)")
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoint directories (``step-N`` holding ``state.pt``) of ``output_dir``, oldest step first."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir() and (p / "state.pt").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def rotate_checkpoints(output_dir: str | Path, limit: int) -> list[Path]:
+    """Delete all but the newest ``limit`` complete checkpoints of ``output_dir`` (never the one ``latest`` names;
+    incomplete or temporary directories are left alone). Call on one process only. Returns the deleted paths."""
+    check_save_total_limit(limit, "rotate_checkpoints(limit)")
+    keep = latest_checkpoint(output_dir)
+    deleted = []
+    for path in complete_checkpoints(output_dir)[:-limit]:
+        if keep is not None and path.resolve() == keep.resolve():
+            continue
+        doomed = path.with_name(f".{path.name}.deleting")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)  # from here on it is no longer a complete checkpoint, even if the removal stops
+        shutil.rmtree(doomed)
+        deleted.append(path)
+    return deleted
 
 
 def _redistribute_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
