@@ -9,8 +9,9 @@ which is appended as token ids.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from .recipe import ContextConfig
 
@@ -85,11 +86,22 @@ def render_reprompt(prompt: str, demo: Optional[str], feedback: Optional[str], s
     )
 
 
-def format_prompt(tokenizer, text: str) -> str:
-    """Wrap ``text`` as a user turn with the tokenizer's chat template if it has one, else return it."""
+def format_prompt(tokenizer, text: str, messages: Sequence[Mapping] = (), chat_kwargs: Optional[Mapping] = None) -> str:
+    """``text`` as the last user turn after ``messages`` (earlier turns of a conversation prompt), rendered with the
+    tokenizer's chat template and ``chat_kwargs`` (e.g. ``enable_thinking=False``) if it has one; without a template,
+    the turns' contents then ``text``, one per line."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    return text
+        turns = [*messages, {"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True, **(chat_kwargs or {}))
+    return "".join(f"{m['content']}\n" for m in messages) + text
+
+
+THINKING = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
+
+
+def remove_thinking(text: str) -> str:
+    """``text`` without its ``<think>...</think>`` blocks (stripped), as TRL's SDPO does for demonstrations."""
+    return THINKING.sub("", text).strip()
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -106,9 +118,9 @@ def _keep_tail(tokenizer, text: str, drop: int) -> str:
     return tokenizer.decode(ids[min(len(ids), drop):], skip_special_tokens=False)
 
 
-def prompt_ids(tokenizer, prompt: str, max_tokens: int) -> list[int]:
-    """Student prompt token ids (chat-formatted when possible), left-truncated to ``max_tokens``."""
-    return _ids(tokenizer, format_prompt(tokenizer, prompt))[-max_tokens:]
+def prompt_ids(tokenizer, prompt: str, max_tokens: int, messages: Sequence[Mapping] = (), chat_kwargs: Optional[Mapping] = None) -> list[int]:
+    """Student prompt token ids (chat-formatted when possible, see :func:`format_prompt`), left-truncated to ``max_tokens``."""
+    return _ids(tokenizer, format_prompt(tokenizer, prompt, messages, chat_kwargs))[-max_tokens:]
 
 
 def teacher_context_ids(
@@ -117,8 +129,11 @@ def teacher_context_ids(
     demo: Optional[str],
     feedback: Optional[str],
     spec: ContextConfig,
+    messages: Sequence[Mapping] = (),
+    chat_kwargs: Optional[Mapping] = None,
 ) -> list[int]:
-    """Token ids of the teacher context, at most ``spec.max_context_tokens`` long.
+    """Token ids of the teacher context, at most ``spec.max_context_tokens`` long (``messages``: earlier turns of a
+    conversation prompt, kept whole; the reprompt is the last user turn).
 
     When too long, the demonstration loses its end first (or goes entirely, template included, if
     nothing would be left), then the feedback likewise, then the prompt its beginning; a last
@@ -128,7 +143,7 @@ def teacher_context_ids(
     budget = spec.max_context_tokens
     parts = {"demo": demo, "feedback": feedback, "prompt": prompt}
     for name in ("demo", "feedback", "prompt"):
-        ids = _ids(tokenizer, format_prompt(tokenizer, render_reprompt(parts["prompt"], parts["demo"], parts["feedback"], spec)))
+        ids = _ids(tokenizer, format_prompt(tokenizer, render_reprompt(parts["prompt"], parts["demo"], parts["feedback"], spec), messages, chat_kwargs))
         excess = len(ids) - budget
         if excess <= 0:
             return ids
@@ -138,7 +153,7 @@ def teacher_context_ids(
             else:
                 cut = _keep_tail if name == "prompt" else _keep_head
                 parts[name] = cut(tokenizer, parts[name], excess)
-    ids = _ids(tokenizer, format_prompt(tokenizer, render_reprompt(parts["prompt"], parts["demo"], parts["feedback"], spec)))
+    ids = _ids(tokenizer, format_prompt(tokenizer, render_reprompt(parts["prompt"], parts["demo"], parts["feedback"], spec), messages, chat_kwargs))
     return ids[-budget:]
 
 
@@ -149,13 +164,19 @@ def context_ids_for_batch(
     contexts: Sequence[TeacherContext],
     feedback: Sequence[Optional[str]],
     spec: ContextConfig,
+    messages: Optional[Sequence[Sequence[Mapping]]] = None,
+    chat_kwargs: Optional[Mapping] = None,
 ) -> list[Optional[list[int]]]:
-    """Teacher context ids per completion (None for inactive contexts)."""
+    """Teacher context ids per completion (None for inactive contexts); ``messages[i]``: row ``i``'s earlier turns.
+    With ``spec.remove_thinking_from_demonstration`` a demonstration loses its ``<think>`` blocks."""
     out: list[Optional[list[int]]] = []
     for i, ctx in enumerate(contexts):
         if not ctx.active:
             out.append(None)
             continue
         demo = None if ctx.demo_index is None else completions[ctx.demo_index]
-        out.append(teacher_context_ids(tokenizer, prompts[i], demo, feedback[i] if ctx.used_feedback else None, spec))
+        if demo is not None and spec.remove_thinking_from_demonstration:
+            demo = remove_thinking(demo)
+        out.append(teacher_context_ids(tokenizer, prompts[i], demo, feedback[i] if ctx.used_feedback else None, spec,
+                                       () if messages is None else messages[i], chat_kwargs))
     return out

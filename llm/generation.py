@@ -20,6 +20,10 @@ import torch
 
 from .recipe import GenerationConfig
 
+# random streams of sample_seed(run seed, step, stream, ...): the prompts of a step, its samples, its feedback
+# noise, and the evaluation's prompts and samples (EVAL never depends on the step: every evaluation sees the same prompts)
+PROMPTS, GENERATION, FEEDBACK, EVAL = 0, 1, 2, 3
+
 
 def sample_seed(*parts: int) -> int:
     """A 63-bit seed from integers (stable across processes and Python runs)."""
@@ -101,11 +105,12 @@ class TransformersGenerator:
         self.synced_gpus = synced_gpus  # FSDP / ZeRO-3: every rank must run the same number of forwards
 
     @torch.no_grad()
-    def __call__(self, model, prompts: Sequence[list[int]], group_size: int, seeds: Sequence[int]) -> list[Group]:
+    def __call__(self, model, prompts: Sequence[list[int]], group_size: int, seeds: Sequence[int], *, greedy: bool = False) -> list[Group]:
         """Sample ``group_size`` completions for each prompt (``prompts`` are token id lists, one seed each).
 
         The prompts are left-padded into one ``[len(prompts) * group_size, width]`` batch, rows ordered
-        ``[prompt0 x G, prompt1 x G, ...]``; decoding is greedy over :class:`GumbelSampler`'s perturbed logits.
+        ``[prompt0 x G, prompt1 x G, ...]``; decoding is greedy over :class:`GumbelSampler`'s perturbed logits
+        (``greedy``: over the logits themselves, the argmax completion; the seeds are then unused).
         """
         if len(seeds) != len(prompts):
             raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts; give exactly one seed per prompt")
@@ -130,7 +135,7 @@ class TransformersGenerator:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 do_sample=False,  # greedy over GumbelSampler's output = sampling; HF adds no warpers of its own
-                logits_processor=LogitsProcessorList([sampler]),
+                logits_processor=LogitsProcessorList([] if greedy else [sampler]),
                 max_new_tokens=self.max_new_tokens,
                 pad_token_id=self.pad_id,
                 eos_token_id=self.eos_id,
@@ -167,8 +172,8 @@ class VLLMGenerator:
         runner = self.llm.llm_engine.model_executor.driver_worker.model_runner
         runner.model.load_weights(named_tensors)
 
-    def __call__(self, model, prompts: Sequence[list[int]], group_size: int, seeds: Sequence[int]) -> list[Group]:
-        params = [self.vllm.SamplingParams(n=group_size, temperature=self.temperature, top_p=self.spec.top_p,
+    def __call__(self, model, prompts: Sequence[list[int]], group_size: int, seeds: Sequence[int], *, greedy: bool = False) -> list[Group]:
+        params = [self.vllm.SamplingParams(n=group_size, temperature=0.0 if greedy else self.temperature, top_p=self.spec.top_p,
                                            top_k=self.spec.top_k or -1, max_tokens=self.max_new_tokens, seed=s) for s in seeds]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return [Group(list(p), [list(c.token_ids) for c in o.outputs]) for p, o in zip(prompts, outs)]

@@ -8,6 +8,7 @@ model is loaded; errors name the offending field (``training.learning_rate=...``
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -25,6 +26,8 @@ from sdpo_sim.core.validation import (
     check_str,
     fail,
 )
+
+from .logging import check_report_to
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 FEEDBACK_KINDS = ("binary", "ordinal", "continuous", "critique", "none")
@@ -84,22 +87,51 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    """Where prompts come from and how completions are judged and their feedback rendered."""
+    """Where prompts come from and how completions are judged and their feedback rendered.
 
-    name: str = setting("word-constraints", "a built-in task of llm.tasks")
+    Prompts: the built-in task ``name``, or a local dataset (``dataset``: JSONL, Parquet, CSV or a ``save_to_disk``
+    directory with a ``prompt`` column; every other column is handed to the reward functions). Scores: the task's
+    rule-based judge, ``judge``, or ``reward_funcs`` (several, weighted; see :mod:`llm.rewards`)."""
+
+    name: str = setting("word-constraints", "a built-in task of llm.tasks (its prompts unless dataset is set, its judge unless judge or reward_funcs is set)")
+    dataset: Optional[str] = setting(None, "a local dataset of prompts: .jsonl/.json, .parquet, .csv or a datasets save_to_disk directory, with a prompt column (text or a list of {role, content} messages); null: the built-in task's prompts")
+    dataset_split: Optional[str] = setting(None, "the split of a save_to_disk DatasetDict directory to train on (null: train); only for directories")
+    eval_dataset: Optional[str] = setting(None, "the held-out prompts training.eval_steps scores (same formats as dataset); null: eval_split of dataset, or fresh prompts of the built-in task")
+    eval_split: Optional[str] = setting(None, "the split of a save_to_disk DatasetDict (eval_dataset, else dataset) to evaluate on, e.g. test")
+    context_column: str = setting("privileged_context", "a dataset column of privileged feedback text for the teacher (TRL SDPO's privileged_context); added to every completion's feedback when present")
+    reward_funcs: list = setting(help="reward functions, each module:function, path/to/file.py:function, a local reward-model directory or a local causal-LM directory (an LLM judge); called once per batch as fn(prompts, completions, **columns); empty: judge or the task's judge", factory=list)
+    reward_weights: Optional[list] = setting(None, "one weight > 0 per reward function; an item's score is the weighted mean of the functions that scored it (null: equal weights)")
+    reward_timeout: float = setting(60.0, "seconds > 0 one call of a reward function may take; its items are unscored after that")
+    judge_template: Optional[str] = setting(None, "prompt template of an LLM judge in reward_funcs, with {prompt}, {completion} and any column as {name}; null: the built-in template asking for 'score: X/10' and 'critique: ...'")
     feedback: str = setting("critique", "feedback channel rendered for the teacher (the toy world's channels; none: no feedback text, demonstrations only)", choices=FEEDBACK_KINDS)
     noise: float = setting(0.0, "std of the Gaussian noise added to the score before quantisation, in [0, 100] (scores lie in [0, 1])")
     threshold: float = setting(0.5, "pass threshold τ of binary feedback, in [0, 1]")
-    judge: Optional[str] = setting(None, "judge spec: module:callable or a local reward-model directory; null: the task's own rule-based judge")
+    judge: Optional[str] = setting(None, "judge spec: module:callable (prompt, completion) -> Judgement, or a local reward-model directory; null: the task's own rule-based judge")
 
     def validate(self) -> None:
         o = _owner("task")
         check_str(o, "name", self.name)
+        for name in ("dataset", "dataset_split", "eval_dataset", "eval_split", "judge", "judge_template"):
+            check_str(o, name, getattr(self, name), optional=True)
+        check_str(o, "context_column", self.context_column)
+        if self.dataset_split is not None and self.dataset is None:
+            fail(o, "dataset_split", self.dataset_split, "needs task.dataset (a save_to_disk directory)")
+        if self.eval_split is not None and self.dataset is None and self.eval_dataset is None:
+            fail(o, "eval_split", self.eval_split, "needs task.eval_dataset or task.dataset (a save_to_disk directory)")
+        if not isinstance(self.reward_funcs, list) or not all(isinstance(f, str) and f for f in self.reward_funcs):
+            fail(o, "reward_funcs", self.reward_funcs, "must be a list of non-empty strings (module:function, file.py:function or a model directory)")
+        if self.reward_funcs and self.judge is not None:
+            fail(o, "judge", self.judge, "cannot be set together with task.reward_funcs; put the judge into reward_funcs")
+        if self.reward_weights is not None:
+            w = self.reward_weights
+            if (not isinstance(w, list) or len(w) != len(self.reward_funcs)
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0 for x in w)):
+                fail(o, "reward_weights", w, f"must be a list of {len(self.reward_funcs)} finite numbers > 0, one per reward function")
+        check_number(o, "reward_timeout", self.reward_timeout, 0.0, lo_open=True)
         check_choice(o, "feedback", self.feedback, FEEDBACK_KINDS)
         # scores lie in [0, 1]: a noise std of 100 already buries them under noise 100× their range
         check_number(o, "noise", self.noise, 0.0, MAX_TASK_NOISE)
         check_number(o, "threshold", self.threshold, 0.0, 1.0)
-        check_str(o, "judge", self.judge, optional=True)
 
 
 @dataclass
@@ -114,10 +146,11 @@ class ContextConfig:
     reprompt_template: str = setting(DEFAULT_REPROMPT, "the teacher context; must contain {prompt}, {demo} and {feedback}")
     demo_template: str = setting(DEFAULT_DEMO, "how a demonstration fills {demo}; must contain {demo}")
     feedback_template: str = setting(DEFAULT_FEEDBACK, "how the feedback fills {feedback}; must contain {feedback}")
+    remove_thinking_from_demonstration: bool = setting(False, "remove <think>...</think> blocks from a demonstration before the teacher reads it (TRL SDPO's option)")
 
     def validate(self) -> None:
         o = _owner("context")
-        for name in ("use_feedback", "use_demo", "feedback_only_without_demo"):
+        for name in ("use_feedback", "use_demo", "feedback_only_without_demo", "remove_thinking_from_demonstration"):
             check_bool(o, name, getattr(self, name))
         check_number(o, "success_threshold", self.success_threshold, 0.0, 1.0)
         check_int(o, "max_context_tokens", self.max_context_tokens, 1)
@@ -144,6 +177,7 @@ class TrainingConfig:
     seed: int = setting(0, "seed ≥ 0 of the prompts, the samples and the feedback noise (each completion has its own stream)")
     output_dir: str = setting("outputs/llm-run", "run directory (recipe.yaml, metrics.jsonl, checkpoints, final model); must be a writable directory")
     save_every: int = setting(0, "steps between checkpoints, ≥ 0 (0: only at the end)")
+    save_total_limit: Optional[int] = setting(None, "keep only the newest this many checkpoints, ≥ 1 (null: keep all)")
     log_every: int = setting(1, "steps between rows of metrics.jsonl, ≥ 1 (the last step is always logged)")
     heatmap_every: int = setting(0, "steps between per-token credit heat-maps, ≥ 0 (0: never)")
     feedback_credit_every: int = setting(0, "steps between measurements of the feedback credit log p_T(y|context) − log p_T(y|prompt) (one more teacher forward; logged beside the distillation signal and the teacher lag), ≥ 0 (0: never)")
@@ -157,7 +191,12 @@ class TrainingConfig:
     # run each prompt once per group in the student forward (its KV cache serves the group's G completions):
     # auto = on unless gradient checkpointing or a sharded model (FSDP / DeepSpeed) | true | false
     share_prompt_prefix: Any = setting("auto", "run each shared prompt prefix once and let its KV cache serve the rows that begin with it (same loss and gradients); auto: on unless gradient checkpointing or a sharded model (true refuses those)", choices=AUTO_CHOICES)
-    tensorboard: bool = setting(False, "also write TensorBoard logs to output_dir/tensorboard (pip install 'sdpo-lab[tensorboard]')")
+    mask_truncated_completions: bool = setting(False, "completions cut off at max_new_tokens (no end-of-sequence token) get no loss and are not demonstrations (TRL's option)")
+    eval_steps: int = setting(0, "steps between evaluations on the held-out prompts (task.eval_dataset / eval_split, else fresh built-in prompts), ≥ 0 (0: only a final one when eval prompts are given)")
+    eval_prompts: int = setting(32, "held-out prompts per evaluation, ≥ 1 (the first ones of the eval split)")
+    eval_num_generations: int = setting(4, "k: sampled completions per eval prompt for mean@k and pass@k, ≥ 1 (plus one greedy completion)")
+    eval_pass_threshold: float = setting(0.8, "a completion scoring at least this (in [0, 1]) passes, for pass@k")
+    report_to: list = setting(help="trackers: jsonl (metrics.jsonl, always written), tensorboard (output_dir/tensorboard), wandb (offline unless WANDB_MODE says otherwise; output_dir/wandb); pip install 'sdpo-lab[tracking]'", factory=lambda: ["jsonl"])
 
     def validate(self) -> None:
         o = _owner("training")
@@ -182,7 +221,13 @@ class TrainingConfig:
         check_choice(o, "fused_loss", self.fused_loss, AUTO_CHOICES)
         check_choice(o, "share_prompt_prefix", self.share_prompt_prefix, AUTO_CHOICES)
         check_int(o, "chunk_size", self.chunk_size, 1, optional=True)
-        check_bool(o, "tensorboard", self.tensorboard)
+        check_int(o, "save_total_limit", self.save_total_limit, 1, optional=True)
+        check_bool(o, "mask_truncated_completions", self.mask_truncated_completions)
+        check_int(o, "eval_steps", self.eval_steps, 0)
+        for name in ("eval_prompts", "eval_num_generations"):
+            check_int(o, name, getattr(self, name), 1)
+        check_number(o, "eval_pass_threshold", self.eval_pass_threshold, 0.0, 1.0)
+        check_report_to(self.report_to, f"{o}.report_to")
 
 
 @dataclass
@@ -193,6 +238,7 @@ class GenerationConfig:
     top_p: float = setting(1.0, "nucleus sampling mass, in (0, 1] (1: off)")
     top_k: int = setting(0, "keep only the k most probable tokens, ≥ 0 (0: off)")
     vllm_gpu_memory_utilization: float = setting(0.3, "share of GPU memory, in (0, 1], vLLM may take (backend=vllm only)")
+    chat_template_kwargs: dict = setting(help="extra keyword arguments of the tokenizer's chat template, e.g. {enable_thinking: false} for Qwen3", factory=dict)
 
     def validate(self) -> None:
         o = _owner("generation")
@@ -200,15 +246,24 @@ class GenerationConfig:
         check_number(o, "top_p", self.top_p, 0.0, 1.0, lo_open=True)
         check_int(o, "top_k", self.top_k, 0)
         check_number(o, "vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0.0, 1.0, lo_open=True)
+        if not isinstance(self.chat_template_kwargs, dict) or not all(isinstance(k, str) for k in self.chat_template_kwargs):
+            fail(o, "chat_template_kwargs", self.chat_template_kwargs, "must be a mapping of keyword names to values")
 
 
 SECTIONS = {"model": ModelConfig, "task": TaskConfig, "context": ContextConfig, "training": TrainingConfig, "generation": GenerationConfig}
+
+
+# fields a recipe may still carry from an earlier version, and what replaced them
+RENAMED = {"training.tensorboard": "training.report_to: [jsonl, tensorboard]"}
 
 
 def _refuse_unknown_fields(source: str, prefix: str, block: Mapping, spec_cls: type) -> None:
     """Raise ``ValueError`` naming every key of ``block`` that is not a field of ``spec_cls``."""
     allowed = {f.name for f in fields(spec_cls)}
     bad = sorted(set(block) - allowed)
+    for b in bad:
+        if f"{prefix}.{b}" in RENAMED:
+            raise ValueError(f"{source}: recipe field {prefix}.{b} was replaced; use {RENAMED[f'{prefix}.{b}']}")
     if bad:
         raise ValueError(f"{source}: unknown field(s) {', '.join(f'{prefix}.{b}' for b in bad)}; known: {', '.join(sorted(allowed))}")
 
@@ -228,6 +283,9 @@ class Recipe:
         for name in SECTIONS:
             getattr(self, name).validate()
         self.method.validate()
+        if self.task.dataset is not None and not self.task.reward_funcs and self.task.judge is None:
+            raise ValueError(f"recipe field task.dataset={self.task.dataset!r} needs task.reward_funcs (or task.judge): the built-in "
+                             f"task's judge only understands its own prompts")
         if self.generation.backend == "vllm" and self.model.lora is not None:
             raise ValueError("recipe field generation.backend='vllm' is not supported with model.lora yet "
                              "(the engine would need merged adapter weights each step); use backend: transformers")

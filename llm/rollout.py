@@ -14,10 +14,8 @@ from sdpo_sim.core.method import MethodConfig
 
 from .batch import Batch, pack_rows
 from .context import build_contexts, context_ids_for_batch, prompt_ids
-from .feedback import noisy_score, render_feedback, safe_judge
-from .generation import VLLMGenerator, sample_seed
-
-PROMPTS, GENERATION, FEEDBACK = 0, 1, 2  # streams of sample_seed(seed, step, stream, ...)
+from .feedback import noisy_score, render_feedback
+from .generation import FEEDBACK, GENERATION, VLLMGenerator, sample_seed
 
 
 def rollout(trainer, step: int) -> tuple[Batch, dict]:
@@ -25,35 +23,44 @@ def rollout(trainer, step: int) -> tuple[Batch, dict]:
     prompt, judge them, render feedback, build each completion's teacher context and pack it all into a :class:`Batch`."""
     training, m, spec = trainer.training, trainer.method, trainer.recipe
     world, rank, g = trainer.acc.num_processes, trainer.acc.process_index, m.num_generations
-    all_prompts = trainer.task.sample_prompts(random.Random(sample_seed(training.seed, step, PROMPTS)), training.prompts_per_step)
     per_rank = training.prompts_per_step // world
     first = rank * per_rank
-    prompts = all_prompts[first:first + per_rank]
+    rows = trainer.prompts.rows_for_step(training.seed, step, training.prompts_per_step)[first:first + per_rank]
+    chat = spec.generation.chat_template_kwargs
     # 1. sample a group of completions per prompt
-    p_ids = [prompt_ids(trainer.tokenizer, p, training.max_prompt_length) for p in prompts]
+    p_ids = [prompt_ids(trainer.tokenizer, r.prompt, training.max_prompt_length, r.messages, chat) for r in rows]
     seeds = [sample_seed(training.seed, step, GENERATION, first + i) for i in range(per_rank)]
     if isinstance(trainer.generate, VLLMGenerator):  # the engine samples from the current weights
         trainer.generate.load_weights(trainer._full_state().items())
     groups = trainer.generate(trainer.unwrapped, p_ids, g, seeds)
     completion_ids = [c for grp in groups for c in grp.completion_ids]
     texts = [trainer.tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
-    row_prompts = [p for p in prompts for _ in range(g)]
-    # 2. judge (a failing judge costs only that sample its feedback) and 3. render feedback
-    judgements = [safe_judge(trainer.judge, p, t) for p, t in zip(row_prompts, texts)]
+    row_of = [r for r in rows for _ in range(g)]
+    row_prompts = [r.prompt for r in row_of]
+    # 2. judge: every reward function once for the batch (a failing one costs only its items their score)
+    rewards = trainer.rewards(row_prompts, texts, {c: [r.columns.get(c) for r in row_of] for c in trainer.prompts.column_names})
+    judgements = rewards.judgements
+    truncated = [is_truncated(c, training.max_new_tokens, trainer.tokenizer.eos_token_id) for c in completion_ids]
+    keep = [not (t and training.mask_truncated_completions) for t in truncated]  # TRL's mask_truncated_completions
+    # 3. render feedback (plus the row's privileged context, if the dataset has one)
     scores, feedback = [], []
     for i, j in enumerate(judgements):
         if j is None:
             scores.append(None)
-            feedback.append(None)
+            feedback.append(row_of[i].context)
             continue
         noise_seed = sample_seed(training.seed, step, FEEDBACK, first * g + i)  # same ε for the score and its text
         scores.append(noisy_score(j.score, spec.task.noise, random.Random(noise_seed)))
-        feedback.append(None if spec.task.feedback == "none" else
-                        render_feedback(j, spec.task.feedback, noise=spec.task.noise, rng=random.Random(noise_seed), threshold=spec.task.threshold))
+        rendered = None if spec.task.feedback == "none" else render_feedback(
+            j, spec.task.feedback, noise=spec.task.noise, rng=random.Random(noise_seed), threshold=spec.task.threshold)
+        feedback.append("\n".join(t for t in (rendered, row_of[i].context) if t) or None)
     # 4. teacher contexts: feedback and/or the best successful sibling, never itself
-    if trainer.method.distills:
-        contexts = build_contexts(row_prompts, texts, scores, feedback, g, spec.context)
-        ctx_ids = context_ids_for_batch(trainer.tokenizer, row_prompts, texts, contexts, feedback, spec.context)
+    if trainer.method.distills:  # a masked (truncated) completion neither distills nor demonstrates
+        kept_scores = [s if k else None for s, k in zip(scores, keep)]
+        contexts = build_contexts(row_prompts, texts, kept_scores, [f if k else None for f, k in zip(feedback, keep)], g, spec.context)
+        ctx_ids = context_ids_for_batch(trainer.tokenizer, row_prompts, texts, contexts, feedback, spec.context,
+                                        [r.messages for r in row_of], chat)
+        ctx_ids = [c if k else None for c, k in zip(ctx_ids, keep)]
     else:
         contexts, ctx_ids = [], [None] * len(texts)
     student_prefix = [p for p in p_ids for _ in range(g)]
@@ -67,17 +74,25 @@ def rollout(trainer, step: int) -> tuple[Batch, dict]:
         input_ids=ids, attention_mask=mask, teacher_input_ids=t_ids, teacher_attention_mask=t_mask,
         completion_ids=comp, completion_mask=comp_mask.float(),
         distill_mask=torch.tensor([float(c is not None) for c in ctx_ids], device=dev),
-        judged=torch.tensor([float(s is not None) for s in scores], device=dev),
+        judged=torch.tensor([float(s is not None and k) for s, k in zip(scores, keep)], device=dev),
         advantages=advantages.to(dev),
     )
     true_scores = [j.score for j in judgements if j is not None]
     info = {
         "reward_sum": sum(true_scores), "judged": len(true_scores), "judge_failures": len(judgements) - len(true_scores),
+        "reward_failures": rewards.failures, "truncated": sum(truncated),
+        # each reward function's score sum and count on this process (the metrics reduce them over processes)
+        "per_function": {k: (rewards.per_function[k] * n if n else 0.0, n) for k, n in rewards.scored.items()},
         "completions": len(texts), "length_sum": float(comp_mask.sum()), "texts": texts, "prompts": row_prompts,
         "completion_ids": completion_ids, "distill_rows": [c is not None for c in ctx_ids],
         "distilled": float(batch.distill_mask.sum()), "demos": sum(c.demo_index is not None for c in contexts),
     }
     return batch, info
+
+
+def is_truncated(completion_ids: list[int], max_new_tokens: int, eos_id: Optional[int]) -> bool:
+    """A completion cut off at ``max_new_tokens`` without an end-of-sequence token."""
+    return len(completion_ids) >= max_new_tokens and (eos_id is None or not completion_ids or completion_ids[-1] != eos_id)
 
 
 def global_advantages(scores: list[Optional[float]], m: MethodConfig, acc) -> torch.Tensor:

@@ -40,6 +40,7 @@ from sdpo_sim.core.losses import (
 from .batch import Batch, merge_stats, select_rows
 from .checkpoint import is_sharded, latest_checkpoint, load_checkpoint, save_checkpoint
 from .credit import credit_metrics, feedback_credit
+from .evaluation import evaluate
 from .generation import TransformersGenerator, VLLMGenerator, require_vllm
 from .judges import load_judge
 from .logging import MetricsLogger
@@ -51,7 +52,9 @@ from .models import (
     no_forward_buffer_sync,
     teacher_outputs,
 )
+from .prompts import fit_prompts, open_prompts
 from .recipe import Recipe
+from .rewards import RewardFunctions
 from .rollout import rollout
 from .tasks import get_task
 from .teacher_weights import make_teacher
@@ -61,6 +64,17 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """Raised when ``training.max_consecutive_nonfinite`` steps in a row had a non-finite loss."""
+
+
+def make_rewards(recipe: Recipe, task, judge: Optional[Callable] = None) -> RewardFunctions:
+    """The run's scorer: ``task.reward_funcs`` (weighted, batched), else a per-item judge — the one given, ``task.judge``,
+    or the built-in task's rule-based judge."""
+    spec = recipe.task
+    if judge is None and spec.reward_funcs:
+        return RewardFunctions.from_specs(spec.reward_funcs, spec.reward_weights, timeout_s=spec.reward_timeout,
+                                          judge_template=spec.judge_template)
+    judge = judge if judge is not None else (load_judge(spec.judge) if spec.judge else task.judge)
+    return RewardFunctions.from_judge(judge, getattr(judge, "__name__", "judge"))
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -74,12 +88,9 @@ class Trainer:
         self.method, self.training = recipe.method, recipe.training
         check_output_dir(self.training.output_dir, "training.output_dir")  # before any weights load
         self.task = task if task is not None else get_task(recipe.task.name)
-        if judge is not None:
-            self.judge = judge
-        elif recipe.task.judge:
-            self.judge = load_judge(recipe.task.judge)
-        else:
-            self.judge = self.task.judge
+        self.prompts, held_out = open_prompts(recipe, self.task)  # datasets are checked before any weights load
+        self.rewards = make_rewards(recipe, self.task, judge)
+        self.rewards.check_columns(self.prompts.column_names, recipe.task.dataset or f"task {self.task.name!r}")
         # cpu=True when there is no GPU: a torchrun/gloo launch on CPU then becomes accelerate's MULTI_CPU
         self.acc = accelerator if accelerator is not None else Accelerator(cpu=not torch.cuda.is_available())
         world = self.acc.num_processes
@@ -92,6 +103,7 @@ class Trainer:
         torch.manual_seed(self.training.seed)
         random.seed(self.training.seed)
         model, self.tokenizer = load_model_and_tokenizer(recipe)
+        self.eval_rows, self.dropped_prompts = fit_prompts(self.prompts, held_out, recipe, self.tokenizer)
         check_trainable_precision(recipe, self.acc.distributed_type.name, model)  # what 'auto' resolved to
         vocab = model.get_output_embeddings().weight.shape[0]
         fused = self.training.fused_loss
@@ -277,6 +289,9 @@ class Trainer:
             "distill_fraction": S(info["distilled"]) / max(1.0, completions),
             "demo_fraction": S(info["demos"]) / max(1.0, completions),
             "judge_failures": int(S(info["judge_failures"])),
+            "reward_failures": int(S(info["reward_failures"])),
+            "truncated_fraction": S(info["truncated"]) / max(1.0, completions),
+            **{f"reward/{name}": S(total) / S(n) if S(n) else math.nan for name, (total, n) in info["per_function"].items()},
             "grad_norm": grad_norm,
             **credit_metrics(S, stats),
             "seconds": seconds,
@@ -285,14 +300,19 @@ class Trainer:
         return out
 
     # -- the loop ----------------------------------------------------------------------------------
-    def trainer_state(self) -> dict:
+    def trainer_state(self, step: int) -> dict:
+        """What a checkpoint keeps beside the weights; the data position is a function of the step (it is kept to
+        be shown and checked: a resumed run whose dataset changed size is warned)."""
         return {"nonfinite_steps": self.nonfinite_steps, "nonfinite_run": self.nonfinite_run,
-                "controller": None if self.controller is None else self.controller.state_dict()}
+                "controller": None if self.controller is None else self.controller.state_dict(),
+                "dataset_rows": len(self.prompts) if hasattr(self.prompts, "position") else None,
+                "data_position": self.prompts.position(step, self.training.prompts_per_step) if hasattr(self.prompts, "position") else None}
 
     def save(self, step: int) -> Path:
         return save_checkpoint(self.out, step, model=self.unwrapped, optimizer=self.optimizer, teacher=self.teacher,
-                               trainer_state=self.trainer_state(), rank=self.acc.process_index,
-                               barrier=self.acc.wait_for_everyone, accelerator=self.acc)
+                               trainer_state=self.trainer_state(step), rank=self.acc.process_index,
+                               barrier=self.acc.wait_for_everyone, accelerator=self.acc,
+                               save_total_limit=self.training.save_total_limit)
 
     def resume(self) -> int:
         """Load the latest checkpoint of ``output_dir`` (if any); returns the step to start from."""
@@ -306,6 +326,10 @@ class Trainer:
         if self.controller is not None and state["controller"] is not None:
             self.controller.load_state_dict(state["controller"])
         self.start_step = int(state["step"])
+        rows = state.get("dataset_rows")
+        if rows is not None and hasattr(self.prompts, "position") and rows != len(self.prompts):
+            log.warning("the checkpoint was made with %d dataset prompts, the dataset now has %d: the prompts from step %d on "
+                        "are not those the interrupted run would have used", rows, len(self.prompts), self.start_step)
         return self.start_step
 
     def train(self, *, resume: bool = False) -> list[dict]:
@@ -315,7 +339,9 @@ class Trainer:
         main = self.acc.is_main_process
         if main:
             self.recipe.save(self.out / "recipe.yaml")
-        logger = MetricsLogger(self.out, enabled=main, tensorboard=self.training.tensorboard, resume_step=self.start_step)
+        logger = MetricsLogger(self.out, enabled=main, report_to=self.training.report_to, resume_step=self.start_step,
+                               run_name=self.out.name, config=self.recipe.to_dict())
+        final_eval = None
         rows = []
         self.steps_done = self.start_step
         bar = tqdm(range(self.start_step, self.training.steps), disable=not main, desc=f"sdpo-llm {self.method.name}", unit="step")
@@ -324,7 +350,11 @@ class Trainer:
                 metrics = self.step(step)
                 info, log_ratio = metrics.pop("_heatmap")
                 done = self.steps_done = step + 1
-                if done % self.training.log_every == 0 or done == self.training.steps:
+                evaluated = self.eval_rows is not None and self.training.eval_steps > 0 and done % self.training.eval_steps == 0
+                if evaluated:
+                    final_eval = evaluate(self, self.eval_rows)
+                    metrics.update(final_eval)
+                if done % self.training.log_every == 0 or done == self.training.steps or evaluated:
                     logger.log(done, metrics)
                     rows.append({"step": done, **metrics})
                     bar.set_postfix(reward=f"{metrics['reward']:.3f}", loss=f"{metrics['loss']:.4f}")
@@ -340,9 +370,12 @@ class Trainer:
                     self.save(done)
         finally:
             logger.close()
+        if self.eval_rows is not None and (final_eval is None or self.steps_done % max(1, self.training.eval_steps)):
+            final_eval = evaluate(self, self.eval_rows)  # the trained policy's, if the last step did not evaluate it
         self.export(self.out / "final-model")
         if main:
-            summary = {"steps": self.training.steps, "final": rows[-1] if rows else None, "replica_max_abs_diff": self.replica_difference()}
+            summary = {"steps": self.training.steps, "final": rows[-1] if rows else None, "eval": final_eval,
+                       "dropped_prompts": self.dropped_prompts, "replica_max_abs_diff": self.replica_difference()}
             atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2))
         else:
             self.replica_difference()

@@ -143,8 +143,8 @@ def test_field_flags_pass_on_only_what_was_given():
     parser = argparse.ArgumentParser()
     dests = add_field_flags(parser, TrainingConfig, prefix="training")
     assert given_fields(parser.parse_args([]), dests) == {}
-    args = parser.parse_args(["--training.max-new-tokens", "5", "--training.tensorboard", "--training.share-prompt-prefix", "true"])
-    assert given_fields(args, dests) == {"training.max_new_tokens": 5, "training.tensorboard": True, "training.share_prompt_prefix": True}
+    args = parser.parse_args(["--training.max-new-tokens", "5", "--training.mask-truncated-completions", "--training.share-prompt-prefix", "true"])
+    assert given_fields(args, dests) == {"training.max_new_tokens": 5, "training.mask_truncated_completions": True, "training.share_prompt_prefix": True}
     assert all(d.isidentifier() for d in dests)  # dests are plain attribute names
 
 
