@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import pandas as pd
 import yaml
@@ -107,13 +107,50 @@ def select(seeds: pd.DataFrame, *, entropy_floor: float = 0.5, metric: str = "fi
     return json.loads(best["config"]), table, rule
 
 
+def check_user_task(dataset: Optional[str], reward_funcs: Sequence[str], reward_weights: Optional[Sequence[float]],
+                    eval_dataset: Optional[str]) -> None:
+    """Refuse a user task that cannot run, before anything is written: data paths must exist, reward functions be
+    ``module:function``, ``file.py:function`` (the file existing) or a model directory, one weight > 0 per function.
+    (The recipe is checked in full by ``sdpo-llm train``; ``sdpo_sim`` does not import ``llm``.)"""
+    for name, path in (("--dataset", dataset), ("--eval-dataset", eval_dataset)):
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"{name} {path!r} does not exist; give a .jsonl/.json, .parquet, .csv file or a datasets save_to_disk directory")
+    if (reward_funcs or reward_weights or eval_dataset) and dataset is None:
+        raise ValueError("--reward-funcs, --reward-weights and --eval-dataset describe a user task: give --dataset too")
+    if dataset is not None and not reward_funcs:
+        raise ValueError("--dataset needs --reward-funcs (module:function, file.py:function or a model directory): "
+                         "the built-in task's judge only understands its own prompts")
+    for spec in reward_funcs:
+        file, sep, _ = spec.rpartition(":")
+        if Path(spec).is_dir() or (sep and file and not file.endswith(".py")):
+            continue
+        if not (sep and file.endswith(".py") and Path(file).is_file()):
+            raise ValueError(f"--reward-funcs {spec!r}: use module:function, path/to/file.py:function (an existing file) or a model directory")
+    if reward_weights is not None and (len(reward_weights) != len(reward_funcs)
+                                       or not all(math.isfinite(w) and w > 0 for w in reward_weights)):
+        raise ValueError(f"--reward-weights {list(reward_weights)} must be {len(reward_funcs)} finite numbers > 0, one per reward function")
+
+
+def _absolute_spec(spec: str) -> str:
+    """A reward-function spec with its file or model directory made absolute (``module:function`` unchanged)."""
+    if Path(spec).is_dir():
+        return str(Path(spec).resolve())
+    file, _, function = spec.rpartition(":")
+    return f"{Path(file).resolve()}:{function}" if file.endswith(".py") else spec
+
+
 def promote(sweep_dir: Union[str, Path], *, base: Optional[Union[str, Path]] = None, out: Optional[Union[str, Path]] = None,
-            entropy_floor: float = 0.5, metric: str = "final_reward", method: Optional[str] = None) -> Promotion:
+            entropy_floor: float = 0.5, metric: str = "final_reward", method: Optional[str] = None,
+            dataset: Optional[str] = None, reward_funcs: Sequence[str] = (), reward_weights: Optional[Sequence[float]] = None,
+            eval_dataset: Optional[str] = None) -> Promotion:
     """Select a configuration from a sweep and build (and optionally write) the LLM recipe.
 
-    Checked in this order, before anything is written: the sweep directory, the base recipe (``None``:
+    With ``dataset`` and ``reward_funcs`` the recipe runs on the user's task (``task.dataset``, ``task.reward_funcs``,
+    ``task.reward_weights``, ``task.eval_dataset``; paths written absolute so the recipe runs from any directory).
+    Checked in this order, before anything is written: the sweep directory, the user task, the base recipe (``None``:
     :func:`default_base`), the output path, the rule."""
     tables = load_tables(sweep_dir)
+    check_user_task(dataset, list(reward_funcs), reward_weights, eval_dataset)
     base = default_base() if base is None else Path(base)
     recipe = read_yaml_file(base, "base recipe", "pass --base PATH to an LLM recipe file (e.g. llm/recipes/tiny-cpu.yaml)")
     if not isinstance(recipe, dict) or not isinstance(recipe.get("method"), dict):
@@ -135,6 +172,11 @@ def promote(sweep_dir: Union[str, Path], *, base: Optional[Union[str, Path]] = N
     for name, why in TOY_ONLY.items():
         if name in chosen:
             notes.append((name, chosen[name], why))
+    if dataset is not None:
+        user = {"dataset": str(Path(dataset).resolve()), "reward_funcs": [_absolute_spec(f) for f in reward_funcs],
+                "reward_weights": None if reward_weights is None else [float(w) for w in reward_weights],
+                "eval_dataset": None if eval_dataset is None else str(Path(eval_dataset).resolve()), "judge": None}
+        recipe["task"] = {**(recipe.get("task") or {}), **user}
     if out is not None:
         header = (f"# Promoted by `sdpo-sim promote {sweep_dir}` from base recipe {base}.\n# Rule: {rule}.\n"
                   f"# Toy-world result: {metric} {table[table.eligible].iloc[0][metric]:.3f}, final entropy {table[table.eligible].iloc[0]['entropy']:.3f} nats.\n"

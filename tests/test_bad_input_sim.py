@@ -136,6 +136,8 @@ ROWS = [
     pytest.param(["promote", "{SWEEP}", "--out", "/proc/x/r.yaml"], 2, "recipe output file '/proc/x/r.yaml': cannot create", {}, marks=NO_PROC),
     (["promote", "{SWEEP}", "--out", "."], 2, "recipe output file '.' is a directory", {}),
     (["promote", "{SWEEP}", "--out", "afile/r.yaml"], 2, "is a file, not a directory", F),
+    (["promote", "{SWEEP}", "--dataset", "missing.jsonl", "--reward-funcs", "json:loads"], 2, "--dataset 'missing.jsonl' does not exist", {}),
+    (["promote", "{SWEEP}", "--reward-funcs", "json:loads"], 2, "give --dataset too", {}),
     (["promote", "{SWEEP}", "--entropy-floor", "nan"], 2, "entropy_floor=nan must be a number ≥ 0", {}),
     (["promote", "{SWEEP}", "--entropy-floor", "100"], 2, "no configuration passes the rule", {}),
     (["promote", "{SWEEP}", "--top", "0"], 2, "argument --top: must be a positive integer", {}),

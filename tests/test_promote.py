@@ -65,3 +65,32 @@ def test_cli_prints_what_does_not_transfer(sweep_dir, capsys):
     assert main(["promote", str(sweep_dir / "sweep"), "--base", str(sweep_dir / "base.yaml"), "--out", str(sweep_dir / "cli.yaml"), "--entropy-floor", "0"]) == 0
     text = capsys.readouterr().out
     assert "does not transfer" in text and "lr = 0.3" in text and (sweep_dir / "cli.yaml").is_file()
+
+
+def test_promote_to_a_users_task_writes_its_dataset_and_reward_functions(sweep_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.jsonl").write_text('{"prompt": "hi", "answer": "x"}\n')
+    (tmp_path / "my_rewards.py").write_text("def score(prompts, completions, **kw):\n    return [0.5 for _ in completions]\n")
+    out = tmp_path / "recipe.yaml"
+    promote(sweep_dir / "sweep", base=sweep_dir / "base.yaml", out=out, entropy_floor=0.0, dataset="data.jsonl",
+            reward_funcs=["my_rewards.py:score", "json:loads"], reward_weights=[2.0, 1.0], eval_dataset="data.jsonl")
+    task = yaml.safe_load(out.read_text())["task"]
+    assert task["dataset"] == str(tmp_path / "data.jsonl") and task["eval_dataset"] == str(tmp_path / "data.jsonl")
+    assert task["reward_funcs"] == [f"{tmp_path / 'my_rewards.py'}:score", "json:loads"]  # absolute: runs from anywhere
+    assert task["reward_weights"] == [2.0, 1.0] and task["judge"] is None and task["feedback"] == "critique"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dataset": "missing.jsonl", "reward_funcs": ["json:loads"]}, "--dataset 'missing.jsonl' does not exist"),
+    ({"dataset": "data.jsonl"}, "--dataset needs --reward-funcs"),
+    ({"reward_funcs": ["json:loads"]}, "give --dataset too"),
+    ({"dataset": "data.jsonl", "reward_funcs": ["nofile.py:f"]}, "--reward-funcs 'nofile.py:f'"),
+    ({"dataset": "data.jsonl", "reward_funcs": ["json:loads"], "reward_weights": [1.0, 2.0]}, "must be 1 finite numbers > 0"),
+    ({"dataset": "data.jsonl", "reward_funcs": ["json:loads"], "reward_weights": [0.0]}, "must be 1 finite numbers > 0"),
+])
+def test_promote_refuses_a_user_task_that_cannot_run_and_writes_nothing(sweep_dir, tmp_path, monkeypatch, kwargs, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.jsonl").write_text('{"prompt": "hi"}\n')
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        promote(sweep_dir / "sweep", base=sweep_dir / "base.yaml", out=tmp_path / "r.yaml", entropy_floor=0.0, **kwargs)
+    assert not (tmp_path / "r.yaml").exists()

@@ -20,6 +20,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--entropy-floor", type=float, default=0.5, help="minimal mean final per-token entropy, nats (default 0.5)")
     p.add_argument("--metric", default="final_reward", choices=["final_reward", "auc"], help="what 'best' maximises (default final_reward)")
     p.add_argument("--top", type=positive_int, default=5, help="show this many candidates")
+    p.add_argument("--dataset", default=None, help="your prompts (.jsonl/.json, .parquet, .csv or a save_to_disk directory with a prompt column): the recipe trains on them")
+    p.add_argument("--reward-funcs", nargs="+", default=[], metavar="SPEC", help="your reward functions: module:function, path/to/file.py:function or a model directory (with --dataset)")
+    p.add_argument("--reward-weights", nargs="+", type=float, default=None, metavar="W", help="one weight > 0 per reward function (default: equal)")
+    p.add_argument("--eval-dataset", default=None, help="held-out prompts for training.eval_steps (same formats as --dataset)")
     p.set_defaults(func=main)
 
 
@@ -29,7 +33,8 @@ def main(args: argparse.Namespace) -> int:
     from ..promote import promote
 
     out = Path(args.out or Path(args.sweep) / "promoted-recipe.yaml")
-    res = promote(args.sweep, base=args.base, out=out, entropy_floor=args.entropy_floor, metric=args.metric, method=args.method)
+    res = promote(args.sweep, base=args.base, out=out, entropy_floor=args.entropy_floor, metric=args.metric, method=args.method,
+                  dataset=args.dataset, reward_funcs=args.reward_funcs, reward_weights=args.reward_weights, eval_dataset=args.eval_dataset)
     cols = ["method", "feedback", "teacher", "controller", args.metric, "entropy", "n", "eligible"]
     print(f"rule: {res.rule}\n")
     print(res.candidates[cols].head(args.top).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -39,5 +44,7 @@ def main(args: argparse.Namespace) -> int:
     print("\ndoes not transfer (set or tune these in the LLM world):")
     for name, value, why in res.not_transferred:
         print(f"  {name} = {value!r}: {why}")
+    if args.dataset is not None:
+        print(f"\ntask: your dataset {res.recipe['task']['dataset']} with reward functions {', '.join(res.recipe['task']['reward_funcs'])}")
     print(f"\nwrote {out}")
     return 0
