@@ -54,11 +54,6 @@ def is_done(runs_dir: Path, rid: str) -> bool:
     return rec is not None and rec.get("status") == "ok" and record_paths(runs_dir, rid)[1].is_file()
 
 
-def execute_one(run_fn: RunFn, rid: str, config: dict, runs_dir: str, meta: dict) -> dict:
-    """Worker body: run one config, write history then the JSON marker atomically; never raises."""
-    return execute_group(run_fn, [(rid, config)], runs_dir, meta)[0]
-
-
 def execute_group(run_fn: RunFn, items: Sequence[tuple[str, dict]], runs_dir: str, meta: dict) -> list[dict]:
     """Worker body for ``items`` = [(run id, config)] that share one program (``run_fn.run_many``; one item: ``run_fn``).
     Each run's history then its JSON marker is written atomically; never raises. If the shared program fails,
@@ -108,16 +103,16 @@ def groups(pending: Sequence[Planned], run_fn: RunFn) -> list[list[Planned]]:
     order, at most ``run_fn.group_runs`` seeds per program; one run per program for a plain run function."""
     if not hasattr(run_fn, "run_many"):
         return [[p] for p in pending]
-    by_key: dict[str, list[list[Planned]]] = {}
+    open_chunk: dict[str, tuple[list[Planned], int]] = {}  # group key -> (its newest program, the seeds it holds)
     out: list[list[Planned]] = []
     for p in pending:
-        key = run_fn.group_key(p.config)
-        chunks = by_key.setdefault(key, [])
-        size = int(p.config.get("seeds", 1))
-        if not chunks or sum(int(q.config.get("seeds", 1)) for q in chunks[-1]) + size > run_fn.group_runs:
-            chunks.append([])
-            out.append(chunks[-1])
-        chunks[-1].append(p)
+        key, size = run_fn.group_key(p.config), int(p.config.get("seeds", 1))
+        chunk, held = open_chunk.get(key, (None, 0))
+        if chunk is None or held + size > run_fn.group_runs:
+            chunk, held = [], 0
+            out.append(chunk)
+        chunk.append(p)
+        open_chunk[key] = (chunk, held + size)
     return out
 
 

@@ -2,10 +2,11 @@
 
 :func:`code_hash` is what makes a committed report *fresh by construction*: the claims report records
 it, and a test fails when the committed ``CLAIMS.json`` was made by other code than the current
-``sdpo_sim``. It hashes what changes numbers — every module's syntax tree without docstrings (so
-comments, docstrings and formatting do not count) and the packaged sweep specs byte for byte — and
-leaves out the command-line front end (``commands/``, ``cli.py``, ``__main__.py``), which only
-parses arguments and prints.
+``sdpo_sim``. It hashes what changes numbers — the syntax tree without docstrings (so comments,
+docstrings and formatting do not count) of every module the claims job imports, directly or through
+others (:data:`ROOTS`, followed through ``import`` statements within the package), and the packaged
+sweep specs byte for byte. The command-line front end (``commands/``, ``cli.py``, ``__main__.py``) only
+parses arguments and prints, and a module the job never imports (``promote.py``) cannot change its numbers.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
 FRONT_END = ("commands", "cli.py", "__main__.py")  # relative to the package: never changes a number
+ROOTS = ("__init__.py", "claims/__init__.py", "claims/job.py")  # the claims job; every result module is imported from here
 
 
 def git_commit() -> str:
@@ -42,10 +44,42 @@ def _without_docstrings(tree: ast.AST) -> ast.AST:
     return tree
 
 
+def _imported(module: Path, package: Path) -> set[Path]:
+    """The package's modules (and sub-packages' ``__init__``) that ``module`` imports, anywhere in its body."""
+    here = module.relative_to(package).parent
+    found = set()
+    for node in ast.walk(ast.parse(module.read_text(), str(module))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package / here
+            for _ in range(node.level - 1):
+                base = base.parent
+            targets = [base / (node.module or "").replace(".", "/")] if node.module else []
+            targets += [t / a.name for t in (targets or [base]) for a in node.names]
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            targets = [package.parent / n.replace(".", "/") for n in names if n.split(".")[0] == package.name]
+        else:
+            continue
+        for t in targets:
+            for parent in [t, *t.relative_to(package.parent).parents]:  # a.b.c imports a/__init__ and a/b/__init__ too
+                p = package.parent / parent
+                for f in (p.with_suffix(".py"), p / "__init__.py"):
+                    if f.is_file() and package in f.parents:
+                        found.add(f)
+    return found
+
+
 def result_files(package: Path = PACKAGE) -> list[Path]:
-    """The files whose content decides results: every module but the front end, and the packaged specs."""
-    files = sorted(package.rglob("*.py")) + sorted((package / "specs").glob("*.yaml"))
-    return [f for f in files if f.relative_to(package).parts[0] not in FRONT_END and "__pycache__" not in f.parts]
+    """The files whose content decides results: the modules reachable from :data:`ROOTS` (never the front end), and
+    the packaged specs."""
+    todo, seen = [package / r for r in ROOTS], set()
+    while todo:
+        f = todo.pop()
+        if f in seen or not f.is_file() or f.relative_to(package).parts[0] in FRONT_END:
+            continue
+        seen.add(f)
+        todo += _imported(f, package)
+    return sorted(seen) + sorted((package / "specs").glob("*.yaml"))
 
 
 def code_hash(package: Path = PACKAGE) -> str:

@@ -17,6 +17,17 @@ def test_the_hash_reads_every_result_module_and_spec_but_not_the_front_end():
     names = {str(f.relative_to(PACKAGE)) for f in result_files()}
     assert {"train.py", "teachers.py", "claims/measure.py", "core/losses/distill.py", "specs/claims.yaml"} <= names
     assert not any(n.startswith("commands/") or n in ("cli.py", "__main__.py") for n in names)
+    assert "promote.py" not in names  # the claims job never imports it: it cannot change a claim's number
+
+
+def test_a_module_counts_once_the_claims_job_imports_it(tmp_path):
+    pkg = _copy(tmp_path)
+    before = code_hash(pkg)
+    (pkg / "promote.py").write_text((pkg / "promote.py").read_text() + "\nUNUSED = 1\n")
+    assert code_hash(pkg) == before
+    stats = pkg / "stats.py"
+    stats.write_text(stats.read_text() + "\nfrom . import promote  # noqa\n")
+    assert "promote.py" in {str(f.relative_to(pkg)) for f in result_files(pkg)} and code_hash(pkg) != before
 
 
 def test_docstrings_comments_and_the_cli_do_not_change_the_hash_but_code_and_specs_do(tmp_path):
