@@ -84,6 +84,15 @@ ROWS = [
     (S("model.dtype=bfloat16"), 2, "set model.dtype: float32, or run sharded under the FSDP2 accelerate config"),
     (S("task.name=nope"), 2, "unknown task 'nope'; built-in tasks: word-constraints"),
     (S("task.judge=nomodule:judge"), 2, "judge spec 'nomodule:judge': cannot import"),
+    # --- a user's task (issue 14): refused before any weights load
+    (S("task.dataset=data.jsonl"), 2, "needs task.reward_funcs (or task.judge)"),
+    (S("task.dataset=missing.jsonl", "task.reward_funcs=[json:loads]"), 2, "task.dataset: missing.jsonl does not exist"),
+    (S("task.reward_funcs=[json:loads]", "task.reward_weights=[1, 2]"), 2, "must be a list of 1 finite numbers > 0"),
+    (S("task.reward_funcs=[nomodule:f]"), 2, "nomodule:f"),
+    (S("task.reward_funcs=[json:loads]", "task.judge=x:y"), 2, "cannot be set together with task.reward_funcs"),
+    (S("training.report_to=[jsonl, mlflow]"), 2, "unknown tracker 'mlflow'; allowed: jsonl, tensorboard, wandb"),
+    (S("training.tensorboard=true"), 2, "training.tensorboard was replaced; use training.report_to"),
+    (S("training.save_total_limit=0"), 2, "save_total_limit=0 must be an integer ≥ 1"),
     # --- plan
     (["plan", "--recipe", "qwen3-8b"], 2, "required: --gpus-per-node, --gpu-memory-gb"),
     (["plan", "--recipe", "qwen3-8b", "--gpus-per-node", "x", "--gpu-memory-gb", "80"], 2, "invalid int value: 'x'"),
