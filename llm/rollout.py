@@ -81,6 +81,7 @@ def rollout(trainer, step: int) -> tuple[Batch, dict]:
     info = {
         "reward_sum": sum(true_scores), "judged": len(true_scores), "judge_failures": len(judgements) - len(true_scores),
         "reward_failures": rewards.failures, "truncated": sum(truncated),
+        "judge_unparseable": sum(getattr(f, "last_unparseable", 0) for f in trainer.rewards.funcs),  # LLM judges' answers without a score
         # each reward function's score sum and count on this process (the metrics reduce them over processes)
         "per_function": {k: (rewards.per_function[k] * n if n else 0.0, n) for k, n in rewards.scored.items()},
         "completions": len(texts), "length_sum": float(comp_mask.sum()), "texts": texts, "prompts": row_prompts,

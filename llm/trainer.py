@@ -290,6 +290,7 @@ class Trainer:
             "demo_fraction": S(info["demos"]) / max(1.0, completions),
             "judge_failures": int(S(info["judge_failures"])),
             "reward_failures": int(S(info["reward_failures"])),
+            "judge_unparseable": int(S(info["judge_unparseable"])),
             "truncated_fraction": S(info["truncated"]) / max(1.0, completions),
             **{f"reward/{name}": S(total) / S(n) if S(n) else math.nan for name, (total, n) in info["per_function"].items()},
             "grad_norm": grad_norm,

@@ -93,6 +93,7 @@ def test_a_jsonl_dataset_with_two_weighted_reward_functions_an_llm_judge_an_eval
     # the combined score is the weighted mean of the two file functions alone
     judge = trainer.rewards.funcs[2]
     assert judge.unparseable > 0 and f"reward/{tiny_dir.name}" in last and last[f"reward/{tiny_dir.name}"] is None
+    assert sum(r["judge_unparseable"] for r in logged) == 2 * 2 * 3  # steps × prompts × generations: every training answer
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval"] == {k: last[k] for k in summary["eval"]} and summary["dropped_prompts"] == 0
     # trackers: TensorBoard events and a W&B offline run inside output_dir
