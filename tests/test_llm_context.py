@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import pytest
+from transformers.utils.chat_template_utils import render_jinja_template
 
-from llm.context import build_contexts, choose_demo, context_ids_for_batch, teacher_context_ids
+from llm.context import (
+    TeacherContext,
+    build_contexts,
+    choose_demo,
+    context_ids_for_batch,
+    format_prompt,
+    remove_thinking,
+    teacher_context_ids,
+)
 from llm.recipe import ContextConfig
 from llm.tiny import build_char_tokenizer
 from llm.batch import pack_rows
@@ -73,3 +82,29 @@ def test_batch_ids_follow_contexts(tok):
     ctx = build_contexts(["p:"] * 2, ["good", "bad"], [0.9, 0.1], [None, None], 2, spec)
     ids = context_ids_for_batch(tok, ["p:"] * 2, ["good", "bad"], ctx, [None, None], spec)
     assert ids[0] is None and "good" in tok.decode(ids[1]) and "bad" not in tok.decode(ids[1])
+
+
+def test_chat_template_kwargs_reach_the_template_and_conversation_turns_come_first():
+    class Tok:  # a tokenizer's chat-template interface, rendered with transformers' own Jinja renderer
+        chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                         "{% if enable_thinking is defined and not enable_thinking %}<nothink>{% endif %}<assistant>")
+
+        def apply_chat_template(self, turns, tokenize, add_generation_prompt, **kwargs):
+            return render_jinja_template([turns], chat_template=self.chat_template, add_generation_prompt=add_generation_prompt, **kwargs)[0][0]
+
+    tok = Tok()
+    system = [{"role": "system", "content": "be brief"}]
+    assert format_prompt(tok, "hi", system) == "<system>be brief<user>hi<assistant>"
+    assert format_prompt(tok, "hi", system, {"enable_thinking": False}) == "<system>be brief<user>hi<nothink><assistant>"
+    assert format_prompt(build_char_tokenizer(), "hi", system) == "be brief\nhi"  # no template: the turns, one per line
+
+
+def test_thinking_blocks_are_removed_from_a_demonstration_only_when_asked():
+    assert remove_thinking("<think>a\nb</think> answer <think>c</think>") == "answer"
+    tok = build_char_tokenizer()
+    completions = ["<think>long</think>salt", "mine"]
+    ctx = [TeacherContext("x", demo_index=None), TeacherContext("x", demo_index=0)]
+    for remove in (False, True):
+        spec = ContextConfig(remove_thinking_from_demonstration=remove, max_context_tokens=500)
+        ids = context_ids_for_batch(tok, ["p", "p"], completions, ctx, [None, None], spec)
+        assert ("<think>" in tok.decode(ids[1])) is not remove and "salt" in tok.decode(ids[1])

@@ -178,3 +178,26 @@ def test_a_run_killed_mid_way_resumes_at_the_same_dataset_position(tiny_dir, use
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     want, got = _calls(tmp_path / "straight.seen"), _calls(tmp_path / "killed.seen")
     assert len(want) == 4 and got[-(4 - step):] == want[step:]  # the steps after the checkpoint read the same prompts
+
+
+def test_masked_truncated_completions_get_no_loss_and_are_not_demonstrations(tiny_dir, user_files, tmp_path):
+    # 2 new tokens: the random tiny model (vocabulary ~100 characters) almost never samples its end token that early
+    trainer = Trainer(_user_recipe(tiny_dir, tmp_path / "run", user_files, training__max_new_tokens=2,
+                                   training__mask_truncated_completions=True, context__success_threshold=0.0))
+    batch, info = trainer.rollout(0)
+    truncated = [len(c) >= 2 and c[-1] != trainer.tokenizer.eos_token_id for c in info["completion_ids"]]
+    assert info["truncated"] == sum(truncated) > 0
+    for row, cut in enumerate(truncated):
+        if cut:  # judged (it counts in the reward) but no policy-gradient or distillation loss
+            assert batch.judged[row] == 0 and batch.distill_mask[row] == 0
+    plain = Trainer(_user_recipe(tiny_dir, tmp_path / "plain", user_files, training__max_new_tokens=2, context__success_threshold=0.0))
+    batch, _ = plain.rollout(0)
+    assert batch.judged.sum() > 0 and batch.distill_mask.sum() > 0  # the same rollout unmasked trains on them
+
+
+def test_a_run_keeps_only_save_total_limit_checkpoints(tiny_dir, user_files, tmp_path):
+    out = tmp_path / "run"
+    Trainer(_user_recipe(tiny_dir, out, user_files, training__steps=3, training__save_every=1, training__save_total_limit=2,
+                         training__eval_steps=0, task__eval_dataset=None)).train()
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-"))
+    assert kept == ["step-000002", "step-000003"] and (out / "checkpoints" / "latest").read_text().strip().endswith("3")
