@@ -32,6 +32,8 @@ from .logging import check_report_to
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 FEEDBACK_KINDS = ("binary", "ordinal", "continuous", "critique", "none")
 BACKENDS = ("transformers", "vllm")
+VLLM_MODES = ("colocate", "server")
+DEFAULT_VLLM_SERVER_URL = "http://127.0.0.1:8000"
 AUTO_CHOICES = ("auto", True, False)
 # AdamW moves every weight by about the learning rate per step whatever the gradient's scale; above 1 a single
 # step moves each weight by more than the ~0.02 scale a transformer's weights start at, fifty times over
@@ -234,10 +236,13 @@ class TrainingConfig:
 class GenerationConfig:
     """Sampling settings; the temperature is the method's (``method.temperature``)."""
 
-    backend: str = setting("transformers", "sampler: transformers' generate, or vLLM (needs vLLM installed; not with model.lora)", choices=BACKENDS)
+    backend: str = setting("transformers", "sampler: transformers' generate, or vLLM (needs vLLM installed; the trainer's weights, LoRA merged, are pushed into it before every call)", choices=BACKENDS)
     top_p: float = setting(1.0, "nucleus sampling mass, in (0, 1] (1: off)")
     top_k: int = setting(0, "keep only the k most probable tokens, ≥ 0 (0: off)")
-    vllm_gpu_memory_utilization: float = setting(0.3, "share of GPU memory, in (0, 1], vLLM may take (backend=vllm only)")
+    vllm_gpu_memory_utilization: float = setting(0.3, "share of GPU memory, in (0, 1], a colocated vLLM engine may take (vllm_mode=colocate only; a server sets its own)")
+    vllm_mode: str = setting("colocate", "backend=vllm: colocate (an engine inside each training process, on its GPU) or server (one `python -m llm.vllm_server` process on GPUs of its own, over HTTP)", choices=VLLM_MODES)
+    vllm_server_url: Optional[str] = setting(None, f"vllm_mode=server: the server's http(s):// URL; null: {DEFAULT_VLLM_SERVER_URL}")
+    vllm_server_timeout: float = setting(240.0, "vllm_mode=server: seconds > 0 to wait for the server to answer at start")
     chat_template_kwargs: dict = setting(help="extra keyword arguments of the tokenizer's chat template, e.g. {enable_thinking: false} for Qwen3", factory=dict)
 
     def validate(self) -> None:
@@ -246,6 +251,15 @@ class GenerationConfig:
         check_number(o, "top_p", self.top_p, 0.0, 1.0, lo_open=True)
         check_int(o, "top_k", self.top_k, 0)
         check_number(o, "vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, 0.0, 1.0, lo_open=True)
+        check_choice(o, "vllm_mode", self.vllm_mode, VLLM_MODES)
+        check_str(o, "vllm_server_url", self.vllm_server_url, optional=True)
+        if self.vllm_server_url is not None and not self.vllm_server_url.startswith(("http://", "https://")):
+            fail(o, "vllm_server_url", self.vllm_server_url, "must start with http:// or https://")
+        check_number(o, "vllm_server_timeout", self.vllm_server_timeout, 0.0, lo_open=True)
+        if self.vllm_mode == "server" and self.backend != "vllm":
+            fail(o, "vllm_mode", self.vllm_mode, f"needs generation.backend: vllm (backend is {self.backend!r})")
+        if self.vllm_server_url is not None and (self.backend != "vllm" or self.vllm_mode != "server"):
+            fail(o, "vllm_server_url", self.vllm_server_url, "is only read with generation.backend: vllm and vllm_mode: server")
         if not isinstance(self.chat_template_kwargs, dict) or not all(isinstance(k, str) for k in self.chat_template_kwargs):
             fail(o, "chat_template_kwargs", self.chat_template_kwargs, "must be a mapping of keyword names to values")
 
@@ -286,9 +300,6 @@ class Recipe:
         if self.task.dataset is not None and not self.task.reward_funcs and self.task.judge is None:
             raise ValueError(f"recipe field task.dataset={self.task.dataset!r} needs task.reward_funcs (or task.judge): the built-in "
                              f"task's judge only understands its own prompts")
-        if self.generation.backend == "vllm" and self.model.lora is not None:
-            raise ValueError("recipe field generation.backend='vllm' is not supported with model.lora yet "
-                             "(the engine would need merged adapter weights each step); use backend: transformers")
         return self
 
     @classmethod

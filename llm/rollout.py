@@ -15,7 +15,7 @@ from sdpo_sim.core.method import MethodConfig
 from .batch import Batch, pack_rows
 from .context import build_contexts, context_ids_for_batch, prompt_ids
 from .feedback import noisy_score, render_feedback
-from .generation import FEEDBACK, GENERATION, VLLMGenerator, sample_seed
+from .generation import FEEDBACK, GENERATION, sample_seed
 
 
 def rollout(trainer, step: int) -> tuple[Batch, dict]:
@@ -30,9 +30,7 @@ def rollout(trainer, step: int) -> tuple[Batch, dict]:
     # 1. sample a group of completions per prompt
     p_ids = [prompt_ids(trainer.tokenizer, r.prompt, training.max_prompt_length, r.messages, chat) for r in rows]
     seeds = [sample_seed(training.seed, step, GENERATION, first + i) for i in range(per_rank)]
-    if isinstance(trainer.generate, VLLMGenerator):  # the engine samples from the current weights
-        trainer.generate.load_weights(trainer._full_state().items())
-    groups = trainer.generate(trainer.unwrapped, p_ids, g, seeds)
+    groups = trainer.generate(trainer.unwrapped, p_ids, g, seeds)  # vLLM: the current weights are synced into it first
     completion_ids = [c for grp in groups for c in grp.completion_ids]
     texts = [trainer.tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
     row_of = [r for r in rows for _ in range(g)]
