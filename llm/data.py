@@ -7,7 +7,7 @@ message has role ``"user"``. An optional context column (``privileged_context``,
 holds privileged feedback text for the teacher; every other column is handed to reward functions.
 
 The rows stay in Arrow, memory-mapped: :class:`PromptDataset` keeps only the numbers of the rows it keeps
-(a numpy ``int64`` array, ``8 * N`` bytes) and reads rows on demand, validating each one as it is read.
+(a numpy ``int32`` array, ``4 * N`` bytes, plus one epoch's order of the same size) and reads rows on demand, validating each one as it is read.
 
 Training order (:meth:`PromptDataset.rows_for_step`): the kept rows are walked epoch by epoch, epoch ``e``
 in the order ``numpy.random.default_rng([seed, e]).permutation(N)``; step ``s`` with ``n`` prompts a step
@@ -27,11 +27,18 @@ from typing import Any, Callable, Mapping, Optional
 
 import datasets
 import numpy as np
+import pyarrow as pa
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 PROMPT_COLUMN = "prompt"
 _CONVERSATION = ("a non-empty string or a conversation (a non-empty list of {'role': str, 'content': str} "
                  "whose last message has role 'user')")
+
+
+def _index_dtype(n: int) -> type:
+    """The smallest integer type for row numbers below ``n``: 4 bytes a row up to 2**31 rows (the kept-row index and
+    one epoch's order are the only memory that grows with the dataset beyond its memory-mapped file)."""
+    return np.int32 if n < 2 ** 31 else np.int64
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ class PromptDataset:
         self.context_column = context_column
         self.column_names = [c for c in table.column_names if c not in (PROMPT_COLUMN, context_column)]
         self.num_file_rows = len(table)
-        self._kept = np.arange(len(table), dtype=np.int64)
+        self._kept = np.arange(len(table), dtype=_index_dtype(len(table)))
         self._perms: dict[tuple[int, int], np.ndarray] = {}  # (seed, epoch) -> order of kept positions
 
     # ------------------------------------------------------------------------------------------- loading
@@ -148,6 +155,7 @@ class PromptDataset:
         if PROMPT_COLUMN not in table.column_names:
             raise ValueError(f"{where} has no {PROMPT_COLUMN!r} column; its columns: "
                              f"{', '.join(table.column_names) or '(none)'}")
+        pa.default_memory_pool().release_unused()  # what the file → Arrow conversion held goes back to the system
         return cls(table, path, field_name=field_name, context_column=context_column, cache=cache)
 
     @staticmethod
@@ -286,6 +294,7 @@ class PromptDataset:
                              f"{int(max_tokens)} tokens; raise training.max_prompt_length")
         self._kept = self._kept[keep]
         self._perms.clear()
+        pa.default_memory_pool().release_unused()  # the Arrow pages the batched reads used go back to the system
         return dropped
 
     # ------------------------------------------------------------------------------------------- order
@@ -299,7 +308,7 @@ class PromptDataset:
         key = (int(seed), int(epoch))
         perm = self._perms.get(key)
         if perm is None:
-            perm = np.random.default_rng([key[0], key[1]]).permutation(self._kept.size)
+            perm = np.random.default_rng([key[0], key[1]]).permutation(self._kept.size).astype(self._kept.dtype)
             if len(self._perms) >= 2:  # a step spans at most a few epochs: keep the last two
                 self._perms.pop(next(iter(self._perms)))
             self._perms[key] = perm

@@ -80,7 +80,7 @@ def test_each_format_loads_the_same_rows_memory_mapped_without_network(tmp_path,
     assert ds.row(1) == EXPECTED[1]
     assert ds.rows(1, 99) == EXPECTED[1:]  # stop is clipped
     assert isinstance(ds._table.data, MemoryMappedTable)  # the rows stay in Arrow on disk, not in Python lists
-    assert ds._kept.dtype == np.int64
+    assert ds._kept.dtype == np.int32  # 4 bytes a row below 2**31 rows
 
 
 def test_a_file_is_converted_in_a_private_temporary_directory_removed_with_the_dataset(tmp_path):
