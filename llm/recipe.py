@@ -72,7 +72,7 @@ class ModelConfig:
     """The model to train: where it is, its precision and how it is loaded."""
 
     path: str = setting("outputs/tiny-model", "a saved transformers model directory, or a hub id downloaded ahead of time (runs never download)")
-    dtype: str = setting("float32", "precision of the weights; a plain (unsharded) run refuses bfloat16/float16 trainable weights, whose AdamW updates round away (use float32, LoRA or the FSDP2/DeepSpeed configs)", choices=DTYPES)
+    dtype: str = setting("float32", "precision: float32; bfloat16 = mixed precision: float32 master weights, gradients and AdamW moments with bfloat16 forwards (16 bytes per trained parameter plus bfloat16 weight copies while a step runs, twice the 8 of all-bfloat16, whose updates round away; LoRA keeps its frozen base in bfloat16); float16 needs FSDP2/DeepSpeed or LoRA (no loss scaling otherwise); auto: the saved config's dtype", choices=DTYPES)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory, more compute; turns share_prompt_prefix auto off)")
     lora: Optional[LoraConfig] = setting(None, "LoRA adapters as a mapping {r, alpha, dropout, target_modules}; null: train all weights")
     attn_implementation: Optional[str] = setting(None, "attention kernel passed to transformers, e.g. sdpa or flash_attention_2; null: transformers' default")

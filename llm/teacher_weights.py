@@ -12,6 +12,12 @@ needs no second model object and follows any sharding of the student.
 - ``frozen``: the initial weights.
 - ``trust_region``: teacher logits ``(1 − r)·ℓ(θ_0) + r·ℓ(θ)``: a geometric mixture of the initial and the live
   teacher, which keeps it within a trust region of the initial one (two teacher forwards per step).
+
+Precision: the copy is kept in float32 (or wider) whatever the parameters' dtype, and the EMA reads the optimiser's
+float32 master values (DeepSpeed's master partition when its bf16 engine holds bfloat16 parameters), so
+``θ_T + r·(θ − θ_T)`` is not rounded back to ``θ_T``: in bfloat16 a move below ``|θ_T|·2⁻⁹`` is lost, and with
+r = 0.01 that is nearly every move. A teacher forward rounds the float32 copy into a half-precision parameter and
+puts the student's own values back exactly afterwards.
 """
 
 from __future__ import annotations
@@ -32,6 +38,24 @@ def local_tensor(param: torch.Tensor) -> torch.Tensor:
     to_local = getattr(param, "to_local", None)  # torch.distributed.tensor.DTensor (FSDP2)
     data = param.data
     return to_local() if callable(to_local) and hasattr(data, "placements") else data
+
+
+def master_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The values the optimiser updates for the part of ``param`` this process holds: DeepSpeed ZeRO-3's float32
+    master partition when its engine keeps one, else :func:`local_tensor` (the parameter itself is the master)."""
+    if hasattr(param, "ds_tensor") and getattr(param, "_z3_optimizer", None) is not None:
+        # optional package, imported lazily: it is installed whenever a ZeRO-3 parameter exists
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        master = safe_get_local_fp32_param(param)
+        if master is not None:
+            return master
+    return local_tensor(param)
+
+
+def copy_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the teacher keeps a parameter of ``dtype`` in: float32 for bfloat16/float16, never narrower."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def reshard(model: nn.Module) -> None:
@@ -64,7 +88,8 @@ class Teacher:
         self.names = [n for n, _ in trainable_named_parameters(model)]
         with torch.no_grad():
             self.weights: dict[str, torch.Tensor] = (
-                {} if kind == "live" else {n: local_tensor(p).detach().clone() for n, p in trainable_named_parameters(model)}
+                {} if kind == "live" else {n: master_tensor(p).detach().to(copy_dtype(p.dtype), copy=True)
+                                           for n, p in trainable_named_parameters(model)}
             )
 
     @property
@@ -80,23 +105,31 @@ class Teacher:
 
     @contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[None]:
-        """Within the block, the model's trainable parameters hold the stored teacher weights."""
+        """Within the block, the model's trainable parameters hold the stored teacher weights (rounded to the
+        parameters' dtype when it is narrower than the copy's); afterwards exactly the student's values again."""
         params = self._params(model)
+        kept: dict[str, torch.Tensor] = {}  # the student's values of half-precision parameters, while swapped out
 
-        def swap() -> None:
+        def swap(into: bool) -> None:
             reshard(model)  # FSDP2: drop gathered copies so the next forward gathers the swapped shards
             with torch.no_grad():
                 for n, w in self.weights.items():
                     local = local_tensor(params[n])
-                    tmp = local.clone()
-                    local.copy_(w)
-                    w.copy_(tmp)
+                    if local.dtype == w.dtype:  # exchange in place: exact both ways, no second copy
+                        tmp = local.clone()
+                        local.copy_(w)
+                        w.copy_(tmp)
+                    elif into:
+                        kept[n] = local.clone()
+                        local.copy_(w)
+                    else:
+                        local.copy_(kept.pop(n))
 
-        swap()
+        swap(True)
         try:
             yield
         finally:
-            swap()
+            swap(False)
 
     @torch.no_grad()
     def outputs(self, model: nn.Module, forward: Callable[[], Any]) -> list[tuple[float, Any]]:
@@ -120,7 +153,7 @@ class Teacher:
             return
         params = self._params(model)
         for n, w in self.weights.items():
-            w.lerp_(local_tensor(params[n]).to(w.dtype), self.rate)  # θ_T ← θ_T + r·(θ − θ_T)
+            w.lerp_(master_tensor(params[n]).to(w.dtype), self.rate)  # θ_T ← θ_T + r·(θ − θ_T), in the copy's float32
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "rate": self.rate, "weights": {n: w.clone() for n, w in self.weights.items()}}

@@ -46,10 +46,15 @@ from .judges import load_judge
 from .logging import MetricsLogger
 from .losses import sdpo_loss, token_logprobs, token_stats
 from .models import (
+    accelerate_mixed_precision,
+    autocast,
+    check_accelerator_precision,
     check_trainable_precision,
     completion_outputs,
     load_model_and_tokenizer,
     no_forward_buffer_sync,
+    resolved_dtype,
+    sharded_launch,
     teacher_outputs,
 )
 from .prompts import fit_prompts, open_prompts
@@ -91,20 +96,26 @@ class Trainer:
         self.prompts, held_out = open_prompts(recipe, self.task)  # datasets are checked before any weights load
         self.rewards = make_rewards(recipe, self.task, judge)
         self.rewards.check_columns(self.prompts.column_names, recipe.task.dataset or f"task {self.task.name!r}")
+        # the compute precision is model.dtype's ('auto': the saved config's), read before any weight loads; it sets
+        # accelerate's mixed_precision (FSDP/DeepSpeed launches) over the launch config's (llm/models.py docstring)
+        self.dtype = resolved_dtype(recipe)
         # cpu=True when there is no GPU: a torchrun/gloo launch on CPU then becomes accelerate's MULTI_CPU
-        self.acc = accelerator if accelerator is not None else Accelerator(cpu=not torch.cuda.is_available())
+        self.acc = accelerator if accelerator is not None else Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=accelerate_mixed_precision(self.dtype, sharded_launch()))
+        check_accelerator_precision(self.acc, self.dtype)
         world = self.acc.num_processes
         if self.training.prompts_per_step % world:
             raise ValueError(f"training.prompts_per_step={self.training.prompts_per_step} must be divisible by the number of processes ({world})")
         if recipe.generation.backend == "vllm":
             require_vllm()  # fail before loading any weights
-        check_trainable_precision(recipe, self.acc.distributed_type.name)
+        check_trainable_precision(recipe, self.acc.distributed_type.name, self.dtype)
+        self.deepspeed = self.acc.distributed_type.name == "DEEPSPEED"
 
         torch.manual_seed(self.training.seed)
         random.seed(self.training.seed)
-        model, self.tokenizer = load_model_and_tokenizer(recipe)
+        # float32 master weights for trainable parameters, except under DeepSpeed, whose engine keeps its own
+        model, self.tokenizer = load_model_and_tokenizer(recipe, master_weights=not self.deepspeed)
         self.eval_rows, self.dropped_prompts = fit_prompts(self.prompts, held_out, recipe, self.tokenizer)
-        check_trainable_precision(recipe, self.acc.distributed_type.name, model)  # what 'auto' resolved to
         vocab = model.get_output_embeddings().weight.shape[0]
         fused = self.training.fused_loss
         self.fused = self.method.distills and (fused is True or (fused == "auto" and vocab >= self.training.fused_min_vocab))
@@ -116,8 +127,12 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=self.training.learning_rate, weight_decay=self.training.weight_decay,
                                       betas=tuple(self.training.adam_betas))
-        if self.acc.distributed_type.name == "DEEPSPEED":  # no dataloader is prepared, so say the batch size
-            self.acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+        if self.deepspeed:
+            ds_config = self.acc.state.deepspeed_plugin.deepspeed_config
+            ds_config["train_micro_batch_size_per_gpu"] = 1  # no dataloader is prepared, so say the batch size
+            # ZeRO-3 keeps parameters under this size gathered on every rank, outside the partitions the teacher
+            # swaps: with 0 every parameter is partitioned, so a teacher forward reads the teacher's weights
+            ds_config.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = 0
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         no_forward_buffer_sync(self.model)
         self.sharded = is_sharded(self.unwrapped)
@@ -169,9 +184,14 @@ class Trainer:
         return self.controller.update(divergence=mean_div, entropy=entropy)
 
     # -- 1-4: sample, judge, feedback, teacher contexts (llm/rollout.py) ------------------------------
+    def autocast(self):
+        """The forwards' precision context: bfloat16 autocast for a bfloat16 run, a no-op otherwise (:func:`llm.models.autocast`)."""
+        return autocast(self.acc.device.type, self.dtype)
+
     def rollout(self, step: int) -> tuple[Batch, dict]:
         """This process's rollouts of ``step`` as a packed batch, and what the metrics need (:func:`llm.rollout.rollout`)."""
-        return rollout(self, step)
+        with self.autocast():
+            return rollout(self, step)
 
     # -- 5: forwards and the shared loss -----------------------------------------------------------
     def compute_loss(self, batch: Batch, counts: Optional[dict] = None, alpha_mix: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
@@ -197,7 +217,8 @@ class Trainer:
         student_out = completion_outputs(self.model, batch.input_ids, batch.attention_mask, T, hidden=self.fused,
                                          share_prefix=self.share_prefix) / temp
         if self.method.distills and rows.numel() < student_out.shape[0]:  # rows the teacher skipped: the student's own outputs
-            teacher_out = student_out.detach().index_copy(0, rows, teacher_out) if rows.numel() else student_out.detach()
+            own = student_out.detach().to(teacher_out.dtype if rows.numel() else student_out.dtype)  # float32 trust-region mix
+            teacher_out = own.index_copy(0, rows, teacher_out) if rows.numel() else own
         comp_mask = batch.completion_mask
         ent, div, ratio = token_stats(student_out.detach(), None if teacher_out is None else teacher_out.detach(),
                                       batch.completion_ids, m.alpha, weight=head, teacher_weight=teacher_head)
@@ -247,29 +268,45 @@ class Trainer:
         for _ in range(self.training.updates_per_batch):
             alpha_mix = None
             if adaptive:  # the controller needs the whole batch's statistics before any gradient
-                with torch.no_grad():
+                with torch.no_grad(), self.autocast():
                     alpha_mix = self._alpha_mix(merge_stats([self.compute_loss(p, counts, torch.tensor(0.5))[1] for p in parts]))
             losses, part_stats = [], []
             for i, part in enumerate(parts):
-                loss, stats = self.compute_loss(part, counts, alpha_mix)
-                sync = i == len(parts) - 1 or self.acc.distributed_type.name not in ("MULTI_CPU", "MULTI_GPU")
-                with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
-                    self.acc.backward(loss)
+                with self.autocast():  # forwards and loss in the run's precision; the backward follows the graph's dtypes
+                    loss, stats = self.compute_loss(part, counts, alpha_mix)
+                last = i == len(parts) - 1
+                if self.deepspeed:  # the engine accumulates over the parts; its step waits for the check below
+                    self.model.set_gradient_accumulation_boundary(last)
+                    self.model.backward(loss)
+                else:
+                    sync = last or self.acc.distributed_type.name not in ("MULTI_CPU", "MULTI_GPU")
+                    with contextlib.nullcontext() if sync else self.acc.no_sync(self.model):
+                        self.acc.backward(loss)
                 losses.append(loss.detach())
                 part_stats.append(stats)
             loss, stats = torch.stack(losses).sum(), merge_stats(part_stats)
             finite = self._sum(float(not torch.isfinite(loss).item())) == 0
-            norm = self.acc.clip_grad_norm_(self.model.parameters(), self.training.max_grad_norm) if finite else math.nan
-            grad_norm = math.nan if norm is None else float(norm)  # None: DeepSpeed clips inside its engine
+            if self.deepspeed:  # the engine clips (gradient_clipping) and steps; its norm is known after the step
+                norm = None
+            else:
+                norm = self.acc.clip_grad_norm_(self.model.parameters(), self.training.max_grad_norm) if finite else math.nan
+            grad_norm = math.nan if norm is None else float(norm)
             finite = finite and (norm is None or math.isfinite(grad_norm))
             if finite:
-                self.optimizer.step()
+                if self.deepspeed:
+                    self.model.step()
+                    engine_norm = self.model.get_global_grad_norm()
+                    grad_norm = math.nan if engine_norm is None else float(engine_norm)
+                else:
+                    self.optimizer.step()
                 self.teacher.update(self.unwrapped)
                 self.nonfinite_run = 0
             else:
                 self.nonfinite_steps += 1
                 self.nonfinite_run += 1
                 log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", step, self.nonfinite_run)
+            if self.deepspeed and not finite:
+                self.model.zero_grad()  # drops the skipped step's accumulated gradients (a step zeroes them itself)
             self.optimizer.zero_grad(set_to_none=True)
             if not finite:
                 break
@@ -353,7 +390,8 @@ class Trainer:
                 done = self.steps_done = step + 1
                 evaluated = self.eval_rows is not None and self.training.eval_steps > 0 and done % self.training.eval_steps == 0
                 if evaluated:
-                    final_eval = evaluate(self, self.eval_rows)
+                    with self.autocast():
+                        final_eval = evaluate(self, self.eval_rows)
                     metrics.update(final_eval)
                 if done % self.training.log_every == 0 or done == self.training.steps or evaluated:
                     logger.log(done, metrics)
@@ -372,7 +410,8 @@ class Trainer:
         finally:
             logger.close()
         if self.eval_rows is not None and (final_eval is None or self.steps_done % max(1, self.training.eval_steps)):
-            final_eval = evaluate(self, self.eval_rows)  # the trained policy's, if the last step did not evaluate it
+            with self.autocast():
+                final_eval = evaluate(self, self.eval_rows)  # the trained policy's, if the last step did not evaluate it
         self.export(self.out / "final-model")
         if main:
             summary = {"steps": self.training.steps, "final": rows[-1] if rows else None, "eval": final_eval,

@@ -7,10 +7,10 @@ Usage: ``torchrun --nproc_per_node 2 tests/ddp_cpu_run.py RECIPE.yaml KEEP_DIR``
 import sys
 
 import torch
+from llm_helpers import keep_updates
 
 from llm.recipe import load_recipe
 from llm.trainer import Trainer
-from llm_helpers import keep_updates
 
 if __name__ == "__main__":
     trainer = Trainer(load_recipe(sys.argv[1]))

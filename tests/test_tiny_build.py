@@ -1,5 +1,6 @@
 """``sdpo-llm make-tiny`` builds atomically and records how; ``train`` warns on a random-weight tiny model,
-refuses half-precision weights under plain AdamW, and says how to resume when interrupted."""
+refuses float16 full fine-tuning without sharding (bfloat16 keeps float32 master weights), and says how to resume
+when interrupted."""
 
 from __future__ import annotations
 
@@ -19,7 +20,13 @@ import llm.make_tiny as make_tiny
 from llm.cli import main as cli_main
 from llm.make_tiny import main
 from llm.recipe import load_recipe, resolve_recipe_path
-from llm.tiny import build_char_tokenizer, build_tiny, build_tiny_model, read_metadata, save_pretrained_dir
+from llm.tiny import (
+    build_char_tokenizer,
+    build_tiny,
+    build_tiny_model,
+    read_metadata,
+    save_pretrained_dir,
+)
 from llm.trainer import Trainer, check_trainable_precision
 
 transformers = pytest.importorskip("transformers")
@@ -141,11 +148,12 @@ def test_train_warns_on_a_tiny_model_with_zero_pretraining_steps(built, tmp_path
     assert not [r for r in caplog.records if "pretraining steps" in r.getMessage()]
 
 
-# ----------------------------------------------------------------------------- half precision under plain AdamW
+# ----------------------------------------------------------------------------- half precision (tests/test_llm_precision.py)
 def test_bfloat16_adamw_loses_a_small_update():
-    """The refusal's premise. Adam's first step moves each weight by lr·m̂/(√v̂+ε) = lr·sign(g) = 1e-5. A weight
-    of 0.02 lies in [2⁻⁶, 2⁻⁵), where bfloat16's 8 significant bits space values 2⁻⁶·2⁻⁷ ≈ 1.2e-4 apart: a move of
-    1e-5 (< half a spacing) rounds back to 0.02. float32 spaces them 2⁻⁶·2⁻²³ ≈ 1.9e-9 apart: every weight moves."""
+    """Why bfloat16 runs keep float32 master weights. Adam's first step moves each weight by lr·m̂/(√v̂+ε) = lr·sign(g)
+    = 1e-5. A weight of 0.02 lies in [2⁻⁶, 2⁻⁵), where bfloat16's 8 significant bits space values 2⁻⁶·2⁻⁷ ≈ 1.2e-4
+    apart: a move of 1e-5 (< half a spacing) rounds back to 0.02. float32 spaces them 2⁻⁶·2⁻²³ ≈ 1.9e-9 apart:
+    every weight moves."""
     changed = {}
     for dtype in (torch.bfloat16, torch.float32):
         w = torch.nn.Parameter(torch.full((1000,), 0.02, dtype=dtype))
@@ -156,28 +164,44 @@ def test_bfloat16_adamw_loses_a_small_update():
     assert changed[torch.bfloat16] == 0.0 and changed[torch.float32] == 1.0
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_a_half_recipe_dtype_is_refused_before_any_weight_loads(dtype, built, tmp_path, monkeypatch):
-    def no_loading(recipe):
+def test_a_float16_recipe_is_refused_before_any_weight_loads(built, tmp_path, monkeypatch):
+    """float16 needs loss scaling, which the plain trainer does not do (bfloat16 trains with float32 master weights)."""
+    def no_loading(recipe, **kwargs):
         raise AssertionError("weights were loaded before the dtype was checked")
 
     monkeypatch.setattr("llm.trainer.load_model_and_tokenizer", no_loading)
-    with pytest.raises(ValueError, match=f"model.dtype='{dtype}' would train {dtype} weights.*set model.dtype: float32.*fsdp2"):
-        Trainer(recipe_on(built["pre"], tmp_path / "run", model__dtype=dtype))
+    with pytest.raises(ValueError, match="model.dtype='float16' would train float16 weights without loss scaling.*"
+                                         "set model.dtype: bfloat16 .*float32 master weights"):
+        Trainer(recipe_on(built["pre"], tmp_path / "run", model__dtype="float16"))
     assert not (tmp_path / "run").exists()
 
 
-def test_auto_dtype_that_resolves_to_bfloat16_is_refused_after_loading(tmp_path):
-    tokenizer = build_char_tokenizer()
-    save_pretrained_dir(build_tiny_model(tokenizer, hidden_size=8, num_layers=1).to(torch.bfloat16), tokenizer, tmp_path / "bf16")
-    with pytest.raises(ValueError, match=r"model.dtype='auto' \(resolved to bfloat16\)"):
-        Trainer(recipe_on(tmp_path / "bf16", tmp_path / "run", model__dtype="auto"))
-    fp32 = build_tiny(tmp_path / "fp32", hidden_size=8, num_layers=1)
-    trainer = Trainer(recipe_on(fp32, tmp_path / "run", model__dtype="auto"))  # auto → float32 trains
+def test_a_bfloat16_recipe_loads_float32_master_weights(built, tmp_path):
+    trainer = Trainer(recipe_on(built["pre"], tmp_path / "run", model__dtype="bfloat16"))
+    assert trainer.dtype == torch.bfloat16
     assert {p.dtype for p in trainer.unwrapped.parameters()} == {torch.float32}
 
 
-def test_lora_on_a_bfloat16_model_trains_float32_adapters_so_it_is_allowed(built, tmp_path):
+def test_auto_dtype_resolves_to_the_saved_config_before_loading(tmp_path, monkeypatch):
+    tokenizer = build_char_tokenizer()
+    for half in (torch.bfloat16, torch.float16):
+        save_pretrained_dir(build_tiny_model(tokenizer, hidden_size=8, num_layers=1).to(half), tokenizer, tmp_path / str(half))
+    trainer = Trainer(recipe_on(tmp_path / str(torch.bfloat16), tmp_path / "run", model__dtype="auto"))
+    assert trainer.dtype == torch.bfloat16  # a bfloat16 run: float32 master weights, read exactly from bfloat16
+    assert {p.dtype for p in trainer.unwrapped.parameters()} == {torch.float32}
+    fp32 = build_tiny(tmp_path / "fp32", hidden_size=8, num_layers=1)
+    trainer = Trainer(recipe_on(fp32, tmp_path / "run32", model__dtype="auto"))  # auto → float32 trains as before
+    assert trainer.dtype == torch.float32 and {p.dtype for p in trainer.unwrapped.parameters()} == {torch.float32}
+
+    def no_loading(recipe, **kwargs):
+        raise AssertionError("weights were loaded before the dtype was checked")
+
+    monkeypatch.setattr("llm.trainer.load_model_and_tokenizer", no_loading)
+    with pytest.raises(ValueError, match=r"model.dtype='auto' \(resolved to float16\)"):
+        Trainer(recipe_on(tmp_path / str(torch.float16), tmp_path / "run16", model__dtype="auto"))
+
+
+def test_lora_on_a_bfloat16_model_trains_float32_adapters_over_a_frozen_bfloat16_base(built, tmp_path):
     pytest.importorskip("peft")
     trainer = Trainer(recipe_on(built["pre"], tmp_path / "run", model__dtype="bfloat16", model__lora={"r": 2}))
     trainable = {p.dtype for p in trainer.unwrapped.parameters() if p.requires_grad}
@@ -185,13 +209,17 @@ def test_lora_on_a_bfloat16_model_trains_float32_adapters_so_it_is_allowed(built
     assert trainable == {torch.float32} and frozen == {torch.bfloat16}
 
 
-def test_sharded_runs_keep_float32_weights_so_they_are_not_refused(built, tmp_path):
-    recipe = recipe_on(built["pre"], tmp_path / "run", model__dtype="bfloat16")
-    for sharded in ("FSDP", "DEEPSPEED"):
-        check_trainable_precision(recipe, sharded)  # no error
+def test_only_unsharded_float16_full_fine_tuning_is_refused(built, tmp_path):
+    for dtype in ("bfloat16", "float32"):
+        for kind in ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP", "DEEPSPEED"):
+            check_trainable_precision(recipe_on(built["pre"], tmp_path / "run", model__dtype=dtype), kind)  # no error
+    half = recipe_on(built["pre"], tmp_path / "run", model__dtype="float16")
+    for sharded in ("FSDP", "DEEPSPEED"):  # accelerate's FSDP2 grad scaler, DeepSpeed's loss scaler
+        check_trainable_precision(half, sharded)
+    check_trainable_precision(recipe_on(built["pre"], tmp_path / "run", model__dtype="float16", model__lora={"r": 2}), "NO")
     for plain in ("NO", "MULTI_GPU", "MULTI_CPU"):
-        with pytest.raises(ValueError, match="FSDP2"):
-            check_trainable_precision(recipe, plain)
+        with pytest.raises(ValueError, match="without loss scaling"):
+            check_trainable_precision(half, plain)
 
 
 # ----------------------------------------------------------------------------- Ctrl-C during train
