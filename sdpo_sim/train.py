@@ -403,7 +403,8 @@ def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunR
         if m.uses_reference:
             ref_logp = _token_logp(policy.logits(theta_init, seqs), seqs)
             if m.ref_beta > 0:
-                loss = loss + m.ref_beta * _per_run(reference_kl(logp, ref_logp), None, m.loss_type)
+                kl = reference_kl(logp, ref_logp, old_logp, bias_correction=m.use_bias_correction_kl)
+                loss = loss + m.ref_beta * _per_run(kl, None, m.loss_type)
             if m.ref_anchor > 0:
                 loss = loss + m.ref_anchor * _per_run(reference_anchor(logp, ref_logp), None, m.loss_type)
         out_["loss"], out_["credit"] = loss.sum(), credit

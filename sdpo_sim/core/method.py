@@ -70,7 +70,7 @@ TEMPERATURE_RANGE = (1e-3, 1e3)
 MAX_REF_COEF = 1e3
 # The variants' fields (docs/variants.md): a world that has not wired one must refuse it (variants_in_use).
 VARIANT_FIELDS = ("blend_lambda", "distill_loss", "distill_prompt_weight", "distill_token_weight", "distill_gate",
-                  "distill_warmup_steps", "distill_decay_steps", "ref_beta", "ref_anchor")
+                  "distill_warmup_steps", "distill_decay_steps", "ref_beta", "use_bias_correction_kl", "ref_anchor")
 # Fields that act on the distillation term only (refused on methods without one).
 _DISTILL_ONLY = ("distill_loss", "distill_prompt_weight", "distill_token_weight", "distill_gate", "distill_warmup_steps",
                  "distill_decay_steps")
@@ -110,6 +110,7 @@ class MethodConfig:
     epsilon: float = setting(0.2, "PPO ratio clip [1 − ε, 1 + ε], in [0, 1000], when rollouts are reused (updates_per_batch > 1, in either world)")
     # -- reference policy (every method) --
     ref_beta: float = setting(0.0, "coefficient in [0, 1000] of the KL to the reference (initial) policy, TRL's k3 per token exp(r − l) − (r − l) − 1 (l, r: log-probabilities of the sampled token under the policy and the reference), added to any method's loss; 0: off, as in the official SDPO configs. TRL calls it beta; here ref_beta, because a toy run's flat config already has beta (the teacher's sharpness)")
+    use_bias_correction_kl: bool = setting(True, "with ref_beta > 0, multiply the k3 term by the ratio π_θ/π_old (1 in value on-policy, not in gradient), as TRL does by default: its gradient is then the reverse KL(π_θ‖π_ref)'s in expectation; false: plain k3, whose gradient is the forward KL(π_ref‖π_θ)'s")
     ref_anchor: float = setting(0.0, "coefficient in [0, 1000] of the SDPG-style sampled-token anchor ½·(log π_θ(y_t) − log π_ref(y_t))², π_ref the initial policy, added to any method's loss; 0: off")
     temperature: float = setting(1.0, "sampling temperature, in [0.001, 1000]; the losses divide the logits by it too (as TRL does)")
 
@@ -149,6 +150,7 @@ class MethodConfig:
         check_choice(_OWNER, "distill_gate", self.distill_gate, GATES)
         check_int(_OWNER, "distill_warmup_steps", self.distill_warmup_steps, 0, why="0: no warm-up")
         check_int(_OWNER, "distill_decay_steps", self.distill_decay_steps, 0, why="0: no decay")
+        check_bool(_OWNER, "use_bias_correction_kl", self.use_bias_correction_kl)
         for name in ("ref_beta", "ref_anchor"):
             check_number(_OWNER, name, getattr(self, name), 0.0, MAX_REF_COEF, why="0: off; a larger penalty only pins the policy")
         if self.name not in DISTILLING:

@@ -116,16 +116,27 @@ def distill_schedule(step: int, total_steps: int, warmup_steps: int = 0, decay_s
     return factor
 
 
-def reference_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """TRL's k3 estimator of ``KL(π_θ‖π_ref)`` per sampled token: ``exp(r − l) − (r − l) − 1`` with ``l = log π_θ(y_t)``,
-    ``r = log π_ref(y_t)`` (detached); ``≥ 0``, 0 where the two agree. ``[..., B, T]`` → ``[..., B, T]``.
+def reference_kl(logp: torch.Tensor, ref_logp: torch.Tensor, old_logp: Optional[torch.Tensor] = None, *,
+                 bias_correction: bool = True) -> torch.Tensor:
+    """TRL's per-token KL to the reference policy: the k3 estimator ``k_t = exp(r − l) − (r − l) − 1`` with
+    ``l = log π_θ(y_t)``, ``r = log π_ref(y_t)`` (detached), times the ratio ``ρ_t = exp(l − l_old)`` with
+    ``bias_correction`` (TRL's ``use_bias_correction_kl``, its default). ``[..., B, T]`` → ``[..., B, T]``.
 
-    Its gradient is ``(1 − π_ref(y_t)/π_θ(y_t))·∇l``, whose expectation over ``y_t ~ π_θ`` is ``∇ KL(π_θ‖π_ref)``
-    at that position (the sampled prefix held fixed).
+    ``l_old`` is the sampling policy's log-probability (``old_logp``; ``l`` detached, i.e. on-policy, when ``None``),
+    so ``ρ_t`` is 1 in value on-policy but not in gradient. In expectation over ``y_t ~ π_θ`` (the sampled prefix held
+    fixed; both tested by enumeration) the value is ``KL(π_θ‖π_ref)`` either way, and the gradient is
+
+    - with ``bias_correction``: ``(l − r)·∇l`` → ``∇ KL(π_θ‖π_ref)``, the reverse KL's;
+    - without: ``(1 − π_ref(y_t)/π_θ(y_t))·∇l`` → ``∇ KL(π_ref‖π_θ)``, the *forward* KL's (older TRL releases).
     """
     check_same_shape("logp", logp, "ref_logp", ref_logp)
     d = ref_logp.detach() - logp
-    return torch.exp(d) - d - 1.0
+    k3 = torch.exp(d) - d - 1.0
+    if not bias_correction:
+        return k3
+    old = logp.detach() if old_logp is None else old_logp.detach()
+    check_same_shape("logp", logp, "old_logp", old)
+    return k3 * torch.exp(logp - old)
 
 
 def reference_anchor(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
