@@ -25,6 +25,7 @@ from sdpo_sim.core.losses import (
     distill_schedule,
     divergence,
     forward_cross_entropy,
+    fused_linear_sdpo_loss,
     group_advantages,
     group_success_rate,
     policy_gradient_token_loss,
@@ -105,6 +106,30 @@ def test_forward_ce_is_forward_kl_plus_teacher_entropy_with_forward_kl_gradient(
     (ce * w).sum().backward()
     (kl * w).sum().backward()
     torch.testing.assert_close(leaf_ce.grad, leaf_kl.grad, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("support, kw", [("full", {}), ("topk", dict(topk=3)), ("topk", dict(topk=3, add_tail=False))])
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+def test_forward_ce_on_the_fused_path_equals_the_unfused_loss(support, kw, chunk_size):
+    """The LLM's large-vocabulary path (hidden states + LM head, chunk by chunk; the full support's closed-form
+    gradient) gives the unfused value and gradients, token weights (e.g. the variants' distillation weights) included."""
+    g = torch.Generator().manual_seed(12)
+    n, hdim = 11, 5
+    hs, ht, w = (torch.randn(*shape, generator=g, dtype=F64) for shape in ((n, hdim), (n, hdim), (V, hdim)))
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.bool)
+    tw = torch.linspace(0.0, 2.0, n, dtype=F64)
+    opts = dict(alpha=0.0, support=support, objective="forward_ce", **kw)
+    hs_f, w_f = hs.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    fused = fused_linear_sdpo_loss(hs_f, ht, w_f, mask, chunk_size=chunk_size, token_weights=tw, **opts)
+    hs_u, w_u = hs.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ref = (sdpo_token_loss(hs_u @ w_u.T, ht @ w.T, **opts) * mask * tw).sum() / mask.sum()
+    torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-12)
+    fused.backward()
+    ref.backward()
+    torch.testing.assert_close(hs_f.grad, hs_u.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(w_f.grad, w_u.grad, rtol=1e-9, atol=1e-12)
+    kl = fused_linear_sdpo_loss(hs, ht, w, mask, chunk_size=chunk_size, token_weights=tw, alpha=0.0, support=support, **kw)
+    assert fused.item() > kl.item() + 1e-3  # the teacher's entropy is in the value
 
 
 def test_forward_ce_needs_the_forward_direction_and_a_distribution_support():
