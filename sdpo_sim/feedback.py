@@ -46,6 +46,12 @@ class Feedback:
     demo: Optional[torch.Tensor] = None  # [runs, B, T] best sibling's tokens
     demo_mask: Optional[torch.Tensor] = None  # [runs, B] True when the sibling scored higher than y
 
+    def success(self, threshold: float) -> torch.Tensor:
+        """Which completions the feedback shows to have succeeded, ``[runs, B]`` bool: the interval of ``R + ε`` it
+        implies lies above ``threshold`` (``lower ≥ τ`` and ``upper > τ``): binary's pass (``R + ε > τ``), a continuous
+        score above τ, a star bin whose lower edge is at least τ. The method reads only the message, never the latent."""
+        return (self.lower >= threshold) & (self.upper > threshold)
+
     def take(self, index: torch.Tensor) -> "Feedback":
         """The feedback of rollout ``index[r, i]`` given in place of rollout ``i`` (for the ``null`` control)."""
         pick = lambda x: None if x is None else x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand_as(x))  # noqa: E731

@@ -43,6 +43,7 @@ TOY_ONLY = {
     "vocab_size": "toy world size", "seq_len": "toy world size",
     "steps": "a step budget does not transfer across worlds", "batch_size": "toy batch size (recipe: prompts_per_step × num_generations)",
     "optimizer": "the recipe's optimizer is AdamW", "threshold": "binary threshold of the toy judge",
+    "updates_per_batch": "rollout reuse of the toy loop; the recipe's counterpart, training.updates_per_batch, is not copied",
 }
 DEFAULT_RECIPE = "recipes/tiny-cpu.yaml"  # inside the llm package (pyproject: [tool.setuptools.package-data] llm)
 

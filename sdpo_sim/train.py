@@ -19,10 +19,16 @@ from tqdm.auto import tqdm
 from . import exact, metrics, rng
 from .core.config_fields import setting
 from .core.losses import (
+    advantage_blend_token_loss,
     aggregate,
     hybrid_loss,
     policy_gradient_token_loss,
+    reference_anchor,
+    reference_kl,
+    routed_token_loss,
     sdpo_token_loss,
+    token_entropy,
+    truncated_importance_weight,
 )
 from .core.method import MethodConfig
 from .core.statistics import token_statistics
@@ -43,7 +49,8 @@ OPTIMIZERS = ("adam", "sgd")
 # Adam learning rates used when ``lr`` is not given. Chosen on tuning seeds 1000–1007 of task seed 0
 # (disjoint from evaluation seeds 0..), continuous feedback, noise 0, by the largest area under the
 # exact-reward curve over 300 steps among {0.01, 0.03, 0.1, 0.3} (benchmarks/pilot_default_lr.py).
-DEFAULT_LR = {"reinforce": 0.1, "grpo": 0.3, "sdpo": 0.3, "hybrid": 0.3}
+# blend and srpo were not in that pilot: they take 0.3, the rate of grpo and sdpo whose terms they combine.
+DEFAULT_LR = {"reinforce": 0.1, "grpo": 0.3, "sdpo": 0.3, "hybrid": 0.3, "blend": 0.3, "srpo": 0.3}
 HISTORY_COLUMNS = (
     "seed", "step", "reward", "entropy", "seq_entropy", "kl_init", "divergence", "alpha_mix",
     "credit_pearson", "credit_spearman", "credit_pearson_within", "feedback_credit_pearson", "grad_cos", "batch_reward",
@@ -86,9 +93,10 @@ class RunConfig:
     hint_noise: float = setting(0.0, "σ_h of the noise on critique's per-token hints, in [0, 1000]")
     rho: float = setting(0.5, "self-knowledge fidelity ρ in [0, 1]: the correlation of the teacher's introspective reading with the true token contributions (0: none, the teacher knows only what the feedback says)")
     beta: float = setting(1.0, "teacher sharpness β in (0, 1000]: teacher logits are ℓ + β·Â, Â in units of the credit scale s (β = 1 moves a logit by one nat for a typical credit)")
-    lr: Optional[float] = setting(None, "learning rate in (0, 1000]; null: DEFAULT_LR of the method (reinforce 0.1, grpo/sdpo/hybrid 0.3, tuned for Adam)")
+    lr: Optional[float] = setting(None, "learning rate in (0, 1000]; null: DEFAULT_LR of the method (reinforce 0.1, grpo/sdpo/hybrid 0.3, tuned for Adam; blend/srpo 0.3, not tuned)")
     optimizer: str = setting("adam", "optimizer of the tabular logits", choices=OPTIMIZERS)
-    steps: int = setting(300, "training steps (updates), ≥ 1")
+    steps: int = setting(300, "training steps (rollout batches), ≥ 1; each makes updates_per_batch updates")
+    updates_per_batch: int = setting(1, "optimiser updates on each sampled batch, ≥ 1 (the LLM path's training.updates_per_batch): above 1 the later updates are off-policy, so the PPO clip (epsilon) and the importance-weight cap (is_clip) act, with the sampling policy's log-probabilities as the old ones")
     seeds: int = setting(8, "independent training runs, trained at once as one batch of tensors, ≥ 1")
     seed_start: int = setting(0, "seed of the first run; the runs use seeds seed_start … seed_start + seeds − 1")
     task_seed: int = setting(0, "seed of the task (its reward table), ≥ 0; every run trains on the same task")
@@ -117,7 +125,7 @@ class RunConfig:
         check_number(_OWNER, "rho", self.rho, 0, 1)
         check_number(_OWNER, "beta", self.beta, 0, MAX_BETA, lo_open=True)
         check_number(_OWNER, "lr", self.lr, 0, MAX_LR, lo_open=True, why="one Adam step moves a logit by ~lr nats")
-        for name, lo in (("steps", 1), ("seeds", 1), ("seed_start", 0), ("task_seed", 0), ("batch_size", 1), ("eval_every", 1)):
+        for name, lo in (("steps", 1), ("updates_per_batch", 1), ("seeds", 1), ("seed_start", 0), ("task_seed", 0), ("batch_size", 1), ("eval_every", 1)):
             check_int(_OWNER, name, getattr(self, name), lo, why="a run trains for at least one step" if name == "steps" else "")
         if self.task_seed > MAX_TASK_SEED:
             fail(_OWNER, "task_seed", self.task_seed, f"must be ≤ {MAX_TASK_SEED} (10007·task_seed + 1 seeds a 64-bit generator)")
@@ -141,7 +149,7 @@ class RunConfig:
                  "(rho > 0) would still see its own attempt's token contributions, so it would not be a control")
         if self.teacher == "demo" and self.feedback != "demo":
             fail(_OWNER, "teacher", self.teacher, f"needs feedback='demo' (a sibling demonstration), got feedback={self.feedback!r}")
-        if self.method.name in ("sdpo", "hybrid") and self.method.num_generations < 2:
+        if self.method.distills and self.method.num_generations < 2:
             fail(_OWNER, "teacher", self.teacher, "needs num_generations ≥ 2: its expected score comes from the siblings")
         if self.method.support == "topk" and self.method.topk > self.vocab_size:
             fail(_OWNER, "method.topk", self.method.topk, f"must be ≤ vocab_size={self.vocab_size}")
@@ -319,22 +327,18 @@ def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunR
     teacher = teacher(beta) if teacher else SeedPaperTeacher(task.q, beta)
     controller = m.make_controller()
 
-    rows = []
-    for step in tqdm(range(cfg.steps + 1), disable=not progress, desc=f"{m.name}/{cfg.teacher}", unit="step"):
-        evaluate = step % cfg.eval_every == 0 or step == cfg.steps
-        theta = _joined(parts)
-        # 1. sample a group of completions per run
-        seqs = policy.sample(theta, rng.uniform(seeds, rng.SAMPLE, step, (B, T)))  # [R, B, T]
-        logits = policy.logits(theta, seqs)  # [R, B, T, V]
-        logp = _token_logp(logits, seqs)  # [R, B, T]
-        # 2. the judge's feedback about each completion
-        fb = judge(seqs, cfg.feedback, group_size=m.num_generations, noise=noise, hint_noise=hint_noise, seeds=seeds, step=step)
-        exact_now = metrics.exact_state(task, policy, theta, theta_init, seqs) if evaluate else None
-        # 3. policy-gradient term: REINFORCE (batch-mean baseline) or GRPO (group-normalised)
+    def update_loss(theta: torch.Tensor, logits: torch.Tensor, logp: torch.Tensor, seqs: torch.Tensor, fb, step: int,
+                    success: Optional[torch.Tensor], old_logp: Optional[torch.Tensor], evaluate: bool) -> dict:
+        """Steps 3-5 for one update on this step's batch: the method's loss ``[]`` (summed over runs, which never
+        interact), and for evaluation steps the credit, divergence and feedback credit. ``old_logp`` (rollout reuse):
+        the sampling policy's log-probabilities, so the PPO ratio and the importance-weight cap act."""
+        out_ = {"div": None, "feedback_credit": None, "alpha_mix": torch.full((R,), float("nan"))}
+        # 3. policy-gradient term: REINFORCE (batch-mean baseline) or GRPO (group-normalised; blend, srpo too)
         if m.uses_policy_gradient:
-            adv = m.advantages(fb.score)  # GRPO: group-normalised; REINFORCE/hybrid: r − batch mean
-            pg_loss = _per_run(policy_gradient_token_loss(logp, adv, epsilon=m.epsilon), None, m.loss_type)
+            adv = m.advantages(fb.score)
             credit = adv.unsqueeze(-1).expand(-1, -1, T)
+            if m.name in ("reinforce", "grpo", "hybrid"):
+                pg_loss = _per_run(policy_gradient_token_loss(logp, adv, old_logp, epsilon=m.epsilon), None, m.loss_type)
         # 4. self-teacher logits and the distillation term
         if m.distills:
             base = _teacher_network_logits(m, policy, logits, teacher_theta, theta_init, seqs)
@@ -348,43 +352,107 @@ def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunR
             else:
                 out = teacher(base, seqs, fb, knowledge)
             mask = out.mask.unsqueeze(-1).expand(-1, -1, T)
-            sd_tok = sdpo_token_loss(logits, out.logits, alpha=m.alpha, support=m.support, topk=m.topk, add_tail=m.add_tail, tokens=seqs)
-            sd_loss = _per_run(sd_tok, mask, m.loss_type)
-            div = sd_credit = None
+            sd_tok = sdpo_token_loss(logits, out.logits, alpha=m.alpha, support=m.support, topk=m.topk, add_tail=m.add_tail,
+                                     tokens=seqs, objective=m.distill_loss)
+            carried = mask & ~success.unsqueeze(-1) if m.name == "srpo" else mask  # tokens that carry the distillation term
+            weights = m.distill_weights(
+                scores=fb.score, mask=carried, success=success, step=step, total_steps=cfg.steps, dtype=sd_tok.dtype,
+                teacher_entropy=token_entropy(out.logits) if m.distill_token_weight == "teacher_confidence" else None)
+            blend_signal = m.name == "blend" and m.support == "sampled"  # the paper's advantage form: the PPO ratio acts
+            if old_logp is not None and not blend_signal:
+                sd_tok = sd_tok * truncated_importance_weight(logp, old_logp, m.is_clip)
+            if weights is not None:
+                sd_tok = sd_tok * weights
+            if m.name in ("sdpo", "hybrid"):
+                sd_loss = _per_run(sd_tok, mask, m.loss_type)
+            sd_credit = None
             if evaluate or m.name == "hybrid":  # the divergence feeds the hybrid controller; credit is a metric
-                div, sd_credit = _teacher_stats(logits, out.logits, seqs, mask, m.alpha)
+                out_["div"], sd_credit = _teacher_stats(logits, out.logits, seqs, mask, m.alpha)
             if evaluate:  # feedback credit: the teacher with feedback vs the same network without it (no teacher lag)
-                feedback_credit = (_token_logp(out.logits, seqs) - _token_logp(base, seqs)) * mask
-        # 5. combine: pure terms or the hybrid mixture with its alpha controller
-        alpha_mix = torch.full((R,), float("nan"))
+                out_["feedback_credit"] = (_token_logp(out.logits, seqs) - _token_logp(base, seqs)) * mask
+        # 5. combine: pure terms, the hybrid mixture with its alpha controller, the blend or the routing
         if m.name == "hybrid":
             with torch.no_grad():
                 entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1).mean((1, 2))
-            alpha_mix = controller.update(divergence=div, entropy=entropy)
-            loss = hybrid_loss(sd_loss, pg_loss, alpha_mix).sum()
+            alpha_mix = out_["alpha_mix"] = controller.update(divergence=out_["div"], entropy=entropy)
+            loss = hybrid_loss(sd_loss, pg_loss, alpha_mix)
             credit = alpha_mix.view(-1, 1, 1) * sd_credit + (1 - alpha_mix.view(-1, 1, 1)) * credit
+        elif m.name == "blend":
+            if blend_signal:
+                signal = (_token_logp(out.logits, seqs) - logp).detach()
+                tok = advantage_blend_token_loss(logp, adv, m.blend_lambda, distill_mask=mask, old_logp=old_logp, epsilon=m.epsilon,
+                                                 signal=signal if weights is None else signal * weights)
+            else:
+                tok = advantage_blend_token_loss(logp, adv, m.blend_lambda, distill_mask=mask, old_logp=old_logp, epsilon=m.epsilon,
+                                                 distill_tok=sd_tok)
+            loss = _per_run(tok, None, m.loss_type)
+            if evaluate:
+                credit = m.blend_lambda * credit + (1 - m.blend_lambda) * sd_credit
+        elif m.name == "srpo":
+            pg_tok = policy_gradient_token_loss(logp, adv, old_logp, epsilon=m.epsilon)
+            tok, routed = routed_token_loss(pg_tok, sd_tok, success, mask)
+            loss = _per_run(tok, routed, m.loss_type)
+            if evaluate:
+                s = success.unsqueeze(-1).to(credit.dtype)
+                credit = s * credit + (1 - s) * sd_credit
         elif m.distills:
-            loss, credit = sd_loss.sum(), sd_credit
+            loss, credit = sd_loss, sd_credit
         else:
-            loss = pg_loss.sum()
+            loss = pg_loss
+        # the reference policy (the initial one), for any method
+        if m.uses_reference:
+            ref_logp = _token_logp(policy.logits(theta_init, seqs), seqs)
+            if m.ref_beta > 0:
+                kl = reference_kl(logp, ref_logp, old_logp, bias_correction=m.use_bias_correction_kl)
+                loss = loss + m.ref_beta * _per_run(kl, None, m.loss_type)
+            if m.ref_anchor > 0:
+                loss = loss + m.ref_anchor * _per_run(reference_anchor(logp, ref_logp), None, m.loss_type)
+        out_["loss"], out_["credit"] = loss.sum(), credit
+        return out_
+
+    def optimiser_step() -> None:
+        opt.step()
+        with torch.no_grad():
+            teacher_theta.add_(m.teacher_rate * (_joined(parts) - teacher_theta))  # EMA teacher: θ_T ← θ_T + rate·(θ − θ_T)
+
+    reuse = cfg.updates_per_batch > 1
+    rows = []
+    for step in tqdm(range(cfg.steps + 1), disable=not progress, desc=f"{m.name}/{cfg.teacher}", unit="step"):
+        evaluate = step % cfg.eval_every == 0 or step == cfg.steps
+        theta = _joined(parts)
+        # 1. sample a group of completions per run
+        seqs = policy.sample(theta, rng.uniform(seeds, rng.SAMPLE, step, (B, T)))  # [R, B, T]
+        logits = policy.logits(theta, seqs)  # [R, B, T, V]
+        logp = _token_logp(logits, seqs)  # [R, B, T]
+        # 2. the judge's feedback about each completion
+        fb = judge(seqs, cfg.feedback, group_size=m.num_generations, noise=noise, hint_noise=hint_noise, seeds=seeds, step=step)
+        success = fb.success(judge.threshold) if m.needs_success else None  # [R, B]: the interval of R + ε lies above τ
+        exact_now = metrics.exact_state(task, policy, theta, theta_init, seqs) if evaluate else None
+        old_logp = logp.detach() if reuse else None  # behaviour policy = the policy that sampled
+        res = update_loss(theta, logits, logp, seqs, fb, step, success, old_logp, evaluate)
         # 6. update (runs are independent: each run's parameters only see its own loss)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        res["loss"].backward()
         if evaluate:
-            a_star = exact_now["advantages"]
+            a_star, credit, nan = exact_now["advantages"], res["credit"], torch.full((R,), float("nan"))
             rows.append({
                 "seed": seeds, "step": torch.full((R,), step), "reward": exact_now["reward"], "entropy": exact_now["entropy"],
                 "seq_entropy": exact_now["seq_entropy"], "kl_init": exact_now["kl_init"],
-                "divergence": div if m.distills else torch.full((R,), float("nan")), "alpha_mix": alpha_mix,
+                "divergence": res["div"] if m.distills else nan, "alpha_mix": res["alpha_mix"],
                 "credit_pearson": metrics.pearson(credit, a_star), "credit_spearman": metrics.spearman(credit, a_star),
                 "credit_pearson_within": metrics.pearson_within(credit, a_star),
-                "feedback_credit_pearson": metrics.pearson(feedback_credit, a_star) if m.distills else torch.full((R,), float("nan")),
+                "feedback_credit_pearson": metrics.pearson(res["feedback_credit"], a_star) if m.distills else nan,
                 "grad_cos": metrics.cosine(-_joined([p.grad for p in parts]), exact_now["grad_J"]), "batch_reward": task.reward(seqs).mean(1),
             })
         if step < cfg.steps:
-            opt.step()
-            with torch.no_grad():
-                teacher_theta += m.teacher_rate * (_joined(parts) - teacher_theta)  # EMA teacher: θ_T ← θ_T + rate·(θ − θ_T)
+            optimiser_step()
+            for _ in range(1, cfg.updates_per_batch):  # rollout reuse: the same batch, the current policy and teacher
+                theta = _joined(parts)
+                logits = policy.logits(theta, seqs)
+                res = update_loss(theta, logits, _token_logp(logits, seqs), seqs, fb, step, success, old_logp, False)
+                opt.zero_grad(set_to_none=True)
+                res["loss"].backward()
+                optimiser_step()
     history = pd.DataFrame({k: torch.cat([r[k].detach().double() if k not in ("seed", "step") else r[k] for r in rows]).numpy()
                             for k in HISTORY_COLUMNS})
     owner = torch.repeat_interleave(torch.arange(len(cfgs)), torch.tensor([c.seeds for c in cfgs])).repeat(len(rows)).numpy()

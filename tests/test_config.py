@@ -10,9 +10,12 @@ import yaml
 from sdpo_sim.core.method import METHODS, TEACHER_KINDS, MethodConfig
 
 NON_DEFAULT = dict(
-    name="hybrid", alpha=0.5, support="topk", topk=100, add_tail=False, is_clip=3.0, teacher_kind="trust_region",
+    name="hybrid", alpha=0.0, support="topk", topk=100, add_tail=False, is_clip=3.0, teacher_kind="trust_region",
     teacher_rate=0.01, controller="entropy", alpha_mix=0.7, divergence_tau=0.2, entropy_target=1.1,
     entropy_gain=0.25, num_generations=4, scale_rewards="batch", loss_type="dr_grpo", epsilon=0.1, temperature=0.7,
+    distill_loss="forward_ce", distill_prompt_weight="success_std", distill_token_weight="teacher_confidence",
+    distill_gate="positive_advantage", distill_warmup_steps=5, distill_decay_steps=7, blend_lambda=0.5, ref_beta=0.04,
+    use_bias_correction_kl=False, ref_anchor=0.001,
 )
 
 

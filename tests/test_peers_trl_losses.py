@@ -3,7 +3,8 @@
 - SDPO: ``trl.experimental.sdpo.loss_utils`` for every mode both support (full vocabulary at alpha
   0 / 0.5 / 1, top-k with and without the tail bucket, sampled token, importance-ratio clipping).
 - GRPO: the advantages of a real ``GRPOTrainer`` (its ``_generate_and_score_completions`` on a locally
-  built tiny model with fixed rewards) and its ``_compute_loss`` for each loss type we share.
+  built tiny model with fixed rewards) and its ``_compute_loss`` for each loss type we share, with and without
+  the KL to a reference policy (``beta``, our ``ref_beta``; with and without ``use_bias_correction_kl``).
 
 Needs the ``peers`` extra (``./lab test`` installs it). Under ``CI=true`` a missing trl is an error,
 not a skip, so CI can never pass without running these checks.
@@ -30,6 +31,7 @@ from sdpo_sim.core.losses import (
     fused_linear_sdpo_loss,
     group_advantages,
     policy_gradient_token_loss,
+    reference_kl,
     sdpo_token_loss,
     truncated_importance_weight,
 )
@@ -255,3 +257,43 @@ def test_clipped_policy_loss_equals_trl_grpo_trainer(grpo_trainer, trl_type, eps
     torch.testing.assert_close(our_leaf.grad, their_leaf.grad, rtol=1e-6, atol=1e-8)
     ratio = (logp0 - old).exp()
     assert bool(((ratio > 1.3) | (ratio < 0.8)).any())  # clipping is exercised
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+@pytest.mark.parametrize("trl_type", list(LOSS_TYPES))
+def test_reference_kl_equals_trl_grpo_trainer(grpo_trainer, trl_type, bias_correction):
+    """TRL adds beta·k3 (times the ratio with use_bias_correction_kl) to the per-token loss; ours is the policy-gradient
+    term plus ref_beta·aggregate(reference_kl): the same loss and gradient, on- and off-policy."""
+    g = torch.Generator().manual_seed(11)
+    b, t, beta = 4, grpo_trainer.max_completion_length, 0.04
+    logp0 = -torch.rand(b, t, generator=g) * 3
+    old = logp0 + 0.3 * torch.randn(b, t, generator=g)
+    ref = logp0 + 0.5 * torch.randn(b, t, generator=g)
+    adv = torch.tensor([1.3, -0.7, 0.2, -2.0])
+    mask = torch.ones(b, t)
+    mask[2, 2:] = 0
+    inputs = {
+        "prompt_ids": torch.zeros(b, 2, dtype=torch.long), "prompt_mask": torch.ones(b, 2, dtype=torch.long),
+        "completion_ids": torch.zeros(b, t, dtype=torch.long), "completion_mask": mask, "advantages": adv,
+        "old_per_token_logps": old, "ref_per_token_logps": ref, "num_items_in_batch": mask.sum(),
+    }
+    tr = grpo_trainer
+    saved = (tr.loss_type, tr.epsilon_low, tr.epsilon_high, tr.beta, tr.args.use_bias_correction_kl)
+    tr.loss_type, tr.epsilon_low, tr.epsilon_high, tr.beta, tr.args.use_bias_correction_kl = trl_type, 0.2, 0.2, beta, bias_correction
+    their_leaf = logp0.clone().requires_grad_(True)
+    tr._get_per_token_logps_and_entropies = lambda *a, **k: (their_leaf, torch.ones(b, t), None)
+    try:
+        theirs = tr._compute_loss(tr.model, inputs)
+    finally:
+        del tr._get_per_token_logps_and_entropies
+        tr.loss_type, tr.epsilon_low, tr.epsilon_high, tr.beta, tr.args.use_bias_correction_kl = saved
+    theirs.backward()
+
+    our_leaf = logp0.clone().requires_grad_(True)
+    kind = LOSS_TYPES[trl_type]
+    pg = aggregate(policy_gradient_token_loss(our_leaf, adv, old, epsilon=0.2), mask, kind, max_completion_length=t)
+    kl = aggregate(reference_kl(our_leaf, ref, old, bias_correction=bias_correction), mask, kind, max_completion_length=t)
+    ours = pg + beta * kl
+    ours.backward()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(our_leaf.grad, their_leaf.grad, rtol=1e-6, atol=1e-8)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ._checks import check_choice, check_same_shape, check_unit_interval
 
 SUPPORTS = ("full", "topk", "sampled")
+OBJECTIVES = ("alpha", "forward_ce")  # the alpha family D_α, or the forward cross-entropy (Distributional DAgger)
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +72,17 @@ def divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: fl
     return (1.0 - alpha) * _kl(s, log_m) + alpha * _kl(t, log_m)
 
 
+def forward_cross_entropy(student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Forward cross-entropy ``H×(p_T, p_θ) = −Σ_v p_T(v)·log p_θ(v)`` per position (Distributional DAgger, arXiv 2606.05152).
+
+    ``= KL(p_T‖p_θ) + H(p_T)``: with the teacher detached its gradient is the forward KL's (``alpha = 0``), its value
+    larger by the teacher's entropy. Args: normalised log-probabilities ``[..., V]``. Returns ``[...]`` nats.
+    """
+    check_same_shape("student_logp", student_logp, "teacher_logp", teacher_logp)
+    s, t = _finite(student_logp), _finite(teacher_logp)
+    return -torch.linalg.vecdot(t.exp(), s)
+
+
 def _with_tail(topk_logp: torch.Tensor) -> torch.Tensor:
     """Append the tail bucket log(1 − Σ_k p_k) to top-k log-probabilities ``[..., K] → [..., K+1]``."""
     log_mass = torch.logsumexp(topk_logp, dim=-1, keepdim=True)
@@ -104,6 +116,7 @@ def sdpo_token_loss(
     topk: Optional[int] = None,
     add_tail: bool = True,
     tokens: Optional[torch.Tensor] = None,
+    objective: str = "alpha",
 ) -> torch.Tensor:
     """SDPO's per-token distillation loss ``D(student_t, stopgrad(teacher_t))``, unreduced.
 
@@ -116,21 +129,27 @@ def sdpo_token_loss(
         topk: K for ``support="topk"`` (1 ≤ K ≤ V).
         add_tail: keep the remaining mass as a tail bucket (else renormalise the top-k).
         tokens: ``[...]`` LongTensor of sampled tokens, for ``support="sampled"``.
+        objective: ``"alpha"`` (the divergence family) or ``"forward_ce"``: :func:`forward_cross_entropy` over the same
+            support (full, or top-k buckets); it needs ``alpha=0`` (the forward direction) and a full or top-k support.
     Returns:
         ``[...]`` per-token loss.
     """
     check_choice("support", support, SUPPORTS)
     check_unit_interval("alpha", alpha)
+    check_choice("objective", objective, OBJECTIVES)
+    if objective == "forward_ce" and (support == "sampled" or alpha != 0.0):
+        raise ValueError(f"objective='forward_ce' needs alpha=0.0 and support 'full' or 'topk', got alpha={alpha!r}, support={support!r}")
     check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
     s_logp = F.log_softmax(upcast(student_logits), dim=-1)
     t_logp = F.log_softmax(upcast(teacher_logits.detach()), dim=-1)
     vocab = s_logp.shape[-1]
+    loss = forward_cross_entropy if objective == "forward_ce" else lambda s, t: divergence(s, t, alpha)
     if support == "full":
-        return divergence(s_logp, t_logp, alpha)
+        return loss(s_logp, t_logp)
     if support == "topk":
         if topk is None or not isinstance(topk, int) or not (1 <= topk <= vocab):
             raise ValueError(f"topk={topk!r} must be an integer in [1, V={vocab}] when support='topk'")
-        return divergence(*topk_logprobs(s_logp, t_logp, topk, add_tail), alpha)
+        return loss(*topk_logprobs(s_logp, t_logp, topk, add_tail))
     # support == "sampled"
     if tokens is None:
         raise ValueError("support='sampled' needs tokens: the sampled token ids, shape [...] = logits.shape[:-1]")

@@ -49,7 +49,7 @@ def _kl_and_logit_grad(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 class _FusedLinearSDPO(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, weight, teacher_hidden, teacher_weight, mask, tokens, token_weights, opts):
-        alpha, support, topk, add_tail, chunk_size = opts
+        alpha, support, topk, add_tail, chunk_size, objective = opts
         acc_dtype = torch.promote_types(student_hidden.dtype, torch.float32)  # fp64 stays fp64, bf16 → fp32
         n_sel = mask.sum().clamp(min=1).to(acc_dtype)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -70,6 +70,10 @@ class _FusedLinearSDPO(torch.autograd.Function):
                 with torch.no_grad():
                     t_logits = upcast(teacher_hidden[sl].detach() @ tw.T)
                     per_tok, g = _kl_and_logit_grad(upcast(h @ w.T), t_logits, alpha)
+                    if objective == "forward_ce":  # H×(p_T, p_θ) = KL(p_T‖p_θ) + H(p_T): the same logit gradient
+                        t_logp = torch.log_softmax(t_logits, -1)
+                        per_tok -= (t_logp.exp() * t_logp).sum(-1)
+                        del t_logp
                     chunk_loss = (per_tok * scale).sum() / n_sel
                     g.mul_((scale / n_sel).unsqueeze(-1))
                     total += chunk_loss
@@ -90,7 +94,7 @@ class _FusedLinearSDPO(torch.autograd.Function):
                 with torch.no_grad():
                     t_logits = upcast(teacher_hidden[sl].detach() @ tw.T)
                 per_tok = sdpo_token_loss(
-                    logits, t_logits, alpha=alpha, support=support, topk=topk, add_tail=add_tail,
+                    logits, t_logits, alpha=alpha, support=support, topk=topk, add_tail=add_tail, objective=objective,
                     tokens=None if tokens is None else tokens[sl],
                 )
                 del logits, t_logits
@@ -128,6 +132,7 @@ def fused_linear_sdpo_loss(
     chunk_size: Optional[int] = None,
     tokens: Optional[torch.Tensor] = None,
     token_weights: Optional[torch.Tensor] = None,
+    objective: str = "alpha",
 ) -> torch.Tensor:
     """Mean SDPO token loss over the tokens selected by ``mask``, from hidden states.
 
@@ -140,7 +145,7 @@ def fused_linear_sdpo_loss(
         weight: ``[V, H]`` LM-head weight of the student.
         mask: ``[N]`` bool/0-1, tokens that count.
         teacher_weight: ``[V, H]`` teacher LM head (default: ``weight``, detached).
-        alpha, support, topk, add_tail: as :func:`sdpo_token_loss`.
+        alpha, support, topk, add_tail, objective: as :func:`sdpo_token_loss`.
         chunk_size: tokens per chunk (default: :func:`default_chunk_size`).
         tokens: ``[N]`` sampled token ids (``support="sampled"``).
         token_weights: ``[N]`` detached per-token weights, e.g. truncated importance ratios.
@@ -167,10 +172,10 @@ def fused_linear_sdpo_loss(
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
     # Validate option combinations once, on a tiny slice, so errors name the argument before any work.
     sdpo_token_loss(
-        torch.zeros(1, weight.shape[0]), torch.zeros(1, weight.shape[0]), alpha=alpha, support=support,
+        torch.zeros(1, weight.shape[0]), torch.zeros(1, weight.shape[0]), alpha=alpha, support=support, objective=objective,
         topk=topk, add_tail=add_tail, tokens=None if tokens is None else tokens[:1].cpu(),
     )
     return _FusedLinearSDPO.apply(
         student_hidden, weight, teacher_hidden, teacher_weight, mask.bool(), tokens, token_weights,
-        (alpha, support, topk, add_tail, chunk_size),
+        (alpha, support, topk, add_tail, chunk_size, objective),
     )
