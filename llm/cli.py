@@ -93,13 +93,13 @@ def cmd_plan(args) -> int:
         raise ValueError(f"--gpu-memory-gb={args.gpu_memory_gb} must be a finite number of GiB > 0")
     recipe = recipe_from_args(args)
     plan = memory_plan(recipe, gpus_per_node=args.gpus_per_node, nodes=args.nodes, gpu_memory_gb=args.gpu_memory_gb,
-                       strategy=args.strategy, micro_batch=args.micro_batch)
+                       strategy=args.strategy, micro_batch=args.micro_batch, device=args.device)
     print(format_plan(plan))
     return 0 if plan["fits"] else 1
 
 
 # the command's own flags in its usage line (the recipe fields' flags are summed up as --SECTION.FIELD VALUE)
-USAGE = {"train": "[--resume]", "plan": "--gpus-per-node N [--nodes M] --gpu-memory-gb G [--strategy S] [--micro-batch B]"}
+USAGE = {"train": "[--resume]", "plan": "--gpus-per-node N [--nodes M] --gpu-memory-gb G [--strategy S] [--micro-batch B] [--device D]"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--gpus-per-node", type=int, required=True, metavar="N", help="GPUs on each node")
             p.add_argument("--nodes", type=int, default=1, metavar="M", help="number of nodes (default 1)")
             p.add_argument("--gpu-memory-gb", type=float, required=True, metavar="G", help="memory of one GPU, GiB")
-            p.add_argument("--strategy", default="fsdp2", metavar="S", help="fsdp2 | zero3 | ddp (default fsdp2)")
+            p.add_argument("--strategy", default="fsdp2", metavar="S", help="fsdp2 | zero3 | ddp | single (one process; default fsdp2)")
             p.add_argument("--micro-batch", type=int, default=None, metavar="B",
                            help="sequences per GPU per forward (default: the recipe's share)")
+            p.add_argument("--device", default="cuda", metavar="D",
+                           help="cuda | cpu (cpu: one process, --strategy single, no CUDA allowance; default cuda)")
         add_set_flag(p, key_form="section.field", example="training.steps=3")
         p.set_defaults(func=fn, field_dests=add_field_flags(p.add_argument_group("recipe fields (section.field)"), Recipe))
     for name in DISPATCH:

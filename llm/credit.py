@@ -27,7 +27,7 @@ def feedback_credit(trainer, batch: Batch, rows: torch.Tensor, teacher_out: torc
     plain, teacher_head = teacher_outputs(trainer, *select_rows(batch.input_ids, batch.attention_mask, rows), T)
     weight = teacher_head if teacher_head is not None else (trainer.unwrapped.get_output_embeddings().weight if trainer.fused else None)
     _, _, credit = token_stats(plain.detach(), teacher_out[rows].detach(), batch.completion_ids[rows], trainer.method.alpha,
-                               weight=weight, teacher_weight=weight)
+                               weight=weight, teacher_weight=weight, chunk_size=trainer.training.chunk_size)
     return credit
 
 

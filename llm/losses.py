@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from sdpo_sim.core.losses import (
     aggregate,
+    default_chunk_size,
     fused_linear_sdpo_loss,
     sdpo_token_loss,
 )
@@ -74,34 +75,59 @@ def _chunk_token_logp(h: torch.Tensor, weight: torch.Tensor, tokens: torch.Tenso
     return torch.log_softmax((h @ weight.T).float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def token_logprobs(student: torch.Tensor, completion_ids: torch.Tensor, weight: Optional[torch.Tensor] = None, chunk_size: int = 1024) -> torch.Tensor:
-    """``log π(y_t)`` ``[B, T]`` from logits ``[B, T, V]``, or from hidden states and the LM head chunk by
-    chunk (recomputed in backward, so ``[B·T, V]`` never exists)."""
+def chunk_rows(vocab_size: int, chunk_size: Optional[int] = None) -> int:
+    """Token rows per ``[rows, V]`` block of logits: ``chunk_size``, or the fused loss's
+    :func:`~sdpo_sim.core.losses.default_chunk_size` (about 32 MiB of float32 per block), so that the statistics, the
+    log-probabilities and the loss never hold a larger block than the loss's own."""
+    if chunk_size is None:
+        return default_chunk_size(vocab_size)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer (training.chunk_size), or None for the default")
+    return chunk_size
+
+
+def token_logprobs(student: torch.Tensor, completion_ids: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                   chunk_size: Optional[int] = None) -> torch.Tensor:
+    """``log π(y_t)`` ``[B, T]`` from logits ``[B, T, V]``, or from hidden states ``[B, T, H]`` and the LM head
+    ``weight [V, H]`` chunk by chunk (:func:`chunk_rows` tokens per chunk; recomputed in backward, so no block larger
+    than ``[chunk, V]`` exists)."""
     if weight is None:
         return torch.log_softmax(student.float(), -1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
     b, t, h = student.shape
+    rows = chunk_rows(weight.shape[0], chunk_size)
     flat, toks = student.reshape(-1, h), completion_ids.reshape(-1)
-    parts = [checkpoint(_chunk_token_logp, flat[s:s + chunk_size], weight, toks[s:s + chunk_size], use_reentrant=False)
-             for s in range(0, flat.shape[0], chunk_size)]
+    parts = [checkpoint(_chunk_token_logp, flat[s:s + rows], weight, toks[s:s + rows], use_reentrant=False)
+             for s in range(0, flat.shape[0], rows)]
     return torch.cat(parts).reshape(b, t)
 
 
 @torch.no_grad()
-def token_stats(student, teacher, completion_ids, alpha: float, weight=None, teacher_weight=None, chunk_size: int = 1024):
+def token_stats(student: torch.Tensor, teacher: Optional[torch.Tensor], completion_ids: torch.Tensor, alpha: float,
+                weight: Optional[torch.Tensor] = None, teacher_weight: Optional[torch.Tensor] = None,
+                chunk_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token ``entropy``, teacher–student ``divergence`` (full vocabulary, the method's alpha) and the credit
-    ``log p_T(y_t) − log p_θ(y_t)``, each ``[B, T]``; from logits, or from hidden states chunk by chunk."""
+    ``log p_T(y_t) − log p_θ(y_t)``, each ``[B, T]`` (float32, on CPU); divergence and credit are 0 without a teacher.
+
+    From logits ``[B, T, V]``, or from hidden states ``[B, T, H]`` and the LM heads ``weight`` / ``teacher_weight``
+    ``[V, H]`` (default: ``weight``). Either way one ``[chunk, V]`` block of logits at a time, ``chunk``
+    = :func:`chunk_rows` (the fused loss's chunk size), so the statistics hold no more than the loss does
+    (:mod:`sdpo_sim.core.statistics` defines each statistic).
+    """
     b, t = completion_ids.shape
     s_rows = student.reshape(b * t, -1)
     t_rows = None if teacher is None else teacher.reshape(b * t, -1)
+    vocab = s_rows.shape[1] if weight is None else weight.shape[0]
+    rows = chunk_rows(vocab, chunk_size)
     toks = completion_ids.reshape(-1)
     ent, div, ratio = (torch.zeros(b * t) for _ in range(3))
     tw = weight if teacher_weight is None else teacher_weight
-    for s in range(0, b * t, chunk_size):  # one [chunk, V] block of logits at a time (core.statistics defines each statistic)
-        sl = slice(s, s + chunk_size)
+    for s in range(0, b * t, rows):
+        sl = slice(s, s + rows)
         s_logits = s_rows[sl] if weight is None else s_rows[sl] @ weight.T
         t_logits = None if t_rows is None else (t_rows[sl] if weight is None else t_rows[sl] @ tw.T)
         e, d, r = token_statistics(s_logits, t_logits, toks[sl], alpha)
+        del s_logits, t_logits  # the next chunk's logits must not meet this chunk's
         ent[sl] = e.cpu()
-        if t_logits is not None:
+        if d is not None:
             div[sl], ratio[sl] = d.cpu(), r.cpu()
     return ent.reshape(b, t), div.reshape(b, t), ratio.reshape(b, t)

@@ -221,7 +221,8 @@ class Trainer:
             teacher_out = own.index_copy(0, rows, teacher_out) if rows.numel() else own
         comp_mask = batch.completion_mask
         ent, div, ratio = token_stats(student_out.detach(), None if teacher_out is None else teacher_out.detach(),
-                                      batch.completion_ids, m.alpha, weight=head, teacher_weight=teacher_head)
+                                      batch.completion_ids, m.alpha, weight=head, teacher_weight=teacher_head,
+                                      chunk_size=self.training.chunk_size)
         # log π(y_t) feeds the policy gradient and the importance ratios of reused rollouts; plain SDPO with one
         # update per batch never reads it, so it is not computed (saves a log-softmax, or chunked LM-head matmuls)
         needs_logp = self.method.uses_policy_gradient or self.training.updates_per_batch > 1 or batch.old_logp is not None
