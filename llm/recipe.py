@@ -243,6 +243,7 @@ class GenerationConfig:
     vllm_mode: str = setting("colocate", "backend=vllm: colocate (an engine inside each training process, on its GPU) or server (one `python -m llm.vllm_server` process on GPUs of its own, over HTTP)", choices=VLLM_MODES)
     vllm_server_url: Optional[str] = setting(None, f"vllm_mode=server: the server's http(s):// URL; null: {DEFAULT_VLLM_SERVER_URL}")
     vllm_server_timeout: float = setting(240.0, "vllm_mode=server: seconds > 0 to wait for the server to answer at start")
+    logprob_gap_every: int = setting(0, "backend=vllm: steps between measurements of the engine's vs the trainer's log-probabilities of the sampled tokens (one more forward; logged as logprob_gap_mean_abs, _max_abs, _mean), ≥ 0 (0: never)")
     chat_template_kwargs: dict = setting(help="extra keyword arguments of the tokenizer's chat template, e.g. {enable_thinking: false} for Qwen3", factory=dict)
 
     def validate(self) -> None:
@@ -256,6 +257,9 @@ class GenerationConfig:
         if self.vllm_server_url is not None and not self.vllm_server_url.startswith(("http://", "https://")):
             fail(o, "vllm_server_url", self.vllm_server_url, "must start with http:// or https://")
         check_number(o, "vllm_server_timeout", self.vllm_server_timeout, 0.0, lo_open=True)
+        check_int(o, "logprob_gap_every", self.logprob_gap_every, 0)
+        if self.logprob_gap_every and self.backend != "vllm":
+            fail(o, "logprob_gap_every", self.logprob_gap_every, "is only read with generation.backend: vllm (the transformers backend samples from the trainer's own weights)")
         if self.vllm_mode == "server" and self.backend != "vllm":
             fail(o, "vllm_mode", self.vllm_mode, f"needs generation.backend: vllm (backend is {self.backend!r})")
         if self.vllm_server_url is not None and (self.backend != "vllm" or self.vllm_mode != "server"):

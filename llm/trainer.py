@@ -106,8 +106,8 @@ class Trainer:
         world = self.acc.num_processes
         if self.training.prompts_per_step % world:
             raise ValueError(f"training.prompts_per_step={self.training.prompts_per_step} must be divisible by the number of processes ({world})")
-        if recipe.generation.backend == "vllm":
-            require_vllm()  # fail before loading any weights
+        if recipe.generation.backend == "vllm" and recipe.generation.vllm_mode == "colocate":
+            require_vllm()  # fail before loading any weights (a server holds its own vLLM)
         check_trainable_precision(recipe, self.acc.distributed_type.name, self.dtype)
         self.deepspeed = self.acc.distributed_type.name == "DEEPSPEED"
 
@@ -146,7 +146,8 @@ class Trainer:
                              "use share_prompt_prefix: auto or false")
         self.share_prefix = share is True or (share == "auto" and not recipe.model.gradient_checkpointing and not self.sharded)
         if recipe.generation.backend == "vllm":
-            self.generate = VLLMGenerator(recipe.generation, self.method.temperature, self.training.max_new_tokens, recipe.model.path, recipe.model.dtype)
+            self.generate = VLLMGenerator(recipe.generation, self.method.temperature, self.training.max_new_tokens, recipe.model.path,
+                                          recipe.model.dtype, max_model_len=self.training.max_prompt_length + self.training.max_new_tokens)
         else:
             self.generate = TransformersGenerator(recipe.generation, self.method.temperature, self.training.max_new_tokens,
                                                   self.tokenizer, synced_gpus=dist in ("FSDP", "DEEPSPEED") and world > 1)
@@ -264,6 +265,8 @@ class Trainer:
         t0, every = time.time(), self.training.feedback_credit_every
         self.measure_credit = self.method.distills and every > 0 and step % every == 0
         batch, info = self.rollout(step)
+        gap_every = self.recipe.generation.logprob_gap_every
+        gap = self.generate.logprob_gap(self.unwrapped, self.tokenizer.pad_token_id or 0) if gap_every and step % gap_every == 0 else {}
         parts, counts = batch.split(self.training.micro_batch_size), self._counts(batch)
         adaptive = self.method.name == "hybrid" and self.method.controller != "constant" and len(parts) > 1
         for _ in range(self.training.updates_per_batch):
@@ -311,7 +314,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             if not finite:
                 break
-        return self._metrics(step, loss, stats, info, grad_norm, time.time() - t0)
+        return {**self._metrics(step, loss, stats, info, grad_norm, time.time() - t0), **gap}
 
     def _metrics(self, step: int, loss, stats: dict, info: dict, grad_norm: float, seconds: float) -> dict:
         S = self._sum

@@ -278,6 +278,8 @@ def _generation(**fields) -> GenerationConfig:
     ({"backend": "vllm", "vllm_mode": "server", "vllm_server_url": "localhost:8000"}, r"vllm_server_url='localhost:8000' must start with http"),
     ({"backend": "vllm", "vllm_server_url": "http://h:1"}, r"vllm_server_url='http://h:1' is only read with generation.backend: vllm and vllm_mode: server"),
     ({"backend": "vllm", "vllm_mode": "server", "vllm_server_timeout": 0}, r"vllm_server_timeout=0 must be a number in \(0.0"),
+    ({"logprob_gap_every": 2}, r"logprob_gap_every=2 is only read with generation.backend: vllm"),
+    ({"backend": "vllm", "logprob_gap_every": -1}, r"logprob_gap_every=-1 must be an integer ≥ 0"),
 ])
 def test_bad_vllm_fields_are_refused_by_name(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -358,3 +360,16 @@ def test_fsdp2_shards_are_gathered_one_parameter_at_a_time(tiny_dir, tmp_path, k
             torch.testing.assert_close(out["synced"][name], tensor, rtol=0, atol=0, msg=name)  # same values, gathered
         if kind == "lora":
             assert sorted(out["changed"]) == ["model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+
+
+def test_a_server_mode_recipe_trains_without_vllm_installed_and_logs_the_logprob_gap(tiny_dir, tmp_path, served):
+    """The trainer's side of server mode needs no vLLM; with logprob_gap_every the engine's log-probabilities of its
+    samples are compared with the trainer's each step. The engine was synced to the trainer's weights at the start of
+    the step, so the gap is float32 rounding only: both sides compute a log-softmax of the same float32 logits (hidden
+    32: 32-term dot products, ~10-nat magnitudes) in different batch shapes, a few ulps of 10 nats ≈ 1e-5; bound 1e-4."""
+    url, _ = served
+    recipe = tiny_recipe(tiny_dir, tmp_path / "run", generation__backend="vllm", generation__vllm_mode="server",
+                         generation__vllm_server_url=url, generation__logprob_gap_every=1)
+    trainer = Trainer(recipe)
+    row = trainer.step(0)
+    assert row["logprob_gap_tokens"] > 0 and row["logprob_gap_max_abs"] < 1e-4
