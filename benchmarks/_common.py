@@ -24,7 +24,9 @@ Results file ``benchmarks/results/<name>.json`` (read by ``benchmarks/run_all.py
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import inspect
 import json
 import os
 import resource
@@ -33,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,3 +191,28 @@ def print_figures(figures: list[dict]) -> None:
     for f in figures:
         status = "no target" if f["met"] is None else "met" if f["met"] else "MISSED"
         print(f"{f['figure']:<60} ratio {f['ratio']:.3f} ({f['target'] or ''} {status})")
+
+
+# ------------------------------------------------------------------------------------------- the TRL peer
+def trl_sdpo_loss_fn(model, inputs: dict) -> Callable[[], Any]:
+    """``() -> loss``: TRL ``SDPOTrainer``'s own teacher/student forwards and self-distillation loss (full logits, reverse
+    KL, the model as its own teacher) on ``inputs`` (its batch keys: prompt/completion/teacher ids and masks,
+    ``self_distillation_mask``), called on a minimal host object instead of a built trainer. TRL is imported here, not
+    at the top: it is the optional peer (the ``peers`` extra) only two benchmarks compare against."""
+    from trl.experimental.sdpo.sdpo_trainer import SDPOTrainer
+
+    host = SimpleNamespace(
+        args=SimpleNamespace(distillation_mode="full_logits", distillation_alpha=1.0, distillation_topk=None,
+                             distillation_add_tail=False, distillation_is_clip=None),
+        temperature=1.0, model_kwarg_keys=inspect.signature(model.forward).parameters.keys(),
+        accelerator=SimpleNamespace(gather=lambda x: x),
+        _get_teacher_context_for_self_distillation=contextlib.nullcontext,
+        _log_self_distillation_metric=lambda mode, value: None,
+    )
+    host._forward_logits = lambda *a, **k: SDPOTrainer._forward_logits(host, *a, **k)
+
+    def loss() -> Any:
+        logits = SDPOTrainer._compute_teacher_student_logits(host, model, model, inputs)
+        return SDPOTrainer._compute_self_distillation_loss(host, model, inputs, logits)
+
+    return loss

@@ -23,16 +23,13 @@ fresh process per round.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import inspect
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, figure, load_average, parse_or_work, print_figures, trl_installed, spawn_worker, time_calls, write_results  # noqa: E402
+from _common import PeakRSS, figure, load_average, parse_or_work, print_figures, trl_installed, spawn_worker, time_calls, trl_sdpo_loss_fn, write_results  # noqa: E402
 
 NAME = "train_step"
 VARIANTS = ("ours", "trl")
@@ -90,21 +87,7 @@ def _update_fn(variant: str, model, inputs, args):
             student = completion_outputs(model, s_ids, s_mask, T, hidden=False, share_prefix=share)
             return sdpo_loss(student, teacher, inputs["completion_ids"], d_mask, method, max_len=T)
     else:
-        from trl.experimental.sdpo.sdpo_trainer import SDPOTrainer
-
-        host = SimpleNamespace(
-            args=SimpleNamespace(distillation_mode="full_logits", distillation_alpha=1.0, distillation_topk=None,
-                                 distillation_add_tail=False, distillation_is_clip=None),
-            temperature=1.0, model_kwarg_keys=inspect.signature(model.forward).parameters.keys(),
-            accelerator=SimpleNamespace(gather=lambda x: x),
-            _get_teacher_context_for_self_distillation=contextlib.nullcontext,
-            _log_self_distillation_metric=lambda mode, value: None,
-        )
-        host._forward_logits = lambda *a, **k: SDPOTrainer._forward_logits(host, *a, **k)
-
-        def loss_fn():
-            logits = SDPOTrainer._compute_teacher_student_logits(host, model, model, inputs)
-            return SDPOTrainer._compute_self_distillation_loss(host, model, inputs, logits)
+        loss_fn = trl_sdpo_loss_fn(model, inputs)
 
     def update():
         opt.zero_grad(set_to_none=True)

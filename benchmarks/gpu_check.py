@@ -30,7 +30,6 @@ weights; the teacher's no-grad forward once) ÷ time ÷ the GPU's dense bf16 pea
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import inspect
 import json
@@ -47,7 +46,7 @@ from typing import Any, Callable, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peft  # noqa: E402
 import torch  # noqa: E402
-from _common import ROOT, PeakRSS, figure, load_average, write_results  # noqa: E402
+from _common import ROOT, PeakRSS, figure, load_average, trl_sdpo_loss_fn, write_results  # noqa: E402
 from transformers import AutoModelForCausalLM, Qwen3Config  # noqa: E402
 
 from llm import memory_plan as plan_module  # noqa: E402
@@ -428,18 +427,7 @@ def section_sdpo_vs_trl(ctx: Ctx) -> dict:
         student = completion_outputs(model, s_ids, s_mask, T, hidden=True, share_prefix=True)
         return sdpo_loss(student, teacher, completion, mask, method, max_len=T, weight=head)
 
-    host = SimpleNamespace(
-        args=SimpleNamespace(distillation_mode="full_logits", distillation_alpha=1.0, distillation_topk=None,
-                             distillation_add_tail=False, distillation_is_clip=None),
-        temperature=1.0, model_kwarg_keys=inspect.signature(model.forward).parameters.keys(),
-        accelerator=SimpleNamespace(gather=lambda x: x),
-        _get_teacher_context_for_self_distillation=contextlib.nullcontext,
-        _log_self_distillation_metric=lambda mode, value: None)
-    host._forward_logits = lambda *a, **k: SDPOTrainer._forward_logits(host, *a, **k)
-
-    def trl():
-        logits = SDPOTrainer._compute_teacher_student_logits(host, model, model, inputs)
-        return SDPOTrainer._compute_self_distillation_loss(host, model, inputs, logits)
+    trl = trl_sdpo_loss_fn(model, inputs)
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
 
