@@ -26,6 +26,8 @@ class Batch:
     judged: torch.Tensor  # [B] float, 1 when the judge returned a verdict
     advantages: torch.Tensor  # [B]
     old_logp: Optional[torch.Tensor] = None  # [B, T] behaviour log-probs (set when rollouts are reused)
+    success: Optional[torch.Tensor] = None  # [B] bool, score ≥ context.success_threshold (srpo, success_std; else None)
+    distill_weight: Optional[torch.Tensor] = None  # [B] detached per-completion distillation weight (gate, prompt weight, schedule)
 
     def split(self, size: int) -> list["Batch"]:
         """Micro-batches of at most ``size`` completions (``size`` 0: the whole batch)."""

@@ -20,9 +20,10 @@ from sdpo_sim.core.statistics import token_statistics
 
 def per_token_sdpo_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, completion_ids: torch.Tensor, method: MethodConfig) -> torch.Tensor:
     """SDPO's per-token loss ``D(student_t, stopgrad(teacher_t))`` of a batch, ``[B, T]``, from ``[B, T, V]`` logits
-    (already divided by the temperature). Unreduced and unmasked: the function to compare with peers."""
+    (already divided by the temperature); ``D`` is ``method.distill_loss``'s (the alpha divergence, or the forward
+    cross-entropy). Unreduced and unmasked: the function to compare with peers."""
     return sdpo_token_loss(student_logits, teacher_logits, alpha=method.alpha, support=method.support, topk=method.topk,
-                           add_tail=method.add_tail, tokens=completion_ids)
+                           add_tail=method.add_tail, tokens=completion_ids, objective=method.distill_loss)
 
 
 def fused_token_weights(mask: torch.Tensor, loss_type: str, max_len: int) -> torch.Tensor:
@@ -53,7 +54,9 @@ def sdpo_loss(
     Unfused: ``student``/``teacher`` are logits ``[B, T, V]``. Fused (``weight`` given): they are final
     hidden states ``[B, T, H]`` (already divided by the temperature) and ``weight [V, H]`` the LM head;
     ``fused_linear_sdpo_loss`` computes the same value chunk by chunk, never holding ``[B·T, V]``.
-    ``token_weights [B, T]`` (detached), e.g. truncated importance ratios, multiply the per-token loss.
+    ``token_weights [B, T]`` (detached), e.g. truncated importance ratios or the variants' distillation weights,
+    multiply the per-token loss; the normaliser stays ``mask``'s (a weight-0 token still counts, as in the toy world).
+    ``method.distill_loss`` picks the per-token loss on both paths.
     """
     if weight is None:
         per_tok = per_token_sdpo_loss(student, teacher, completion_ids, method)
@@ -67,7 +70,7 @@ def sdpo_loss(
     return fused_linear_sdpo_loss(
         student.reshape(-1, h), teacher.reshape(-1, h), weight, mask.reshape(-1), teacher_weight=teacher_weight,
         alpha=method.alpha, support=method.support, topk=method.topk, add_tail=method.add_tail, chunk_size=chunk_size,
-        tokens=completion_ids.reshape(-1), token_weights=w.reshape(-1).detach(),
+        tokens=completion_ids.reshape(-1), token_weights=w.reshape(-1).detach(), objective=method.distill_loss,
     )
 
 

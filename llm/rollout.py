@@ -64,6 +64,7 @@ def rollout(trainer, step: int) -> tuple[Batch, dict]:
     student_prefix = [p for p in p_ids for _ in range(g)]
     teacher_prefix = [c if c is not None else s for c, s in zip(ctx_ids, student_prefix)]
     advantages = global_advantages(scores, m, trainer.acc)
+    success, distill_weight = completion_variants(m, scores, keep, spec.context.success_threshold, step, training.steps)
     dev, pad = trainer.acc.device, trainer.tokenizer.pad_token_id
     ids, mask = pack_rows(student_prefix, completion_ids, pad, dev)
     t_ids, t_mask = pack_rows(teacher_prefix, completion_ids, pad, dev)
@@ -74,6 +75,8 @@ def rollout(trainer, step: int) -> tuple[Batch, dict]:
         distill_mask=torch.tensor([float(c is not None) for c in ctx_ids], device=dev),
         judged=torch.tensor([float(s is not None and k) for s, k in zip(scores, keep)], device=dev),
         advantages=advantages.to(dev),
+        success=None if success is None else success.to(dev),
+        distill_weight=None if distill_weight is None else distill_weight.to(dev),
     )
     true_scores = [j.score for j in judgements if j is not None]
     info = {
@@ -94,16 +97,42 @@ def is_truncated(completion_ids: list[int], max_new_tokens: int, eos_id: Optiona
     return len(completion_ids) >= max_new_tokens and (eos_id is None or not completion_ids or completion_ids[-1] != eos_id)
 
 
+def filled_scores(scores: list[Optional[float]], group_size: int) -> torch.Tensor:
+    """Scores ``[B]`` (float32) with each failed judgement (``None``) filled by its group's mean score (0 for a group
+    with none), so that it has advantage 0 against its siblings' mean and never passes the gate."""
+    r = torch.tensor([math.nan if s is None else s for s in scores], dtype=torch.float32)
+    groups = r.view(-1, group_size)
+    fill = torch.nanmean(groups, dim=1, keepdim=True).nan_to_num(0.0).expand_as(groups)
+    return torch.where(groups.isnan(), fill, groups).reshape(-1)
+
+
+def completion_variants(m: MethodConfig, scores: list[Optional[float]], keep: list[bool], success_threshold: float,
+                        step: int, total_steps: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The per-completion quantities of the variants (docs/variants.md), on this process's ``B`` completions (whole
+    groups, so group statistics need no other process): ``(success [B] bool, distill_weight [B] float32)``, each
+    ``None`` when the method does not read it (the default path is untouched).
+
+    - ``success_i = judged_i ∧ kept_i ∧ score_i ≥ context.success_threshold`` (the demonstrations' rule; a truncated
+      completion masked by ``training.mask_truncated_completions`` never succeeds);
+    - ``distill_weight_i = s(step)·g_i·p_i`` from :meth:`MethodConfig.distill_weights` without its token weight
+      (``teacher_confidence`` is per token and needs the teacher: the trainer multiplies it in), on the scores of
+      :func:`filled_scores`.
+    """
+    success = torch.tensor([s is not None and k and s >= success_threshold for s, k in zip(scores, keep)], dtype=torch.bool)
+    per_completion = m.replace(distill_token_weight="uniform") if m.distills else m
+    weight = None
+    if m.distills and per_completion.weights_distillation:
+        weight = per_completion.distill_weights(scores=filled_scores(scores, m.num_generations), mask=torch.ones(len(scores), 1),
+                                                success=success, step=step, total_steps=total_steps)[:, 0]
+    return (success if m.needs_success else None), weight
+
+
 def global_advantages(scores: list[Optional[float]], m: MethodConfig, acc) -> torch.Tensor:
     """GRPO: group-normalised; REINFORCE and hybrid: ``r − batch mean`` over the *global* batch.
 
     A completion whose judge failed is filled with its group's mean score and gets no policy-gradient loss.
     """
-    g = m.num_generations
-    r = torch.tensor([math.nan if s is None else s for s in scores], dtype=torch.float32)
-    groups = r.view(-1, g)
-    fill = torch.nanmean(groups, dim=1, keepdim=True).nan_to_num(0.0).expand_as(groups)
-    r = torch.where(groups.isnan(), fill, groups).reshape(-1)
+    r = filled_scores(scores, m.num_generations)
     all_r = acc.gather(r.to(acc.device)).cpu() if acc.num_processes > 1 else r
     adv = m.advantages(all_r)
     n = r.numel()

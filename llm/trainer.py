@@ -1,4 +1,5 @@
-"""The LLM trainer: one training step, read top to bottom, for sdpo / grpo / reinforce / hybrid.
+"""The LLM trainer: one training step, read top to bottom, for sdpo / grpo / reinforce / hybrid / blend / srpo
+(and the distillation variants of docs/variants.md; the reference-policy terms are refused by :meth:`llm.recipe.Recipe.validate`).
 
 ``Trainer.step`` follows the same order as the toy world's loop (docs/design.md §6)::
 
@@ -31,9 +32,11 @@ from tqdm.auto import tqdm
 
 from sdpo_sim.core.io import atomic_write_text, check_output_dir
 from sdpo_sim.core.losses import (
+    advantage_blend_token_loss,
     aggregate,
     hybrid_loss,
     policy_gradient_token_loss,
+    teacher_confidence_weight,
     truncated_importance_weight,
 )
 
@@ -175,8 +178,21 @@ class Trainer:
         per_token = self.method.loss_type == "token_mean"
         d_mask = batch.completion_mask * batch.distill_mask.unsqueeze(-1)
         pg_mask = batch.completion_mask * batch.judged.unsqueeze(-1)
-        return {"sdpo": self._sum(float(d_mask.sum()) if per_token else d_mask.shape[0]),
-                "pg": self._sum(float(pg_mask.sum()) if per_token else pg_mask.shape[0])}
+        counts = {"sdpo": self._sum(float(d_mask.sum()) if per_token else d_mask.shape[0]),
+                  "pg": self._sum(float(pg_mask.sum()) if per_token else pg_mask.shape[0])}
+        if self.method.name in ("blend", "srpo"):  # one aggregation over the tokens carrying either term
+            mask = self._combined_mask(batch)
+            counts["combined"] = self._sum(float(mask.sum()) if per_token else mask.shape[0])
+        return counts
+
+    def _combined_mask(self, batch: Batch) -> torch.Tensor:
+        """``[B, T]`` tokens that carry a term of blend or srpo: blend every judged or distilled completion token
+        (docs/variants.md §1: one policy-gradient loss over every completion token); srpo's routed mask
+        ``c_t·(s_i + (1 − s_i)·m_i)`` (§2, :func:`~sdpo_sim.core.losses.routed_token_loss`)."""
+        if self.method.name == "srpo":
+            s = batch.success.to(batch.completion_mask.dtype)
+            return batch.completion_mask * (s + (1.0 - s) * batch.distill_mask).unsqueeze(-1)
+        return batch.completion_mask * torch.maximum(batch.judged, batch.distill_mask).unsqueeze(-1)
 
     def _alpha_mix(self, stats: dict) -> torch.Tensor:
         """Advance the hybrid controller with the global batch's mean entropy and divergence."""
@@ -231,19 +247,27 @@ class Trainer:
         if batch.old_logp is None and self.training.updates_per_batch > 1:
             batch.old_logp = logp.detach()  # behaviour policy = the policy that sampled (first update)
         terms_loss = {}
+        blend_signal = m.name == "blend" and m.support == "sampled"  # the paper's advantage form: the PPO ratio acts
         if self.method.distills:
             d_mask = comp_mask * batch.distill_mask.unsqueeze(-1)
-            isw = None if batch.old_logp is None else truncated_importance_weight(logp, batch.old_logp, m.is_clip)
-            sd = sdpo_loss(student_out, teacher_out, batch.completion_ids, d_mask, m, max_len=max_len, weight=head,
-                           teacher_weight=teacher_head, token_weights=isw, chunk_size=self.training.chunk_size)
-            count = d_mask.sum() if m.loss_type == "token_mean" else d_mask.shape[0]
-            terms_loss["sdpo"] = sd * self._share(float(count), counts["sdpo"])
+            isw = None if batch.old_logp is None or blend_signal else truncated_importance_weight(logp, batch.old_logp, m.is_clip)
+            dw = self._distill_weights(batch, d_mask, teacher_out, teacher_head, head, counts, stats)
+            tw = dw if isw is None else (isw if dw is None else isw * dw)
+            if m.name in ("blend", "srpo"):
+                combined = self._combined_loss(batch, student_out, teacher_out, teacher_head, head, logp, ratio, d_mask, tw, max_len)
+                count = combined[1].sum() if m.loss_type == "token_mean" else combined[1].shape[0]
+                terms_loss["combined"] = combined[0] * self._share(float(count), counts["combined"])
+            else:
+                sd = sdpo_loss(student_out, teacher_out, batch.completion_ids, d_mask, m, max_len=max_len, weight=head,
+                               teacher_weight=teacher_head, token_weights=tw, chunk_size=self.training.chunk_size)
+                count = d_mask.sum() if m.loss_type == "token_mean" else d_mask.shape[0]
+                terms_loss["sdpo"] = sd * self._share(float(count), counts["sdpo"])
             stats["divergence_sum"], stats["distilled_tokens"] = float((div * d_mask.cpu()).sum()), float(d_mask.sum())
             stats["log_ratio"], stats["signal_sum"] = ratio, float((ratio * d_mask.cpu()).sum())
             if self.measure_credit:  # the same teacher weights without the context (llm/credit.py)
                 credit = feedback_credit(self, batch, rows, teacher_out, T) if rows.numel() else torch.zeros(0, T)
                 stats["feedback_credit_sum"] = float((credit * d_mask[rows].cpu()).sum())
-        if self.method.uses_policy_gradient:
+        if self.method.uses_policy_gradient and m.name not in ("blend", "srpo"):
             pg_mask = comp_mask * batch.judged.unsqueeze(-1)
             pg_tok = policy_gradient_token_loss(logp, batch.advantages, batch.old_logp, epsilon=m.epsilon)
             pg = aggregate(pg_tok, pg_mask, m.loss_type, max_len)
@@ -254,9 +278,64 @@ class Trainer:
             alpha_mix = self._alpha_mix(stats) if alpha_mix is None else alpha_mix
             stats["alpha_mix"] = float(alpha_mix)
             loss = hybrid_loss(terms_loss["sdpo"], terms_loss["pg"], alpha_mix)
+        elif m.name in ("blend", "srpo"):
+            loss = terms_loss["combined"]
         else:
             loss = terms_loss["sdpo"] if self.method.distills else terms_loss["pg"]
         return loss, stats
+
+    def _distill_weights(self, batch: Batch, d_mask: torch.Tensor, teacher_out, teacher_head, head, counts: dict,
+                         stats: dict) -> Optional[torch.Tensor]:
+        """The variants' detached weight ``[B, T]`` on each token's distillation loss (``None`` when none is set):
+        the per-completion part from the rollout (schedule · gate · prompt weight, :func:`llm.rollout.completion_variants`)
+        times the teacher_confidence token weight ``exp(−H_T,t) / mean(exp(−H_T))``. That mean runs over the tokens
+        carrying the distillation term in the *global* batch (``counts["confidence_mean"]``, from the pre-pass of
+        :meth:`step`; this batch's own when absent); ``stats`` receives this batch's sum and count for it."""
+        m = self.method
+        w = None if batch.distill_weight is None else batch.distill_weight.unsqueeze(-1).expand_as(d_mask)
+        if m.distill_token_weight != "teacher_confidence":
+            return w
+        carried = d_mask if m.name != "srpo" else d_mask * (~batch.success).to(d_mask.dtype).unsqueeze(-1)
+        t_ent = token_stats(teacher_out.detach(), None, batch.completion_ids, m.alpha, chunk_size=self.training.chunk_size,
+                            weight=teacher_head if teacher_head is not None else head)[0].to(d_mask.device)
+        conf = torch.exp(-t_ent)
+        stats["confidence_sum"], stats["confidence_tokens"] = float((conf * carried).sum()), float(carried.sum())
+        mean = counts.get("confidence_mean")
+        c = teacher_confidence_weight(t_ent, carried, mean=None if mean is None else torch.tensor(mean, dtype=conf.dtype))
+        return c if w is None else w * c
+
+    def _combined_loss(self, batch: Batch, student_out, teacher_out, teacher_head, head, logp, ratio, d_mask, tw,
+                       max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """blend's or srpo's loss on this (micro-)batch, aggregated by ``loss_type`` over :meth:`_combined_mask`, and
+        that mask. Each is a per-token sum of a policy-gradient and a distillation part over one mask, so it is
+        aggregated part by part (the aggregation is linear in the per-token loss for a fixed mask): the distillation
+        part through :func:`llm.losses.sdpo_loss` (fused or not) with that mask and the part's per-token weights.
+
+        - blend, support sampled: :func:`~sdpo_sim.core.losses.advantage_blend_token_loss` with the signal
+          ``stopgrad(log p_T(y_t) − log p_θ(y_t))`` times the weights (the advantage form);
+        - blend, full/topk: ``λ·ℓ^PG_t + (1 − λ)·m_t·w_t·D_t`` (the loss form);
+        - srpo: ``s_i·ℓ^PG_t + (1 − s_i)·m_t·w_t·D_t`` (:func:`~sdpo_sim.core.losses.routed_token_loss`'s).
+
+        A completion the judge failed on has no policy-gradient part (its advantage is zeroed), as in the other methods.
+        """
+        m, mask = self.method, self._combined_mask(batch)
+        adv = batch.advantages * batch.judged
+        row = batch.distill_mask.unsqueeze(-1)
+        if m.name == "blend" and m.support == "sampled":
+            signal = ratio.to(logp.device) * d_mask
+            tok = advantage_blend_token_loss(logp, adv, m.blend_lambda, distill_mask=d_mask, old_logp=batch.old_logp,
+                                             epsilon=m.epsilon, signal=signal if tw is None else signal * tw)
+            return aggregate(tok, mask, m.loss_type, max_len), mask
+        pg_tok = policy_gradient_token_loss(logp, adv, batch.old_logp, epsilon=m.epsilon)
+        if m.name == "blend":
+            pg_w, d_w = m.blend_lambda, (1.0 - m.blend_lambda) * row
+        else:
+            s = batch.success.to(logp.dtype).unsqueeze(-1)
+            pg_w, d_w = s, (1.0 - s) * row
+        d_w = (d_w * torch.ones_like(mask)) if tw is None else d_w * tw
+        sd = sdpo_loss(student_out, teacher_out, batch.completion_ids, mask, m, max_len=max_len, weight=head,
+                       teacher_weight=teacher_head, token_weights=d_w, chunk_size=self.training.chunk_size)
+        return aggregate(pg_tok * pg_w, mask, m.loss_type, max_len) + sd, mask
 
     # -- the step ----------------------------------------------------------------------------------
     def step(self, step: int) -> dict:
@@ -271,6 +350,10 @@ class Trainer:
         adaptive = self.method.name == "hybrid" and self.method.controller != "constant" and len(parts) > 1
         for _ in range(self.training.updates_per_batch):
             alpha_mix = None
+            if self.method.distill_token_weight == "teacher_confidence":  # its mean runs over the whole global batch
+                with torch.no_grad(), self.autocast():
+                    pre = merge_stats([self.compute_loss(p, counts, torch.tensor(0.5))[1] for p in parts])
+                counts["confidence_mean"] = self._sum(pre["confidence_sum"]) / max(1.0, self._sum(pre["confidence_tokens"]))
             if adaptive:  # the controller needs the whole batch's statistics before any gradient
                 with torch.no_grad(), self.autocast():
                     alpha_mix = self._alpha_mix(merge_stats([self.compute_loss(p, counts, torch.tensor(0.5))[1] for p in parts]))
