@@ -85,7 +85,7 @@ ROWS = [
     (S("training.output_dir=afile.txt/run"), 2, "afile.txt' is a file, not a directory"),
     (S("model.path=nowhere"), 2, "does not exist. Create the tiny model with `sdpo-llm make-tiny"),
     (S("model.path=recipes"), 2, "exists but has no config.json"),
-    (S("model.dtype=bfloat16"), 2, "set model.dtype: float32, or run sharded under the FSDP2 accelerate config"),
+    (S("model.dtype=float16"), 2, "would train float16 weights without loss scaling"),
     (S("task.name=nope"), 2, "unknown task 'nope'; built-in tasks: word-constraints"),
     (S("task.judge=nomodule:judge"), 2, "judge spec 'nomodule:judge': cannot import"),
     # --- a user's task (issue 14): refused before any weights load
