@@ -16,4 +16,5 @@ if __name__ == "__main__":
     trainer = Trainer(load_recipe(sys.argv[1]))
     keep_updates(trainer, sys.argv[2])
     trainer.train()
+    trainer.acc.wait_for_everyone()  # both ranks are done before either tears its process group down
     torch.distributed.destroy_process_group()  # explicit teardown (see ddp_uneven_prefix_run.py)

@@ -110,4 +110,5 @@ if __name__ == "__main__":
     record(trainer, out)
     trainer.train()
     write(trainer)
+    trainer.acc.wait_for_everyone()  # both ranks are done before either tears its process group down
     dist.destroy_process_group()

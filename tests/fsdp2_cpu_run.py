@@ -40,4 +40,5 @@ if __name__ == "__main__":
     if "--keep" in sys.argv:
         keep_updates(trainer, sys.argv[sys.argv.index("--keep") + 1])
     trainer.train(resume="--resume" in sys.argv)
+    trainer.acc.wait_for_everyone()  # both ranks are done before either tears its process group down
     torch.distributed.destroy_process_group()  # explicit teardown (see ddp_uneven_prefix_run.py)
