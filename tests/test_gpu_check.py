@@ -4,28 +4,14 @@ comparison, a synced engine agreeing with the trainer, a stale one not)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from bench_helpers import load_benchmark
+from llm_helpers import EPS32
 
-from tests.llm_helpers import EPS32
-
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def _load(name: str):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check, run_all = _load("gpu_check"), _load("run_all")
+gpu_check, run_all = load_benchmark("gpu_check"), load_benchmark("run_all")
 
 
 @pytest.fixture(scope="module")

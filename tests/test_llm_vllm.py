@@ -42,7 +42,7 @@ from llm.generation import (
 from llm.recipe import GenerationConfig, Recipe
 from llm.trainer import Trainer
 from llm.vllm_server import make_server
-from tests.llm_helpers import EPS32, tiny_recipe
+from llm_helpers import EPS32, tiny_recipe
 
 PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
 SEEDS = [101, 202, 303]
