@@ -173,16 +173,17 @@ class Trainer:
         """``world · local/global``: turns a (micro-)batch mean into its part of the global mean (DDP averages)."""
         return 0.0 if global_count == 0 else self.acc.num_processes * local_count / global_count
 
+    def _count(self, mask: torch.Tensor) -> float:
+        """What a loss term over ``mask`` ``[B, T]`` is normalised by on this process: its tokens (token_mean) or its
+        completions (sequence_mean, dr_grpo)."""
+        return float(mask.sum()) if self.method.loss_type == "token_mean" else float(mask.shape[0])
+
     def _counts(self, batch: Batch) -> dict:
-        """Global normalisers of the two loss terms: tokens (token_mean) or completions (sequence_mean, dr_grpo)."""
-        per_token = self.method.loss_type == "token_mean"
-        d_mask = batch.completion_mask * batch.distill_mask.unsqueeze(-1)
-        pg_mask = batch.completion_mask * batch.judged.unsqueeze(-1)
-        counts = {"sdpo": self._sum(float(d_mask.sum()) if per_token else d_mask.shape[0]),
-                  "pg": self._sum(float(pg_mask.sum()) if per_token else pg_mask.shape[0])}
+        """Global normalisers of the loss terms (:meth:`_count` summed over processes)."""
+        counts = {"sdpo": self._sum(self._count(batch.completion_mask * batch.distill_mask.unsqueeze(-1))),
+                  "pg": self._sum(self._count(batch.completion_mask * batch.judged.unsqueeze(-1)))}
         if self.method.name in ("blend", "srpo"):  # one aggregation over the tokens carrying either term
-            mask = self._combined_mask(batch)
-            counts["combined"] = self._sum(float(mask.sum()) if per_token else mask.shape[0])
+            counts["combined"] = self._sum(self._count(self._combined_mask(batch)))
         return counts
 
     def _combined_mask(self, batch: Batch) -> torch.Tensor:
@@ -255,13 +256,11 @@ class Trainer:
             tw = dw if isw is None else (isw if dw is None else isw * dw)
             if m.name in ("blend", "srpo"):
                 combined = self._combined_loss(batch, student_out, teacher_out, teacher_head, head, logp, ratio, d_mask, tw, max_len)
-                count = combined[1].sum() if m.loss_type == "token_mean" else combined[1].shape[0]
-                terms_loss["combined"] = combined[0] * self._share(float(count), counts["combined"])
+                terms_loss["combined"] = combined[0] * self._share(self._count(combined[1]), counts["combined"])
             else:
                 sd = sdpo_loss(student_out, teacher_out, batch.completion_ids, d_mask, m, max_len=max_len, weight=head,
                                teacher_weight=teacher_head, token_weights=tw, chunk_size=self.training.chunk_size)
-                count = d_mask.sum() if m.loss_type == "token_mean" else d_mask.shape[0]
-                terms_loss["sdpo"] = sd * self._share(float(count), counts["sdpo"])
+                terms_loss["sdpo"] = sd * self._share(self._count(d_mask), counts["sdpo"])
             stats["divergence_sum"], stats["distilled_tokens"] = float((div * d_mask.cpu()).sum()), float(d_mask.sum())
             stats["log_ratio"], stats["signal_sum"] = ratio, float((ratio * d_mask.cpu()).sum())
             if self.measure_credit:  # the same teacher weights without the context (llm/credit.py)
@@ -271,8 +270,7 @@ class Trainer:
             pg_mask = comp_mask * batch.judged.unsqueeze(-1)
             pg_tok = policy_gradient_token_loss(logp, batch.advantages, batch.old_logp, epsilon=m.epsilon)
             pg = aggregate(pg_tok, pg_mask, m.loss_type, max_len)
-            count = pg_mask.sum() if m.loss_type == "token_mean" else pg_mask.shape[0]
-            terms_loss["pg"] = pg * self._share(float(count), counts["pg"])
+            terms_loss["pg"] = pg * self._share(self._count(pg_mask), counts["pg"])
         stats["entropy_sum"], stats["tokens"] = float((ent * comp_mask.cpu()).sum()), float(comp_mask.sum())
         if m.name == "hybrid":
             alpha_mix = self._alpha_mix(stats) if alpha_mix is None else alpha_mix
