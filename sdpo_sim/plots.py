@@ -34,7 +34,7 @@ from .core.io import atomic_write, check_output_dir  # noqa: E402
 from .stats import performance_profile  # noqa: E402
 
 # conditions a figure either shows or holds fixed (arm = method, with the hybrid controller)
-FACTORS = ("arm", "feedback", "noise", "rho", "teacher", "beta", "hint_noise", "policy", "alpha", "support", "teacher_kind",
+FACTORS = ("arm", "feedback", "noise", "rho", "teacher", "beta", "hint_noise", "policy", "alpha", "support", "teacher_kind", "family",
            "optimizer", "vocab_size", "seq_len", "steps", "batch_size", "num_generations")
 FEEDBACK_ORDER = ("binary", "ordinal", "continuous", "critique", "demo")
 ARM_ORDER = ("reinforce", "grpo", "sdpo", "hybrid-constant", "hybrid-divergence", "hybrid-entropy")

@@ -12,11 +12,19 @@ A sweep spec's ``tuning`` block::
       where: {noise: 0.0}      # optional: tune only on grid points matching these values
       blocks: [main]           # optional: tune only on these blocks' points
       steps: 100               # optional: a shorter budget for tuning
+      margin: 0.01             # optional: candidates within this of the best mean criterion are "near-best"
+      alternatives: [main]     # optional: blocks evaluated again at each alternative choice (below)
 
 A block whose own ``base`` fixes ``lr`` (e.g. a replica of a published setting) keeps it and is
 not tuned on (nor is β there). Rule (recorded in ``tuning.json``): for each group of ``per``, the candidate (lr, and β
 for distilling methods) with the highest mean criterion over all tuning runs and seeds of that group; ties go to the
 smaller lr, then the smaller β. Methods that do not distill ignore β, so they are tuned over lr alone.
+
+Alternative choices a reviewer would accept (:data:`ALTERNATIVES`), for the verdict-robustness column of the claims
+report: the other criterion's best (``auc`` ↔ ``final``), and the smallest and the largest lr among the near-best
+candidates (mean criterion within ``margin`` of the best; at that lr, its best β). Each block of ``alternatives`` is
+evaluated again at each of them as block ``<name>@<alternative>``; a point whose alternative equals the chosen
+candidate is the same run (one run id, listed under both blocks), so only the differing choices cost runs.
 """
 
 from __future__ import annotations
@@ -35,7 +43,9 @@ from .sweep_spec import expand, validate_points
 from .tables import collect, write_table
 
 CRITERIA = ("auc", "final")
-TUNING_KEYS = ("lr", "beta", "seeds", "seed_start", "criterion", "per", "where", "blocks", "steps")
+TUNING_KEYS = ("lr", "beta", "seeds", "seed_start", "criterion", "per", "where", "blocks", "steps", "margin", "alternatives")
+# name -> what it is (for the reports): alternative choices of (lr, β) per group, see alternative_choices()
+ALTERNATIVES = {"other": "the other tuning criterion", "low": "the smallest near-best lr", "high": "the largest near-best lr"}
 DISTILLING = ("sdpo", "hybrid")  # the methods whose loss reads the teacher, so β matters
 
 
@@ -50,6 +60,8 @@ class TuningSpec:
     blocks: Optional[list] = None
     steps: Optional[int] = None
     beta: Optional[list] = None  # candidates of β for distilling methods (None: β is not tuned)
+    margin: float = 0.01  # near-best: mean criterion within this of the best (criterion units: reward in [0, 1])
+    alternatives: Optional[list] = None  # blocks evaluated again at every alternative choice
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], known_fields: Sequence[str]) -> "TuningSpec":
@@ -87,8 +99,14 @@ class TuningSpec:
             raise ValueError("tuning.per must not contain beta: beta is a tuned candidate (tuning.beta), not a condition")
         if beta is not None and "method" not in per:
             raise ValueError("tuning.beta needs method in tuning.per: only distilling methods are tuned over beta")
+        margin = data.get("margin", 0.01)
+        if not isinstance(margin, (int, float)) or isinstance(margin, bool) or not 0 <= margin < 1:
+            raise ValueError(f"tuning.margin={margin!r} must be a number in [0, 1) (criterion units: reward)")
+        alternatives = data.get("alternatives")
+        if alternatives is not None and (not isinstance(alternatives, list) or not alternatives or not all(isinstance(b, str) for b in alternatives)):
+            raise ValueError(f"tuning.alternatives={alternatives!r} must be a non-empty list of block names")
         return cls([float(x) for x in lr], data.get("seeds", 4), data.get("seed_start", 1000), criterion, list(per), dict(where), blocks, steps,
-                   None if beta is None else [float(x) for x in beta])
+                   None if beta is None else [float(x) for x in beta], float(margin), alternatives)
 
     @property
     def rule(self) -> str:
@@ -127,8 +145,12 @@ class TuningSpec:
             raise ValueError("base.lr is set but the tuning block chooses lr; remove one (a block's own base may fix lr to opt out of tuning)")
         if self.beta and "beta" in spec.base:
             raise ValueError("base.beta is set but tuning.beta chooses beta; remove one")
-        if self.blocks is not None and set(self.blocks) - names:
-            raise ValueError(f"tuning.blocks names unknown block(s) {sorted(set(self.blocks) - names)}; blocks: {sorted(names)}")
+        for key in ("blocks", "alternatives"):
+            listed = getattr(self, key)
+            if listed is not None and set(listed) - names:
+                raise ValueError(f"tuning.{key} names unknown block(s) {sorted(set(listed) - names)}; blocks: {sorted(names)}")
+        if any("@" in n for n in names):
+            raise ValueError(f"block names must not contain '@' (it marks a tuning alternative): {sorted(n for n in names if '@' in n)}")
         exempt = exempt_blocks(spec)
         for b in spec.blocks:
             if "lr" in b.grid or any("lr" in c for c in b.cases):
@@ -150,19 +172,66 @@ def exempt_blocks(spec) -> set:
     return {b.name for b in spec.blocks if "lr" in b.base}
 
 
-def select(per_seed: pd.DataFrame, tspec: TuningSpec) -> tuple[pd.DataFrame, dict]:
-    """Score every (group, lr, β) and pick the best per group. Returns (score table, {group key: {"lr": …, "beta": …}})."""
-    value = "auc" if tspec.criterion == "auc" else "final_reward"
-    knobs = ["lr", "beta"] if tspec.beta else ["lr"]
-    scores = summarize(per_seed, value, [*tspec.per, *knobs])
-    chosen = {}
+def _knobs(tspec: TuningSpec) -> list:
+    return ["lr", "beta"] if tspec.beta else ["lr"]
+
+
+def _choice(row: pd.Series, knobs: Sequence[str], distills: bool) -> dict:
+    return {k: float(row[k]) for k in knobs if k == "lr" or distills}  # β only where it is a candidate
+
+
+def _scores(per_seed: pd.DataFrame, tspec: TuningSpec, criterion: str) -> pd.DataFrame:
+    return summarize(per_seed, "auc" if criterion == "auc" else "final_reward", [*tspec.per, *_knobs(tspec)])
+
+
+def _groups(scores: pd.DataFrame, tspec: TuningSpec):
+    """(group key, whether its method distills, its rows sorted best first: mean descending, ties to the smaller knobs)."""
+    knobs = _knobs(tspec)
     for key, part in scores.groupby(tspec.per, sort=True):
         key = key if isinstance(key, tuple) else (key,)
-        best = part.sort_values(["mean", *knobs], ascending=[False, *[True] * len(knobs)]).iloc[0]
-        distills = dict(zip(tspec.per, key)).get("method") in DISTILLING
-        chosen[key] = {k: float(best[k]) for k in knobs if k == "lr" or distills}  # β only where it is a candidate
+        yield key, dict(zip(tspec.per, key)).get("method") in DISTILLING, part.sort_values(["mean", *knobs], ascending=[False, *[True] * len(knobs)])
+
+
+def select(per_seed: pd.DataFrame, tspec: TuningSpec) -> tuple[pd.DataFrame, dict]:
+    """Score every (group, lr, β) and pick the best per group. Returns (score table, {group key: {"lr": …, "beta": …}})."""
+    knobs = _knobs(tspec)
+    scores = _scores(per_seed, tspec, tspec.criterion)
+    chosen = {key: _choice(ranked.iloc[0], knobs, distills) for key, distills, ranked in _groups(scores, tspec)}
     scores["selected"] = [all(chosen.get(tuple(r[p] for p in tspec.per), {}).get(k) == r[k] for k in knobs) for _, r in scores.iterrows()]
     return scores, chosen
+
+
+def alternative_choices(per_seed: pd.DataFrame, tspec: TuningSpec) -> dict:
+    """The alternative choices of :data:`ALTERNATIVES`, each ``{group key: {"lr": …, "beta": …}}``:
+
+    - ``other``: the best by the other criterion (``final`` when tuning by ``auc``, and the reverse);
+    - ``low`` / ``high``: among the near-best candidates, ``mean ≥ best − margin`` by the tuning criterion, the one
+      with the smallest / the largest lr (at that lr, its best β).
+    """
+    knobs, out = _knobs(tspec), {"other": {}, "low": {}, "high": {}}
+    other = "final" if tspec.criterion == "auc" else "auc"
+    out["other"] = {key: _choice(ranked.iloc[0], knobs, d) for key, d, ranked in _groups(_scores(per_seed, tspec, other), tspec)}
+    for key, distills, ranked in _groups(_scores(per_seed, tspec, tspec.criterion), tspec):
+        near = ranked[ranked["mean"] >= ranked["mean"].iloc[0] - tspec.margin]  # best first, so the first row per lr is its best β
+        out["low"][key] = _choice(near[near["lr"] == near["lr"].min()].iloc[0], knobs, distills)
+        out["high"][key] = _choice(near[near["lr"] == near["lr"].max()].iloc[0], knobs, distills)
+    return out
+
+
+def _selected_rows(chosen: dict, tspec: TuningSpec) -> list:
+    """The record's rows of one choice; a choice at the smallest or largest candidate may mean the grid is too narrow:
+    flagged, not hidden."""
+    return [{**dict(zip(tspec.per, k)), **v, "at_edge": len(tspec.lr) > 1 and v["lr"] in (min(tspec.lr), max(tspec.lr)),
+             **({"beta_at_edge": len(tspec.beta) > 1 and v["beta"] in (min(tspec.beta), max(tspec.beta))} if "beta" in v else {})}
+            for k, v in sorted(chosen.items(), key=lambda kv: str(kv[0]))]
+
+
+def _at_choice(block: str, point: dict, config_fn, tspec: TuningSpec, chosen: dict) -> tuple[str, dict]:
+    """``point`` of ``block`` at the choice of its group."""
+    key = tuple(config_fn(point)[k] for k in tspec.per)
+    if key not in chosen:
+        raise ValueError(f"tuning: no tuning runs for {dict(zip(tspec.per, key))} (block {block!r}); widen tuning.where/blocks")
+    return block, ({**point, **chosen[key]} if config_fn(point)["method"] in DISTILLING else {**point, "lr": chosen[key]["lr"]})
 
 
 def tune(spec, tspec: TuningSpec, out: Path, *, config_fn, run_fn, workers: int, backend: str, progress: bool, pool=None):
@@ -176,15 +245,15 @@ def tune(spec, tspec: TuningSpec, out: Path, *, config_fn, run_fn, workers: int,
     history, _ = collect(tuning_plan, out / "runs")
     per_seed = per_seed_metrics(history)
     scores, chosen = select(per_seed, tspec)
+    alternatives = alternative_choices(per_seed, tspec) if tspec.alternatives else {}
     eval_points = []
     for block, p in points:
         if block in exempt:
             eval_points.append((block, p))
             continue
-        key = tuple(config_fn(p)[k] for k in tspec.per)
-        if key not in chosen:
-            raise ValueError(f"tuning: no tuning runs for {dict(zip(tspec.per, key))} (block {block!r}); widen tuning.where/blocks")
-        eval_points.append((block, {**p, **chosen[key]} if config_fn(p)["method"] in DISTILLING else {**p, "lr": chosen[key]["lr"]}))
+        eval_points.append(_at_choice(block, p, config_fn, tspec, chosen))
+        if block in (tspec.alternatives or ()):
+            eval_points += [_at_choice(f"{block}@{name}", p, config_fn, tspec, alt) for name, alt in alternatives.items()]
     planned = validate_points(eval_points, config_fn)
     record = {
         "rule": tspec.rule,
@@ -192,11 +261,11 @@ def tune(spec, tspec: TuningSpec, out: Path, *, config_fn, run_fn, workers: int,
         "per": tspec.per,
         "tuning_seeds": [tspec.seed_start, tspec.seed_start + tspec.seeds - 1],
         "runs": len(tuning_plan),
-        # a choice at the smallest or largest candidate may mean the grid is too narrow: flagged, not hidden
-        "selected": [{**dict(zip(tspec.per, k)), **v, "at_edge": len(tspec.lr) > 1 and v["lr"] in (min(tspec.lr), max(tspec.lr)),
-                      **({"beta_at_edge": len(tspec.beta) > 1 and v["beta"] in (min(tspec.beta), max(tspec.beta))} if "beta" in v else {})}
-                     for k, v in sorted(chosen.items(), key=lambda kv: str(kv[0]))],
+        "selected": _selected_rows(chosen, tspec),
         "scores": json.loads(scores.to_json(orient="records")),
+        **({"margin": tspec.margin, "alternative_blocks": tspec.alternatives,
+            "alternatives": {name: {"rule": ALTERNATIVES[name], "selected": _selected_rows(alt, tspec)} for name, alt in alternatives.items()}}
+           if alternatives else {}),
     }
     atomic_write_text(out / "tuning.json", json.dumps(record, indent=1))
     write_table(scores, out / "tuning")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
 from pathlib import Path
 
@@ -55,6 +56,14 @@ def test_quick_claims_write_a_row_per_claim_with_values_cis_and_verdicts(quick):
     rows = data["meta"]["aggregates"]
     assert {r["method"] for r in rows} >= {"sdpo", "reinforce"} and all(r["n_tasks"] >= 1 for r in rows)
     assert all((r["p_sdpo_better"] is None) == (r["method"] == "sdpo") for r in rows)
+    alts = data["tuning"]["alternatives"]
+    assert set(alts) == {"other", "low", "high"} and data["tuning"]["alternative_blocks"] == ["main"]
+    blocks = set(res["sweep"].summary["block"])
+    assert {"main@other", "main@low", "main@high"} <= blocks  # block main again at each alternative choice
+    for c in res["claims"]:  # the claims of block main alone count the three tuning alternatives (quick has no main_motif/main_live)
+        if c.id in ("C1", "C3", "C7"):
+            assert re.match(r"(robust \(3 of 3\)|fragile \([0-2] of 3 stand\))", c.robustness), (c.id, c.robustness)
+    assert "| method | chosen | other | low | high |" in md and "near-best meaning a tuning score within 0.05 of the best" in md
     c2 = next(c for c in res["claims"] if c.id == "C2")
     assert "feedback credit" in c2.metric and all("distillation signal" in x.note for x in c2.conditions)
 
@@ -272,8 +281,20 @@ def test_robustness_names_the_alternative_that_flips_a_verdict():
     flipped = _with_alternative(seeds, "main_live", 0.0)  # with a live teacher SDPO's margin vanishes
     claims = [claim_margin(flipped)]
     robustness(claims, flipped, pd.DataFrame())
-    assert claims[0].verdict == HOLDS and claims[0].robustness == "fragile: does not hold with a live teacher"
+    assert claims[0].verdict == HOLDS and claims[0].robustness == "fragile (0 of 1 stand): does not hold with a live teacher"
     stands = _with_alternative(seeds, "main_live", 0.15)
     claims = [claim_margin(stands)]
     robustness(claims, stands, pd.DataFrame())
     assert claims[0].robustness == "robust (1 of 1)"
+
+
+def test_robustness_counts_the_tuning_alternatives_of_the_blocks_that_ran_them():
+    seeds = _seeds(0.15).assign(entropy_drop=0.5, entropy=1.0, credit_corr=0.5, feedback_credit_corr=0.5, teacher_kind="ema")
+    # main@low: every arm of main again (at another lr), SDPO's margin gone; main@high: the margin kept
+    low = _with_alternative(seeds, "main@low", 0.0, arms=("sdpo",))
+    low = pd.concat([low, seeds[(seeds.block == "main") & (seeds.method != "sdpo")].assign(block="main@low")], ignore_index=True)
+    both = pd.concat([low, seeds[seeds.block == "main"].assign(block="main@high")], ignore_index=True)
+    claims = [claim_margin(both)]
+    robustness(claims, both, pd.DataFrame())
+    assert claims[0].verdict == HOLDS  # the default choice's verdict: the alternative blocks are not block main
+    assert claims[0].robustness == "fragile (1 of 2 stand): does not hold with the smallest near-best lr"

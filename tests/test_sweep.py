@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -10,6 +11,7 @@ import yaml
 
 from sdpo_sim.execution import groups
 from sdpo_sim.sweep import Spec, plan, run_sweep, toy_run
+from sdpo_sim.tuning import TuningSpec, alternative_choices
 from sweep_fakes import fake_config, fake_run
 
 SPEC = {"name": "t", "base": {"steps": 10, "seeds": 2}, "grid": {"method": ["reinforce", "sdpo"], "noise": [0.0, 0.1]}}
@@ -38,10 +40,15 @@ def runlog(tmp_path, monkeypatch):
     ({**SPEC, "grid": {"lr": [0.1]}, "tuning": {"lr": [0.1], "seed_start": 100}}, "lr is chosen by tuning"),
     ({**SPEC, "tuning": {"lr": [], "seed_start": 100}}, "tuning.lr"),
     ({**SPEC, "tuning": {"lr": [0.1], "seed_start": 100, "criterion": "best"}}, "tuning.criterion"),
+    ({**SPEC, "tuning": {"lr": [0.1], "seed_start": 100, "margin": -0.1}}, "tuning.margin=-0.1 must be a number in [0, 1)"),
+    ({**SPEC, "tuning": {"lr": [0.1], "seed_start": 100, "margin": True}}, "tuning.margin=True"),
+    ({**SPEC, "tuning": {"lr": [0.1], "seed_start": 100, "alternatives": "main"}}, "tuning.alternatives='main' must be a non-empty list"),
+    ({**SPEC, "tuning": {"lr": [0.1], "seed_start": 100, "alternatives": ["nope"]}}, "tuning.alternatives names unknown block(s) ['nope']"),
+    ({"blocks": [{"name": "a@b", "grid": {"method": ["sdpo"]}}], "tuning": {"lr": [0.1], "seed_start": 100}}, "block names must not contain '@'"),
     ([1, 2], "must be a mapping"),
 ])
 def test_bad_specs_are_refused_before_any_run_naming_the_field(tmp_path, runlog, bad, needle):
-    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(needle)):
         sweep(bad, tmp_path / "out")
     assert runlog() == [] and not (tmp_path / "out" / "runs").exists()
 
@@ -145,6 +152,39 @@ def test_tuning_picks_the_best_lr_per_method_on_disjoint_seeds(tmp_path, runlog)
     n = len(runlog())
     sweep(spec, tmp_path / "out")
     assert len(runlog()) == n  # tuning and evaluation both resume
+
+
+def test_tuning_alternatives_evaluate_a_block_again_at_each_other_choice(tmp_path, runlog):
+    # fake reward curves (tests/sweep_fakes.py): reward 0.3 + 0.5 (1 − e^{−rate·s}), rate 0.2·e^{−|ln(lr/0.3)|}: rates 0.2,
+    # 0.06, 0.02 at lr 0.3, 1.0, 0.03, so the trapezoid AUC over steps 0, 5, 10 is 0.3 + 0.266, 0.121, 0.046: lr 1.0 is
+    # 0.145 below the best, 0.03 is 0.220 below; margin 0.18 puts 1.0 in the near-best set and 0.03 out.
+    tuning = {"lr": [0.03, 0.3, 1.0], "seeds": 2, "seed_start": 100, "where": {"noise": 0.0}, "margin": 0.18, "blocks": ["b"], "alternatives": ["b"]}
+    spec = {"base": {"steps": 10, "seeds": 2}, "tuning": tuning, "blocks": [{"name": "b", "grid": {"method": ["reinforce"], "noise": [0.0, 0.1]}}]}
+    res = sweep(spec, tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "tuning.json").read_text())
+    scores = pd.DataFrame(record["scores"]).set_index("lr")["mean"]
+    near = sorted(scores[scores >= scores.max() - 0.18].index)
+    assert near == [0.3, 1.0]  # the premise of the comment above, measured
+    alt = {name: a["selected"][0]["lr"] for name, a in record["alternatives"].items()}
+    assert alt == {"low": 0.3, "high": 1.0, "other": 0.3} and record["margin"] == 0.18 and record["alternative_blocks"] == ["b"]
+    lrs = res.summary.groupby("block")["lr"].agg(set).to_dict()
+    assert lrs == {"b": {0.3}, "b@low": {0.3}, "b@other": {0.3}, "b@high": {1.0}}
+    # a choice equal to the chosen one is the same run, listed under both blocks: only b@high costs runs
+    evaluation = [line for line in runlog() if line.split()[2] == "0"]
+    assert sorted(evaluation) == sorted(["reinforce 0.3 0 0.0", "reinforce 0.3 0 0.1", "reinforce 1.0 0 0.0", "reinforce 1.0 0 0.1"])
+
+
+def test_alternative_choices_follow_the_margin_and_the_other_criterion():
+    # hand-made tuning scores: two seeds per candidate; auc ranks 0.3 > 1.0 > 0.1, final ranks 1.0 first
+    rows = [{"method": "sdpo", "lr": lr, "beta": beta, "seed": s, "task_seed": 0, "auc": auc, "final_reward": fin}
+            for lr, beta, auc, fin in [(0.1, 1.0, 0.70, 0.80), (0.3, 1.0, 0.75, 0.82), (0.3, 2.0, 0.74, 0.81), (1.0, 1.0, 0.735, 0.90),
+                                       (1.0, 2.0, 0.745, 0.85)] for s in (0, 1)]
+    tspec = TuningSpec.from_dict({"lr": [0.1, 0.3, 1.0], "beta": [1.0, 2.0], "margin": 0.01}, ["method", "lr", "beta", "noise"])
+    alt = alternative_choices(pd.DataFrame(rows), tspec)
+    assert alt["other"][("sdpo",)] == {"lr": 1.0, "beta": 1.0}  # best final reward
+    assert alt["low"][("sdpo",)] == {"lr": 0.3, "beta": 1.0}  # 0.1 is 0.05 below the best: outside the margin
+    assert alt["high"][("sdpo",)] == {"lr": 1.0, "beta": 2.0}  # at lr 1.0 the best β within the margin (0.745 > 0.735)
+    assert alternative_choices(pd.DataFrame(rows), TuningSpec.from_dict({"lr": [0.1], "beta": [1.0], "margin": 0.0}, ["method"]))["high"][("sdpo",)] == {"lr": 0.3, "beta": 1.0}
 
 
 def test_spec_file_round_trip(tmp_path):

@@ -13,7 +13,7 @@ from ..core.io import check_output_dir
 from ..plots import write_figures
 from ..provenance import code_hash
 from ..sweep import Interrupted, Spec, kept_runs, run_sweep
-from .measure import aggregates, evaluate, replica, units
+from .measure import aggregates, default_choice, evaluate, replica, units
 from .report import write_report
 
 SCALES = {"canonical": "claims.yaml", "main": "main.yaml", "quick": "quick.yaml"}
@@ -39,7 +39,7 @@ def run_claims(scale: str = "canonical", *, out: Path, report_dir: Optional[Path
     result = run_sweep(Spec.load(spec_file), out, workers=workers, progress=progress, **(sweep_kwargs or {}))
     try:
         tables = {"history": result.history, "seeds": result.seeds, "summary": result.summary}
-        drawn = write_figures(tables, figures_dir or Path(out) / "figures") if figures and not result.history.empty else {}
+        drawn = write_figures({k: default_choice(v) for k, v in tables.items()}, figures_dir or Path(out) / "figures") if figures and not result.history.empty else {}
         claims = evaluate(tables)
         wall = time.perf_counter() - start
         meta = {"command": command, "spec": spec_file.name if not spec else str(spec_file), "scale": scale, "runs": result.counts["total"], "failed": len(result.failed), "reused": result.counts["skipped"],

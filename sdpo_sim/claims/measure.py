@@ -32,6 +32,7 @@ from ..stats import (
     probability_of_improvement,
     summarize,
 )
+from ..tuning import ALTERNATIVES as TUNING_ALTERNATIVES
 from .formatting import fmt
 
 HOLDS, CONDITIONAL, FAILS, MISSING = "holds", "holds only under stated conditions", "does not hold", "not measured"
@@ -480,13 +481,37 @@ def _substitute(frame: pd.DataFrame, block: str, arms) -> pd.DataFrame | None:
     return pd.concat([frame[keep], alt[alt["arm"].isin(arms)]], ignore_index=True)
 
 
-def robustness(claims: Sequence[Claim], seeds: pd.DataFrame, history: pd.DataFrame) -> None:
-    """Set each claim's ``robustness``: its verdict recomputed under every alternative of :data:`ALTERNATIVES` the sweep
-    ran — "robust (k of k)" when it stands under all, else "fragile: <verdict> with <alternative>" for each that flips it;
-    alternatives that cannot measure a claim (its blocks belong to the default choice) are not counted."""
-    outcomes: dict[str, list[tuple[str, str]]] = {c.id: [] for c in claims}
+def _at_alternative(frame: pd.DataFrame, name: str) -> pd.DataFrame | None:
+    """The blocks the sweep evaluated again at tuning alternative ``name`` (blocks ``<b>@<name>``), relabelled ``<b>``;
+    the other blocks are left out (they were run at the default choice only). None when there are none."""
+    if frame.empty or "block" not in frame:
+        return None
+    suffix = f"@{name}"
+    alt = frame[frame["block"].str.endswith(suffix)]
+    return alt.assign(block=alt["block"].str[: -len(suffix)]) if len(alt) else None
+
+
+def default_choice(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` without the blocks evaluated at a tuning alternative (``<b>@<name>``): the runs at the chosen lrs."""
+    return frame[~frame["block"].str.contains("@", regex=False)] if "block" in frame and len(frame) else frame
+
+
+def _alternatives(seeds: pd.DataFrame, history: pd.DataFrame):
+    """(label, seeds, history) of every alternative choice the sweep ran: :data:`ALTERNATIVES`, then the tuning
+    alternatives (:data:`sdpo_sim.tuning.ALTERNATIVES`)."""
     for label, block, arms in ALTERNATIVES:
-        alt_seeds, alt_history = _substitute(seeds, block, arms), _substitute(history, block, arms)
+        yield label, _substitute(seeds, block, arms), _substitute(history, block, arms)
+    for name, label in TUNING_ALTERNATIVES.items():
+        yield label, _at_alternative(seeds, name), _at_alternative(history, name)
+
+
+def robustness(claims: Sequence[Claim], seeds: pd.DataFrame, history: pd.DataFrame) -> None:
+    """Set each claim's ``robustness``: its verdict recomputed under every alternative choice the sweep ran
+    (:func:`_alternatives`) — "robust (k of k)" when it stands under all, else "fragile: <verdict> with <alternative>"
+    for each that flips it; alternatives that cannot measure a claim (its blocks belong to the default choice) are not
+    counted."""
+    outcomes: dict[str, list[tuple[str, str]]] = {c.id: [] for c in claims}
+    for label, alt_seeds, alt_history in _alternatives(seeds, history):
         if alt_seeds is None:
             continue
         for alt in _claims(alt_seeds, alt_history if alt_history is not None else history.iloc[0:0]):
@@ -499,7 +524,7 @@ def robustness(claims: Sequence[Claim], seeds: pd.DataFrame, history: pd.DataFra
         elif not flips:
             c.robustness = f"robust ({len(outcomes[c.id])} of {len(outcomes[c.id])})"
         else:
-            c.robustness = "fragile: " + "; ".join(f"{v} with {label}" for label, v in flips)
+            c.robustness = f"fragile ({len(outcomes[c.id]) - len(flips)} of {len(outcomes[c.id])} stand): " + "; ".join(f"{v} with {label}" for label, v in flips)
 
 
 def evaluate(tables: dict) -> list[Claim]:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from ..core.io import atomic_write_text
 from .formatting import fmt
@@ -60,6 +60,35 @@ def _short(condition: str) -> str:
     return ", ".join(part.split("=")[-1] for part in condition.split(", "))
 
 
+def _tuning_alternatives_text(tuning: Optional[dict]) -> str:
+    """The tuning alternatives of the robustness rule, as a clause of the header (empty without them)."""
+    if not tuning or not tuning.get("alternatives"):
+        return ""
+    blocks = ", ".join(tuning["alternative_blocks"])
+    return (f"; and block(s) {blocks} re-run at each alternative tuning choice: {', '.join(a['rule'] for a in tuning['alternatives'].values())}, "
+            f"near-best meaning a tuning score within {tuning['margin']:g} of the best (the alternatives' choices are in the last section)")
+
+
+def _tuning_table(tuning: dict) -> list[str]:
+    """The section of chosen learning rates and β, with the alternatives' choices beside them where the sweep ran them."""
+    per, edge, alts = tuning["per"], " (at the edge of the candidate grid)", tuning.get("alternatives") or {}
+
+    def knobs(row: Optional[dict], flag: bool) -> str:
+        if row is None:
+            return "—"
+        beta = "" if row.get("beta") is None else f", β {row['beta']:g}{edge if flag and row.get('beta_at_edge') else ''}"
+        return f"lr {row['lr']:g}{edge if flag and row.get('at_edge') else ''}{beta}"
+
+    lookup = {name: {tuple(r[p] for p in per): r for r in a["selected"]} for name, a in alts.items()}
+    lines = ["", "## Learning rates and β", "", f"Rule: {tuning['rule']}." + (
+        f" Alternatives (for the robustness column): {'; '.join(f'*{a}*: ' + alt['rule'] for a, alt in alts.items())}." if alts else ""), "",
+        "| " + " | ".join([*per, "chosen", *alts]) + " |", "|" + "---|" * (len(per) + 1 + len(alts))]
+    for row in tuning["selected"]:
+        key = tuple(row[p] for p in per)
+        lines.append("| " + " | ".join([*(str(row[p]) for p in per), knobs(row, True), *(knobs(lookup[a].get(key), False) for a in alts)]) + " |")
+    return lines
+
+
 def render_markdown(claims: Sequence[Claim], rep: Sequence[dict], meta: dict) -> str:
     """CLAIMS.md: the summary table, each claim's details, the replica rows (``rep``, from
     :func:`~sdpo_sim.claims.measure.replica`) and the learning rates (``meta["tuning"]``)."""
@@ -79,8 +108,8 @@ def render_markdown(claims: Sequence[Claim], rep: Sequence[dict], meta: dict) ->
         "direction claim when the whole CI is on the claimed side; *holds* = every condition passes, *holds only under stated "
         "conditions* = some do (listed in the details), *does not hold* = none. Robustness: the verdict recomputed with block "
         "main's runs replaced by those of each alternative choice the sweep ran (the harder task family; a live teacher for the "
-        "distilling arms): *robust (k of k)* when it stands under all, *fragile* naming each alternative that flips it. "
-        "Methodology: docs/experiments.md.",
+        "distilling arms" + _tuning_alternatives_text(meta.get("tuning")) + "): *robust (k of k)* when it stands under all, "
+        "*fragile (j of k stand)* naming each alternative that flips it. Methodology: docs/experiments.md.",
         "",
         "| # | the study says | we measure | 95% CI | conditions | verdict | robustness |",
         "|---|---|---|---|---|---|---|",
@@ -126,12 +155,7 @@ def render_markdown(claims: Sequence[Claim], rep: Sequence[dict], meta: dict) ->
             lines.append(f"| {r['feedback']} | {r['method']} | {r['metric']} | {r['n_tasks']} | {r['n']} | {fmt(r['mean'])} | {fmt(r['iqm'])} | "
                          f"{fmt(r['task_min'])} – {fmt(r['task_max'])} | {poi} |")
     if meta.get("tuning"):
-        per, edge = meta["tuning"]["per"], " (at the edge of the candidate grid)"
-        lines += ["", "## Learning rates and β", "", f"Rule: {meta['tuning']['rule']}.", "",
-                  "| " + " | ".join(per) + " | lr | β |", "|" + "---|" * (len(per) + 2)]
-        for row in meta["tuning"]["selected"]:
-            beta = f"{row['beta']:g}{edge if row.get('beta_at_edge') else ''}" if row.get("beta") is not None else "— (not tuned)"
-            lines.append("| " + " | ".join(str(row[p]) for p in per) + f" | {row['lr']:g}{edge if row.get('at_edge') else ''} | {beta} |")
+        lines += _tuning_table(meta["tuning"])
     lines.append("")
     return "\n".join(lines)
 
