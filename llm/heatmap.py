@@ -2,13 +2,15 @@
 
 ``log_ratio_t = log p_teacher(y_t) − log p_student(y_t)`` (nats): SDPO's per-token credit. Red tokens
 lose mass under distillation (the teacher with feedback avoids them), green tokens gain mass.
+Optional ground-truth rows (:mod:`llm.ground_truth`: the judge's counterfactual contribution ``c_t``, the Monte Carlo
+advantage ``A_t``) are drawn under the tokens, one row each, on their own colour scale.
 """
 
 from __future__ import annotations
 
 import html
 import math
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 
 def _colour(value: float, scale: float) -> str:
@@ -23,8 +25,28 @@ def _token_text(token: str) -> str:
     return html.escape(shown if shown.strip() or not shown else shown.replace(" ", "\u00b7"))
 
 
+def _truth_rows(tokens: list[str], truth: Mapping[str, Sequence[float]]) -> str:
+    """One row per ground truth: each token's cell coloured by its value (NaN: grey, "n/a"), saturating at the row's
+    max |value|; the row is labelled with its name and that scale."""
+    rows = []
+    for name, values in truth.items():
+        values = [float(v) for v in values]
+        if len(values) != len(tokens):
+            raise ValueError(f"truth row {name!r} has {len(values)} values for {len(tokens)} tokens; they must match")
+        if any(math.isinf(v) for v in values):
+            raise ValueError(f"truth row {name!r} must be finite (or NaN where not measured) for every token")
+        scale = max([abs(v) for v in values if not math.isnan(v)] + [1e-6])
+        cells = "".join(
+            '<span class="tok" style="background:#ddd" title="n/a">' + _token_text(t) + "</span>" if math.isnan(v) else
+            f'<span class="tok" style="background:{_colour(v, scale)}" title="{v:+.3f}">{_token_text(t)}</span>'
+            for t, v in zip(tokens, values))
+        rows.append(f'<div class="truth"><span class="label">{html.escape(name)} (±{scale:.3g} saturates)</span>{cells}</div>')
+    return "".join(rows)
+
+
 def credit_heatmap_html(
-    tokens: Sequence[str], log_ratio: Sequence[float], title: str = "", *, scale: Optional[float] = None
+    tokens: Sequence[str], log_ratio: Sequence[float], title: str = "", *, scale: Optional[float] = None,
+    truth: Optional[Mapping[str, Sequence[float]]] = None,
 ) -> str:
     """A self-contained HTML page: ``tokens`` coloured by ``log_ratio`` (nats), with a legend.
 
@@ -33,6 +55,9 @@ def credit_heatmap_html(
         log_ratio: ``[T]`` ``log p_T(y_t) − log p_θ(y_t)`` per token.
         title: page heading (escaped).
         scale: |log-ratio| at which colours saturate (default: max |log-ratio|, at least 1e-6).
+        truth: optional ground-truth rows drawn under the tokens, name → ``[T]`` values (e.g.
+            ``{"counterfactual c_t": ..., "advantage A_t": ...}``, judge-score units), each on its own scale (its max
+            |value|); NaN marks a token without a value.
     """
     tokens, log_ratio = list(tokens), [float(v) for v in log_ratio]
     if len(tokens) != len(log_ratio):
@@ -52,12 +77,14 @@ def credit_heatmap_html(
         for v in (-scale, -scale / 2, 0.0, scale / 2, scale)
     )
     heading = f"<h3>{html.escape(title)}</h3>" if title else ""
+    truth_html = _truth_rows(tokens, truth) if truth else ""
     return (
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title or 'credit heat-map')}</title>"
         "<style>body{font-family:sans-serif}.tok{font-family:monospace;font-size:16px;padding:2px 1px;"
-        "margin:0 1px;border-radius:3px;white-space:pre}.legend{margin-top:12px;font-size:13px}</style>"
-        f"</head><body>{heading}<div class=\"seq\">{spans}</div>"
+        "margin:0 1px;border-radius:3px;white-space:pre}.legend{margin-top:12px;font-size:13px}"
+        ".truth{margin-top:6px}.label{font-size:13px;display:inline-block;min-width:16em}</style>"
+        f"</head><body>{heading}<div class=\"seq\">{spans}</div>{truth_html}"
         f"<div class=\"legend\">teacher − student log-probability of each token, "
         f"log p<sub>T</sub>(y<sub>t</sub>) − log p<sub>θ</sub>(y<sub>t</sub>), in nats "
         f"(red: the teacher with feedback lowers it; green: raises it): {legend}</div></body></html>\n"
