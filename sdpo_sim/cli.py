@@ -22,6 +22,7 @@ COMMANDS = {
     "figures": "sdpo_sim.commands.figures",
     "claims": "sdpo_sim.commands.claims",
     "promote": "sdpo_sim.commands.promote",
+    "testtime": "sdpo_sim.commands.testtime",
 }
 
 
