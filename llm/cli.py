@@ -4,7 +4,8 @@
   ``accelerate launch``);
 - ``sdpo-llm plan --recipe R --gpus-per-node N --nodes M --gpu-memory-gb G``: per-GPU memory plan, no weights loaded;
 - ``sdpo-llm make-tiny [--out DIR]``: build (and pretrain) the tiny CPU model (``llm.make_tiny``);
-- ``sdpo-llm proof``: the proof-that-it-learns script (``llm.proof``).
+- ``sdpo-llm proof``: the proof-that-it-learns script (``llm.proof``);
+- ``sdpo-llm credit-truth --recipe R --out DIR``: feedback credit per channel vs ground-truth credit (``llm.credit_truth``).
 
 Every recipe field is reachable two ways, in ``train`` and ``plan`` alike: its own flag (``--training.steps 3``,
 ``--method.alpha 0.5``, ``--model.lora.r 8``; help from the field's metadata) and ``--set training.steps=3`` (YAML
@@ -98,21 +99,45 @@ def cmd_plan(args) -> int:
     return 0 if plan["fits"] else 1
 
 
+def cmd_credit_truth(args) -> int:
+    from .credit_truth import credit_truth, format_rows, parse_channels, parse_steps
+
+    channels, steps = parse_channels(args.channels), parse_steps(args.steps)  # validated before any model loads
+    payload = credit_truth(recipe_from_args(args), args.out, channels=channels, steps=steps, n_continuations=args.n_continuations,
+                           vocab_sample=args.vocab_sample, n_boot=args.bootstrap, seed=args.seed)
+    print(format_rows(payload["rows"]))
+    print(f"written: {args.out}/credit_truth.csv, credit_truth.json, tokens.csv, heatmap-<channel>.html")
+    return 0
+
+
 # the command's own flags in its usage line (the recipe fields' flags are summed up as --SECTION.FIELD VALUE)
-USAGE = {"train": "[--resume]", "plan": "--gpus-per-node N [--nodes M] --gpu-memory-gb G [--strategy S] [--micro-batch B] [--device D]"}
+USAGE = {"train": "[--resume]", "plan": "--gpus-per-node N [--nodes M] --gpu-memory-gb G [--strategy S] [--micro-batch B] [--device D]",
+         "credit-truth": "--out DIR [--channels C,...] [--steps S,...] [--n-continuations N] [--vocab-sample K] [--bootstrap B] [--seed S]"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="sdpo-llm", description="sdpo-lab LLM path: SDPO, GRPO, REINFORCE and hybrid on transformers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, help="what to do (each has its own --help)")
     for name, fn, help_ in (("train", cmd_train, "train a recipe (works under accelerate launch)"),
-                            ("plan", cmd_plan, "print the per-GPU memory plan of a recipe without loading weights")):
+                            ("plan", cmd_plan, "print the per-GPU memory plan of a recipe without loading weights"),
+                            ("credit-truth", cmd_credit_truth, "measure the self-teacher's feedback credit per channel against "
+                             "ground-truth credit (counterfactual c_t, Monte Carlo A_t)")):
         p = sub.add_parser(name, help=help_, usage=f"%(prog)s [-h] --recipe RECIPE {USAGE[name]} [--set SECTION.FIELD=VALUE] "
                            "[--SECTION.FIELD VALUE ...]", description=f"{help_[0].upper()}{help_[1:]}. Any recipe field can be set by its "
                            "own flag (--training.steps 3) or by --set (--set training.steps=3); a field may be given once.")
         p.add_argument("--recipe", required=True, help="recipe YAML path or shipped name (tiny-cpu, qwen3-8b)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in training.output_dir")
+        elif name == "credit-truth":  # llm/credit_truth.py
+            p.add_argument("--out", required=True, help="output directory (credit_truth.csv/.json, tokens.csv, heat-maps)")
+            p.add_argument("--channels", default="binary,ordinal,continuous,critique,demonstration",
+                           help="comma-separated feedback channels (default: all five)")
+            p.add_argument("--steps", default="0", help="training steps to measure at, comma-separated (default 0: the loaded weights)")
+            p.add_argument("--n-continuations", type=int, default=16, metavar="N", help="Monte Carlo continuations per prefix (>= 2)")
+            p.add_argument("--vocab-sample", type=int, default=None, metavar="K",
+                           help="substitute ids per token for c_t, drawn uniformly (default: the whole vocabulary)")
+            p.add_argument("--bootstrap", type=int, default=1000, metavar="B", help="bootstrap resamples of the completions")
+            p.add_argument("--seed", type=int, default=0, help="seed of the continuations, the vocabulary sample and the bootstrap")
         else:
             p.add_argument("--gpus-per-node", type=int, required=True, metavar="N", help="GPUs on each node")
             p.add_argument("--nodes", type=int, default=1, metavar="M", help="number of nodes (default 1)")
