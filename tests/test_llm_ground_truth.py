@@ -7,6 +7,8 @@ The judge: the built-in word task's (judge_word) on "a 3-letter word with 'a', w
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+from llm.cli import main as cli_main
 from llm.ground_truth import (
     Sampling,
     Scorer,
@@ -192,3 +195,56 @@ def test_bad_input(model):
         correlation([1.0, 2.0], [1.0])
     with pytest.raises(ValueError, match="n_boot"):
         bootstrap_correlation([np.ones(2)], [np.ones(2)], n_boot=0)
+
+
+# ----------------------------------------------------------------------------- sdpo-llm credit-truth
+
+def _credit_truth_argv(tiny_dir, out, *extra) -> list[str]:
+    return ["credit-truth", "--recipe", "tiny-cpu", "--set", f"model.path={tiny_dir}", "--set", "training.prompts_per_step=2",
+            "--set", "method.num_generations=3", "--set", "training.max_new_tokens=4", "--set", "context.success_threshold=0.3",
+            "--out", str(out), *extra]
+
+
+def test_credit_truth_command_writes_tidy_tables(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "ct"
+    rc = cli_main(_credit_truth_argv(tiny_dir, out, "--channels", "critique,demonstration", "--n-continuations", "4",
+                                     "--bootstrap", "20", "--vocab-sample", "30"))
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "critique" in printed and "disattenuated" in printed
+    with open(out / "credit_truth.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["channel"], r["ground_truth"], r["estimator"]) for r in rows] == [
+        (c, g, e) for c in ("critique", "demonstration")
+        for g, e in (("counterfactual", "pearson"), ("advantage_mc", "pearson"), ("advantage_mc", "disattenuated"))]
+    payload = json.loads((out / "credit_truth.json").read_text())
+    assert payload["settings"]["n_continuations"] == 4 and payload["settings"]["vocab_sample"] == 30
+    assert len(payload["rows"]) == 6 and payload["mc"]["continuations"] > 0
+    with open(out / "tokens.csv") as f:
+        tokens = list(csv.DictReader(f))
+    critique = [t for t in tokens if t["channel"] == "critique"]
+    assert int(rows[0]["tokens"]) == len(critique) > 0  # every distilled token of the 6 completions, once
+    for r in rows:
+        if r["r"] != "nan":
+            assert -1 <= float(r["r"]) <= 1 or r["estimator"] == "disattenuated"
+    # the ground truth is the completions', not the channel's: equal for a completion measured by both channels
+    demo = {(t["completion"], t["t"]): t for t in tokens if t["channel"] == "demonstration"}
+    for t in critique:
+        if (t["completion"], t["t"]) in demo:
+            assert demo[(t["completion"], t["t"])]["A_t"] == t["A_t"] and demo[(t["completion"], t["t"])]["c_t"] == t["c_t"]
+    assert 'class="truth"' in (out / "heatmap-critique.html").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--n-continuations", "1"], "--n-continuations=1 must be an integer >= 2"),
+    (["--vocab-sample", "0"], "--vocab-sample=0 must be an integer >= 1"),
+    (["--channels", "binary,sparkle"], "--channels='binary,sparkle' must list distinct channels"),
+    (["--steps", "3,1"], "--steps='3,1' must be increasing integers"),
+    (["--bootstrap", "0"], "--bootstrap=0 must be an integer >= 1"),
+])
+def test_credit_truth_bad_input_exits_2_with_one_line(tiny_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "never"
+    assert cli_main(_credit_truth_argv(tiny_dir, out, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("sdpo-llm credit-truth: error:") and message in err
+    assert not out.exists()  # refused before anything is created
