@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from bench_helpers import load_benchmark
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from llm.cli import main as cli_main
@@ -248,3 +249,18 @@ def test_credit_truth_bad_input_exits_2_with_one_line(tiny_dir, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("sdpo-llm credit-truth: error:") and message in err
     assert not out.exists()  # refused before anything is created
+
+
+def test_mc_benchmark_counts_the_prefixes_mc_advantages_samples(model, tmp_path):
+    """benchmarks/bench_mc_advantage.py times the prefixes mc_advantages forms (same grouping by budget), and runs end to end."""
+    bench = load_benchmark("bench_mc_advantage")
+    score = judge_scorer(judge_word, [PROMPT])
+    stats = {}
+    mc_advantages(model, [PROMPT_IDS] * 4, COMPLETIONS, [0] * 4, score, decode, SAMPLING, n_continuations=2, stats=stats)
+    groups = bench.prefix_groups([PROMPT_IDS] * 4, COMPLETIONS, SAMPLING)
+    assert sum(len(g) for g in groups.values()) == stats["prefixes"] and set(groups) <= {1, 2, 3}
+    assert bench.main(["--prompts", "1", "--group", "2", "--max-new-tokens", "3", "--n", "2", "--repeats", "1",
+                       "--out-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "mc_advantage.json").read_text())
+    assert result["name"] == "mc_advantage" and result["raw"]["same_as_naive"]["shared"] == 1.0
+    assert all(f["unit"].startswith("tokens/") and f["value"] > 0 for f in result["figures"])
