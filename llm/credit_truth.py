@@ -120,7 +120,7 @@ def measure_step(trainer: Trainer, step: int, truth_cache: dict, *, n_continuati
                             sampling, n_continuations=n_continuations, seed=seed, stats=stats)
         for i, c, a in zip(missing, c_t, adv):
             truth_cache[keys[i]] = (c, a)
-        truth_cache.setdefault("_stats", []).append(stats)
+        truth_cache.setdefault("_stats", []).append(stats)  # read by credit_truth, whichever cache it is
     out = []
     for k, i in enumerate(rows.tolist()):
         c, a = truth_cache[keys[i]]
@@ -178,7 +178,8 @@ def credit_truth(recipe: Recipe, out_dir: Path, *, channels: Sequence[str] = CHA
     out_dir = check_output_dir(out_dir, "--out")
     recipes = {c: channel_recipe(recipe, c, out_dir) for c in channels}  # all validated before any model loads
     t0 = time.time()
-    rows, tokens, truth_cache, heatmaps = [], [], {}, {}
+    mc_stats: list[dict] = []  # continuations sampled, over every step and channel
+    rows, tokens, truth_cache, heatmaps = [], [], {"_stats": mc_stats}, {}
     for channel in tqdm(channels, desc="credit-truth channels", unit="channel"):
         trainer = Trainer(recipes[channel])
         done = 0
@@ -186,7 +187,7 @@ def credit_truth(recipe: Recipe, out_dir: Path, *, channels: Sequence[str] = CHA
             while done < step:  # train on this channel up to the measured step
                 trainer.step(done)
                 done += 1
-            cache = truth_cache if step == 0 else {}  # equal weights only before any training: share the ground truth then
+            cache = truth_cache if step == 0 else {"_stats": mc_stats}  # equal weights only before training: share the truth then
             measured = measure_step(trainer, step, cache, n_continuations=n_continuations, vocab_sample=vocab_sample, seed=seed)
             rows += summarise(channel, step, measured, n_boot=n_boot, seed=seed)
             for m in measured:
@@ -205,7 +206,7 @@ def credit_truth(recipe: Recipe, out_dir: Path, *, channels: Sequence[str] = CHA
                 "vocab_sample": vocab_sample, "bootstrap": n_boot, "seed": seed,
                 "ci": "95% percentile bootstrap over completions",
                 "disattenuation": "r / sqrt(reliability), reliability = (var(A_hat) - mean(SE^2)) / var(A_hat) over the pooled tokens"}
-    stats = truth_cache.get("_stats", [])
+    stats = mc_stats
     payload = {"settings": settings, "rows": [{k: _finite(v) for k, v in r.items()} for r in rows],
                "mc": {"continuation_tokens": int(sum(s["continuation_tokens"] for s in stats)),
                       "continuations": int(sum(s["continuations"] for s in stats))},
