@@ -28,6 +28,7 @@ class Batch:
     old_logp: Optional[torch.Tensor] = None  # [B, T] behaviour log-probs (set when rollouts are reused)
     success: Optional[torch.Tensor] = None  # [B] bool, score ≥ context.success_threshold (srpo, success_std; else None)
     distill_weight: Optional[torch.Tensor] = None  # [B] detached per-completion distillation weight (gate, prompt weight, schedule)
+    ref_logp: Optional[torch.Tensor] = None  # [B, T] log π_ref(y_t) of the reference (initial) policy (ref_beta, ref_anchor)
 
     def split(self, size: int) -> list["Batch"]:
         """Micro-batches of at most ``size`` completions (``size`` 0: the whole batch)."""

@@ -12,6 +12,8 @@ from sdpo_sim.core.losses import (
     aggregate,
     default_chunk_size,
     fused_linear_sdpo_loss,
+    reference_anchor,
+    reference_kl,
     sdpo_token_loss,
 )
 from sdpo_sim.core.method import MethodConfig
@@ -72,6 +74,29 @@ def sdpo_loss(
         alpha=method.alpha, support=method.support, topk=method.topk, add_tail=method.add_tail, chunk_size=chunk_size,
         tokens=completion_ids.reshape(-1), token_weights=w.reshape(-1).detach(), objective=method.distill_loss,
     )
+
+
+def reference_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, method: MethodConfig, *, max_len: int,
+                   old_logp: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The reference-policy terms of any method, each aggregated by ``method.loss_type`` over ``mask [B, T]`` as the toy
+    world adds them (``sdpo_sim/train.py``): ``ref_beta·aggregate(k_t) + ref_anchor·aggregate(a_t)``, with ``k_t`` TRL's
+    k3 KL (times ``ρ_t`` with ``use_bias_correction_kl``; :func:`~sdpo_sim.core.losses.reference_kl`) and ``a_t`` SDPG's
+    anchor (:func:`~sdpo_sim.core.losses.reference_anchor`); a term whose coefficient is 0 is not computed.
+
+    Args:
+        logp: ``[B, T]`` ``log π_θ(y_t)`` (with gradient).
+        ref_logp: ``[B, T]`` ``log π_ref(y_t)`` (detached inside the core functions).
+        old_logp: ``[B, T]`` the sampling policy's log-probabilities when rollouts are reused (else on-policy).
+    Returns:
+        ``[]`` the loss.
+    """
+    loss = logp.new_zeros(())
+    if method.ref_beta > 0:
+        kl = reference_kl(logp, ref_logp, old_logp, bias_correction=method.use_bias_correction_kl)
+        loss = loss + method.ref_beta * aggregate(kl, mask, method.loss_type, max_len)
+    if method.ref_anchor > 0:
+        loss = loss + method.ref_anchor * aggregate(reference_anchor(logp, ref_logp), mask, method.loss_type, max_len)
+    return loss
 
 
 def _chunk_token_logp(h: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

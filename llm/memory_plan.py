@@ -14,6 +14,8 @@ Held for the whole step:
 
 - weights ``(P_t·4 + (P − P_t)·b)/s`` (ZeRO-3 in bfloat16 also ``P_t·2/s`` bfloat16 partitions); AdamW's moments
   ``2·P_t·4/s``; the teacher's copy ``P_t·4/s`` (ema / frozen / trust_region, whatever the method; none for live);
+  the reference policy's copy ``P_t·4/s`` (full fine-tuning with ``ref_beta`` or ``ref_anchor`` > 0 and an ema or live
+  teacher; a frozen or trust_region teacher's copy is θ_0 already, and LoRA's reference is the base without adapters);
   DDP's gradient buckets ``P_t·4``; a colocated vLLM engine's share ``vllm_gpu_memory_utilization × GPU memory``
   (its weights and KV cache live in it; a server runs on GPUs of its own).
 
@@ -23,6 +25,9 @@ Each phase adds what it holds at its peak; the step peaks in the largest phase:
   again while ``DynamicCache`` concatenates, ``GEN_BUFFERS`` float32 ``[rows, V]`` buffers per decoding step (the
   Gumbel sampler's float64 noise included) or the prefill's working set; vLLM: the weight sync's largest tensor,
   gathered whole in float32.
+- **reference forward** (no gradient, once per rollout batch, with a reference term): the student's rows through the
+  initial weights, as the teacher forward below but over ``S`` positions, then ``log π_ref(y_t)`` (fused: chunk by chunk;
+  the same counts as the teacher forward and the log-probabilities, not measured as a phase of its own).
 - **teacher forward** (no gradient): on the fused path ``L + 1`` hidden-state tensors ``[m, S_t, H]`` (the forward asks
   for the hidden states, and transformers then keeps every layer's), one layer's working set, one parameter's clone
   while the teacher weights are swapped in, the teacher's LM-head clone ``V·H·4``.
@@ -64,6 +69,7 @@ from typing import Any, Optional
 from sdpo_sim.core.losses import default_chunk_size
 
 from .recipe import Recipe
+from .teacher_weights import KEEPS_INITIAL
 
 GIB = 1024 ** 3
 OVERHEAD_GB = 3.0  # CUDA context + caching-allocator fragmentation (device="cuda" only)
@@ -224,6 +230,8 @@ def memory_plan(
     terms["optimizer"] = 2 * trainable * 4 / shard
     copy = m.teacher_kind != "live"  # the trainer keeps the copy whatever the method (grpo/reinforce never read it)
     terms["teacher"] = trainable * 4 / shard if copy else 0.0
+    ref_copy = m.uses_reference and lora is None  # the reference swaps θ_0 in (llm.teacher_weights.Reference)
+    terms["reference"] = trainable * 4 / shard if ref_copy and m.teacher_kind not in KEEPS_INITIAL else 0.0
     terms["ddp_buckets"] = trainable * 4 if strategy == "ddp" else 0.0
     vllm = gen.backend == "vllm"
     colocated = vllm and gen.vllm_mode == "colocate"  # a server runs on GPUs of its own
@@ -250,7 +258,7 @@ def memory_plan(
     chunk = t.chunk_size or default_chunk_size(V)
     share = (t.share_prompt_prefix is True or (t.share_prompt_prefix == "auto" and not spec.gradient_checkpointing
                                                 and shard == 1))
-    needs_logp = m.uses_policy_gradient or t.updates_per_batch > 1
+    needs_logp = m.uses_policy_gradient or m.uses_reference or t.updates_per_batch > 1
 
     # --- generation
     phases: dict[str, dict[str, float]] = {}
@@ -264,6 +272,16 @@ def memory_plan(
             "prefill": rows * P_len * (3 * I + 3 * H) * b + rows * P_len * P_len * b,
         }
     terms["kv_cache"] = phases["generation"].get("kv_cache", 0.0)
+
+    # --- reference forward (no gradient): the student rows through θ_0, then log π_ref(y_t)
+    if m.uses_reference:
+        Nr = seqs * T
+        phases["reference_forward"] = {
+            "hidden_states" if fused else "reference_logits": (L + 1) * seqs * S * H * b if fused else seqs * (T + 1) * V * b,
+            "layer_working_set": seqs * S * (3 * I + 3 * H) * b + seqs * S * S * b,
+            "swap_clone": largest / shard if ref_copy else 0.0,
+            "log_probabilities": LOGPROB_BUFFERS * min(chunk, Nr) * V * 4 if fused else Nr * V * 4 * (1 if b == 4 else 2),
+        }
 
     # --- teacher forward (no gradient): all hidden states kept on the fused path
     teacher_rows = seqs if m.distills else 0
@@ -367,7 +385,7 @@ def memory_plan(
     }
 
 
-HELD = ("weights", "optimizer", "teacher", "ddp_buckets", "gathered", "vllm")
+HELD = ("weights", "optimizer", "teacher", "reference", "ddp_buckets", "gathered", "vllm")
 
 
 def format_plan(plan: dict[str, Any]) -> str:

@@ -34,9 +34,9 @@ FEEDBACK_KINDS = ("binary", "ordinal", "continuous", "critique", "none")
 BACKENDS = ("transformers", "vllm")
 VLLM_MODES = ("colocate", "server")
 DEFAULT_VLLM_SERVER_URL = "http://127.0.0.1:8000"
-# docs/variants.md: the variant settings the LLM trainer does not implement yet (both need a forward of the reference,
-# i.e. initial, policy on the student prompt); Recipe.validate refuses them by name (MethodConfig.variants_in_use)
-LLM_UNWIRED_VARIANTS = ("ref_beta", "use_bias_correction_kl", "ref_anchor")
+# docs/variants.md: the variant settings (MethodConfig.variants_in_use) the LLM trainer does not implement; Recipe.validate
+# refuses them by name in one line rather than running them as plain SDPO. None since the reference-policy terms were wired.
+LLM_UNWIRED_VARIANTS: tuple[str, ...] = ()
 AUTO_CHOICES = ("auto", True, False)
 # AdamW moves every weight by about the learning rate per step whatever the gradient's scale; above 1 a single
 # step moves each weight by more than the ~0.02 scale a transformer's weights start at, fifty times over
@@ -307,9 +307,8 @@ class Recipe:
         refused = [v for v in self.method.variants_in_use() if v in LLM_UNWIRED_VARIANTS]
         if refused:
             name = refused[0]
-            raise ValueError(f"recipe field method.{name}={getattr(self.method, name)!r} is not yet in the LLM trainer (it needs a "
-                             f"forward of the reference policy; the toy world runs it, docs/variants.md); leave it at its default "
-                             f"{MethodConfig().to_dict()[name]!r}")
+            raise ValueError(f"recipe field method.{name}={getattr(self.method, name)!r} is not yet in the LLM trainer (the toy "
+                             f"world runs it, docs/variants.md); leave it at its default {MethodConfig().to_dict()[name]!r}")
         if self.task.dataset is not None and not self.task.reward_funcs and self.task.judge is None:
             raise ValueError(f"recipe field task.dataset={self.task.dataset!r} needs task.reward_funcs (or task.judge): the built-in "
                              f"task's judge only understands its own prompts")

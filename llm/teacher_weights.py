@@ -23,7 +23,7 @@ puts the student's own values back exactly afterwards.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -171,3 +171,51 @@ class Teacher:
 def make_teacher(kind: str, rate: float, model: nn.Module) -> Teacher:
     """A :class:`Teacher` for ``model`` (call after the model is wrapped/sharded, before training)."""
     return Teacher(kind, rate, model)
+
+
+# teacher kinds whose stored weights stay the initial ones θ_0 for the whole run (trust_region mixes θ_0 with θ)
+KEEPS_INITIAL = ("frozen", "trust_region")
+
+
+class Reference:
+    """The reference policy ``π_ref`` of the KL and anchor terms (``ref_beta``, ``ref_anchor``): the initial weights θ_0,
+    frozen, read through the student's own model object as the teacher is (no second model):
+
+    - LoRA (``lora=True``, a peft model): the base model with the adapters disabled (peft's ``disable_adapter()``
+      context), which is θ_0 since peft initialises LoRA's ``B`` to 0. No copy.
+    - full fine-tuning: a frozen copy of the trainable weights, kept and swapped in shard by shard as the teacher's
+      (:class:`Teacher` of kind ``frozen``). When the teacher already keeps θ_0 (:data:`KEEPS_INITIAL`) its copy is
+      used, so no second copy exists; else (``ema``, ``live``) one is made here.
+
+    The copy is not checkpointed: it is the weights the run starts from (``model.path``), taken before a resume loads.
+    """
+
+    def __init__(self, model: nn.Module, teacher: Teacher, *, lora: bool):
+        self.lora, self.teacher = lora, teacher
+        if lora:
+            self.copy = None
+        elif teacher.kind in KEEPS_INITIAL:
+            self.copy = teacher
+        else:
+            self.copy = Teacher("frozen", 0.0, model)
+
+    @property
+    def owns_copy(self) -> bool:
+        """Whether the reference holds a copy of weights of its own (full fine-tuning with an ema or live teacher)."""
+        return self.copy is not None and self.copy is not self.teacher
+
+    @contextmanager
+    def active(self, model: nn.Module) -> Iterator[None]:
+        """Within the block, ``model`` (the unwrapped student) computes ``π_ref``; afterwards the student again."""
+        if self.lora:
+            with model.disable_adapter():
+                yield
+        else:
+            with self.copy.swapped_in(model):
+                yield
+
+
+def make_reference(uses_reference: bool, model: nn.Module, teacher: Teacher, *, lora: bool) -> Optional[Reference]:
+    """A :class:`Reference` for ``model`` when the loss reads ``π_ref`` (``MethodConfig.uses_reference``), else ``None``:
+    no copy of any weight is made for a run without a reference term."""
+    return Reference(model, teacher, lora=lora) if uses_reference else None

@@ -1,5 +1,5 @@
 """The LLM trainer: one training step, read top to bottom, for sdpo / grpo / reinforce / hybrid / blend / srpo
-(and the distillation variants of docs/variants.md; the reference-policy terms are refused by :meth:`llm.recipe.Recipe.validate`).
+(and the variants of docs/variants.md, the reference-policy terms ``ref_beta`` / ``ref_anchor`` included).
 
 ``Trainer.step`` follows the same order as the toy world's loop (docs/design.md §6)::
 
@@ -36,6 +36,7 @@ from sdpo_sim.core.losses import (
     aggregate,
     hybrid_loss,
     policy_gradient_token_loss,
+    reference_kl,
     teacher_confidence_weight,
     truncated_importance_weight,
 )
@@ -47,7 +48,7 @@ from .evaluation import evaluate
 from .generation import TransformersGenerator, VLLMGenerator, require_vllm
 from .judges import load_judge
 from .logging import MetricsLogger
-from .losses import sdpo_loss, token_logprobs, token_stats
+from .losses import reference_loss, sdpo_loss, token_logprobs, token_stats
 from .models import (
     accelerate_mixed_precision,
     autocast,
@@ -65,7 +66,7 @@ from .recipe import Recipe
 from .rewards import RewardFunctions
 from .rollout import rollout
 from .tasks import get_task
-from .teacher_weights import make_teacher
+from .teacher_weights import make_reference, make_teacher
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class Trainer:
     measure_credit = False  # this step measures the feedback credit (training.feedback_credit_every)
 
     def __init__(self, recipe: Recipe, *, accelerator=None, task=None, judge: Optional[Callable] = None):
+        """Validate, open the data, load and wrap the model; the teacher weights and, only when a reference term is on
+        (``ref_beta`` or ``ref_anchor`` > 0), the reference policy (:class:`llm.teacher_weights.Reference`)."""
         self.recipe = recipe.validate()
         self.method, self.training = recipe.method, recipe.training
         check_output_dir(self.training.output_dir, "training.output_dir")  # before any weights load
@@ -140,6 +143,8 @@ class Trainer:
         no_forward_buffer_sync(self.model)
         self.sharded = is_sharded(self.unwrapped)
         self.teacher = make_teacher(self.method.teacher_kind, self.method.teacher_rate, self.unwrapped)
+        # π_ref = θ_0: LoRA's base without adapters, or a frozen copy (the teacher's when it keeps θ_0); None when off
+        self.reference = make_reference(self.method.uses_reference, self.unwrapped, self.teacher, lora=recipe.model.lora is not None)
         self.controller = self.method.make_controller()
         dist = self.acc.distributed_type.name
         share = self.training.share_prompt_prefix
@@ -184,6 +189,8 @@ class Trainer:
                   "pg": self._sum(self._count(batch.completion_mask * batch.judged.unsqueeze(-1)))}
         if self.method.name in ("blend", "srpo"):  # one aggregation over the tokens carrying either term
             counts["combined"] = self._sum(self._count(self._combined_mask(batch)))
+        if self.method.uses_reference:  # the reference terms cover the policy-gradient's tokens
+            counts["ref"] = counts["pg"]
         return counts
 
     def _combined_mask(self, batch: Batch) -> torch.Tensor:
@@ -212,6 +219,19 @@ class Trainer:
             return rollout(self, step)
 
     # -- 5: forwards and the shared loss -----------------------------------------------------------
+    @torch.no_grad()
+    def reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        """``log π_ref(y_t)`` ``[B, T]`` of the completion tokens under the reference policy (the initial weights,
+        :class:`llm.teacher_weights.Reference`), over the temperature as the student's, without gradient: the student's
+        forward (:func:`llm.models.completion_outputs`, fused or not) and :func:`llm.losses.token_logprobs` with the
+        reference's weights in place, so at step 0 it is the student's own ``log π_θ(y_t)``."""
+        T = batch.completion_ids.shape[1]
+        with self.reference.active(self.unwrapped):
+            out = completion_outputs(self.model, batch.input_ids, batch.attention_mask, T, hidden=self.fused,
+                                     share_prefix=self.share_prefix) / self.method.temperature
+            head = self.unwrapped.get_output_embeddings().weight if self.fused else None  # the reference's own LM head
+            return token_logprobs(out, batch.completion_ids, head)
+
     def compute_loss(self, batch: Batch, counts: Optional[dict] = None, alpha_mix: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict]:
         """Teacher forward (no gradient), student forward, and the method's loss from ``sdpo_sim.core.losses``.
 
@@ -243,7 +263,8 @@ class Trainer:
                                       chunk_size=self.training.chunk_size)
         # log π(y_t) feeds the policy gradient and the importance ratios of reused rollouts; plain SDPO with one
         # update per batch never reads it, so it is not computed (saves a log-softmax, or chunked LM-head matmuls)
-        needs_logp = self.method.uses_policy_gradient or self.training.updates_per_batch > 1 or batch.old_logp is not None
+        needs_logp = (self.method.uses_policy_gradient or self.method.uses_reference or self.training.updates_per_batch > 1
+                      or batch.old_logp is not None)
         logp = token_logprobs(student_out, batch.completion_ids, head) if needs_logp else None
         if batch.old_logp is None and self.training.updates_per_batch > 1:
             batch.old_logp = logp.detach()  # behaviour policy = the policy that sampled (first update)
@@ -271,6 +292,13 @@ class Trainer:
             pg_tok = policy_gradient_token_loss(logp, batch.advantages, batch.old_logp, epsilon=m.epsilon)
             pg = aggregate(pg_tok, pg_mask, m.loss_type, max_len)
             terms_loss["pg"] = pg * self._share(self._count(pg_mask), counts["pg"])
+        if m.uses_reference:  # docs/variants.md §4 (anchor), §6 (KL): the core's terms over the policy-gradient's tokens
+            ref_mask = comp_mask * batch.judged.unsqueeze(-1)
+            ref_logp = batch.ref_logp if batch.ref_logp is not None else self.reference_logprobs(batch)
+            ref = reference_loss(logp, ref_logp, ref_mask, m, max_len=max_len, old_logp=batch.old_logp)
+            ref_share = self._share(self._count(ref_mask), counts["ref"])
+            k3 = reference_kl(logp.detach(), ref_logp, bias_correction=False)  # the `kl` metric: KL(π_θ‖π_ref) in expectation
+            stats["kl_sum"], stats["kl_tokens"] = float((k3 * ref_mask).sum()), float(ref_mask.sum())
         stats["entropy_sum"], stats["tokens"] = float((ent * comp_mask.cpu()).sum()), float(comp_mask.sum())
         if m.name == "hybrid":
             alpha_mix = self._alpha_mix(stats) if alpha_mix is None else alpha_mix
@@ -280,6 +308,8 @@ class Trainer:
             loss = terms_loss["combined"]
         else:
             loss = terms_loss["sdpo"] if self.method.distills else terms_loss["pg"]
+        if m.uses_reference:  # outside any mixture: alpha_mix·L_SDPO + (1 − alpha_mix)·L_PG + L_ref (docs/variants.md §6)
+            loss = loss + ref * ref_share
         return loss, stats
 
     def _distill_weights(self, batch: Batch, d_mask: torch.Tensor, teacher_out, teacher_head, head, counts: dict,
@@ -345,6 +375,10 @@ class Trainer:
         gap_every = self.recipe.generation.logprob_gap_every
         gap = self.generate.logprob_gap(self.unwrapped, self.tokenizer.pad_token_id or 0) if gap_every and step % gap_every == 0 else {}
         parts, counts = batch.split(self.training.micro_batch_size), self._counts(batch)
+        if self.method.uses_reference:  # π_ref is fixed: its log-probabilities once per rollout, for every update
+            with self.autocast():
+                for part in parts:
+                    part.ref_logp = self.reference_logprobs(part)
         adaptive = self.method.name == "hybrid" and self.method.controller != "constant" and len(parts) > 1
         for _ in range(self.training.updates_per_batch):
             alpha_mix = None
@@ -416,6 +450,7 @@ class Trainer:
             "truncated_fraction": S(info["truncated"]) / max(1.0, completions),
             **{f"reward/{name}": S(total) / S(n) if S(n) else math.nan for name, (total, n) in info["per_function"].items()},
             "grad_norm": grad_norm,
+            **({"kl": S(stats["kl_sum"]) / max(1.0, S(stats["kl_tokens"]))} if self.method.uses_reference else {}),
             **credit_metrics(S, stats),
             "seconds": seconds,
         }

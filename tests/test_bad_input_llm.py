@@ -58,10 +58,10 @@ ROWS = [
     ([*S(), "--training.adam-betas", "[0.9]"], 2, "adam_betas=[0.9] must be a list of two numbers in [0, 1)"),
     ([*S(), "--training.adam-betas", "[0.9,"], 2, "argument --training.adam-betas: '[0.9,' is not valid YAML"),
     ([*S(), "--method.name", "ppo"], 2, "MethodConfig.name='ppo' is not allowed"),
-    # --- issue 16's variants the LLM trainer does not implement yet (docs/variants.md)
-    (S("method.ref_beta=0.1"), 2, "recipe field method.ref_beta=0.1 is not yet in the LLM trainer"),
-    (S("method.ref_anchor=0.5"), 2, "recipe field method.ref_anchor=0.5 is not yet in the LLM trainer"),
-    (S("method.use_bias_correction_kl=false"), 2, "recipe field method.use_bias_correction_kl=False is not yet in the LLM trainer"),
+    # --- issue 16's reference-policy terms (docs/variants.md): trained now, their ranges checked
+    (S("method.ref_beta=-0.1"), 2, "MethodConfig.ref_beta=-0.1 must be a number in [0.0, 1000.0]"),
+    (S("method.ref_anchor=1e4"), 2, "MethodConfig.ref_anchor=10000.0 must be a number in [0.0, 1000.0]"),
+    (S("method.use_bias_correction_kl=maybe"), 2, "MethodConfig.use_bias_correction_kl='maybe' must be"),
     ([*S(), "--model.lora.r", "0"], 2, "recipe field model.lora.r=0 must be an integer ≥ 1"),
     ([*S(), "--training.fused-loss", "maybe"], 2, "training.fused_loss='maybe' is not allowed"),
     # --- recipe fields: types and ranges

@@ -1,7 +1,9 @@
 """Issue 16's variants in the LLM trainer (docs/variants.md): on a fixed batch of the tiny model the trainer's loss
 equals the shared core functions' value on the same logits (the toy world's composition, sdpo_sim/train.py), fused
-and unfused; a short run with each variant trains and logs finite metrics; the reference-policy terms, which the LLM
-trainer does not implement yet, are refused by name in one line."""
+and unfused; a short run with each variant trains and logs finite metrics. The reference-policy terms (ref_beta,
+use_bias_correction_kl, ref_anchor): the reference is the initial weights read from disk, their gradient is the
+equation's, the reference log-probabilities are the initial policy's at step 0 (KL 0), full fine-tuning and LoRA both
+train, and no reference copy exists when the terms are off (or when the teacher's copy already holds θ_0)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,12 @@ import math
 
 import pytest
 import torch
-from llm_helpers import EPS32, metric_tolerance, metrics_rows, tiny_recipe
+from llm_helpers import EPS32, assert_grads_close, batch_positions, metric_tolerance, metrics_rows, tiny_recipe
 from test_llm_distributed import _follow_and_compare, _run
 from transformers import AutoModelForCausalLM
 
+from llm.losses import token_logprobs
+from llm.memory_plan import memory_plan
 from llm.models import completion_outputs, teacher_outputs
 from llm.recipe import LLM_UNWIRED_VARIANTS
 from llm.rollout import completion_variants
@@ -24,6 +28,8 @@ from sdpo_sim.core.losses import (
     aggregate,
     hybrid_loss,
     policy_gradient_token_loss,
+    reference_anchor,
+    reference_kl,
     routed_token_loss,
     sdpo_token_loss,
     token_entropy,
@@ -50,6 +56,11 @@ VARIANTS = [
     {"method__name": "srpo", "method__distill_token_weight": "teacher_confidence"},
     {"method__name": "srpo", "method__support": "topk", "method__topk": 5, "method__loss_type": "sequence_mean",
      "method__distill_warmup_steps": 2},
+    # the reference-policy terms (docs/variants.md §4, §6): π_ref the initial weights (the model on disk)
+    {"method__ref_beta": 0.5},
+    {"method__name": "grpo", "method__ref_beta": 0.5, "method__use_bias_correction_kl": False, "method__loss_type": "sequence_mean"},
+    {"method__name": "hybrid", "method__ref_anchor": 0.2, "method__ref_beta": 0.1, "method__loss_type": "dr_grpo"},
+    {"method__name": "blend", "method__ref_anchor": 0.2, "method__distill_gate": "positive_advantage"},
 ]
 
 
@@ -87,10 +98,35 @@ def _fixed_batch(trainer):
     return batch
 
 
+def _initial_logp(trainer, batch) -> torch.Tensor:
+    """``log π_0(y_t)`` ``[B, T]`` of ``batch``'s completions under the model as saved on disk (the initial weights), over
+    the temperature: a second model object, independent of the trainer's reference machinery."""
+    model = AutoModelForCausalLM.from_pretrained(trainer.recipe.model.path)
+    with torch.no_grad():
+        out = completion_outputs(model, batch.input_ids, batch.attention_mask, batch.completion_ids.shape[1], hidden=False)
+    return token_logprobs(out / trainer.method.temperature, batch.completion_ids)
+
+
 def _core_loss(trainer, batch, m: MethodConfig) -> tuple[float, float]:
     """The loss of method ``m`` as the toy world's loop composes it from the core functions (sdpo_sim/train.py
-    ``update_loss``), on the trainer's unfused student and teacher logits ``[B, T, V]`` of ``batch``; and the largest
-    magnitude of a per-token term it aggregates (for the tolerance)."""
+    ``update_loss``), on the trainer's unfused student and teacher logits ``[B, T, V]`` of ``batch``, plus the
+    reference terms on the initial model's log-probabilities; and the largest magnitude of a per-token term it
+    aggregates (for the tolerance)."""
+    total, size = _core_method_loss(trainer, batch, m)
+    if not m.uses_reference:
+        return total, size
+    s = completion_outputs(trainer.model, batch.input_ids, batch.attention_mask, batch.completion_ids.shape[1],
+                           hidden=False, share_prefix=False).detach() / m.temperature
+    logp, ref, comp = token_logprobs(s, batch.completion_ids), _initial_logp(trainer, batch), batch.completion_mask
+    max_len = trainer.training.max_new_tokens
+    kl = reference_kl(logp, ref, bias_correction=m.use_bias_correction_kl)
+    anchor = reference_anchor(logp, ref)
+    total += m.ref_beta * float(aggregate(kl, comp, m.loss_type, max_len)) + m.ref_anchor * float(aggregate(anchor, comp, m.loss_type, max_len))
+    return total, max(size, float((m.ref_beta * kl * comp).abs().max()), float((m.ref_anchor * anchor * comp).abs().max()))
+
+
+def _core_method_loss(trainer, batch, m: MethodConfig) -> tuple[float, float]:
+    """:func:`_core_loss` without the reference terms."""
     T, max_len = batch.completion_ids.shape[1], trainer.training.max_new_tokens
     fused, trainer.fused = trainer.fused, False
     with torch.no_grad():
@@ -112,6 +148,8 @@ def _core_loss(trainer, batch, m: MethodConfig) -> tuple[float, float]:
     size = float(max((sd_tok * d_mask).abs().max(), (pg_tok * comp).abs().max()))
     if m.name == "sdpo":
         return float(aggregate(sd_tok, d_mask, m.loss_type, max_len)), size
+    if m.name in ("grpo", "reinforce"):
+        return float(aggregate(pg_tok, comp, m.loss_type, max_len)), size
     if m.name == "hybrid":
         pg = aggregate(pg_tok, comp, m.loss_type, max_len)
         return float(hybrid_loss(aggregate(sd_tok, d_mask, m.loss_type, max_len), pg, m.alpha_mix)), size
@@ -196,13 +234,131 @@ def test_micro_batches_and_the_global_confidence_mean_give_the_whole_batch_loss(
     assert abs(whole) > 10 * tol and split == pytest.approx(whole, rel=0, abs=tol)
 
 
-@pytest.mark.parametrize("field, value", [("ref_beta", 0.1), ("ref_anchor", 0.5), ("use_bias_correction_kl", False)])
-def test_the_reference_policy_terms_are_refused_in_one_line(tiny_dir, tmp_path, field, value):
-    assert field in LLM_UNWIRED_VARIANTS
-    with pytest.raises(ValueError) as err:
-        tiny_recipe(tiny_dir, tmp_path, **{f"method__{field}": value})
-    msg = str(err.value)
-    assert "\n" not in msg and f"method.{field}={value!r} is not yet in the LLM trainer" in msg
+# ----------------------------------------------------------------------------- the reference-policy terms
+LORA = {"r": 4, "alpha": 8}
+
+
+def _moved(trainer, scale: float, only_lora: bool = False) -> None:
+    """Move the trainable weights by ``scale``·N(0, 1) (LoRA: the adapters only, so the base, π_ref, stays θ_0)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in trainer.unwrapped.named_parameters():
+            if p.requires_grad and (not only_lora or "lora_" in n):
+                p.add_(scale * torch.randn_like(p))
+
+
+def _grads(trainer, batch) -> dict:
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss, _ = trainer.compute_loss(batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.unwrapped.named_parameters() if p.grad is not None}
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return grads
+
+
+# (recipe overrides, the per-token coefficient c_t of ∇log π_θ(y_t) in the gradient of the term, docs/variants.md)
+REF_GRADIENTS = [
+    ({"method__name": "grpo", "method__ref_beta": 0.7},  # k3·ρ on-policy: d/dl = l − r (the reverse KL's)
+     lambda m, l, r: m.ref_beta * (l - r)),
+    ({"method__name": "grpo", "method__ref_beta": 0.7, "method__use_bias_correction_kl": False, "method__loss_type": "sequence_mean"},
+     lambda m, l, r: m.ref_beta * (1 - torch.exp(r - l))),  # plain k3: d/dl = 1 − π_ref/π_θ (the forward KL's)
+    ({"method__ref_anchor": 0.3, "method__loss_type": "dr_grpo", "training__fused_loss": True},  # ½(l − r)²: d/dl = l − r
+     lambda m, l, r: m.ref_anchor * (l - r)),
+    ({"method__name": "grpo", "method__ref_beta": 0.7, "method__ref_anchor": 0.3, "model__lora": LORA},
+     lambda m, l, r: (m.ref_beta + m.ref_anchor) * (l - r)),
+]
+
+
+@pytest.mark.parametrize("overrides, coef", REF_GRADIENTS, ids=["kl-corrected", "kl-plain", "anchor-fused", "both-lora"])
+def test_the_reference_terms_gradient_is_the_equations(tiny_dir, tmp_path, overrides, coef):
+    """The trainer's gradient of a loss made of the reference terms alone (grpo with zero advantages, or sdpo without
+    a teacher row: the other terms are exactly 0) equals ``∇ aggregate(stopgrad(c_t)·log π_θ(y_t))`` with ``c_t`` the
+    derivative the equation gives, ``log π_ref`` from the model on disk."""
+    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, **overrides))
+    lora = "model__lora" in overrides
+    _moved(trainer, 0.3, only_lora=lora)  # LoRA's B starts at 0: moving the adapters makes π_θ ≠ π_ref
+    m, batch = trainer.method, trainer.rollout(0)[0]
+    batch.advantages, batch.judged = torch.zeros_like(batch.advantages), torch.ones_like(batch.judged)
+    batch.distill_mask = torch.zeros_like(batch.distill_mask)
+    got = _grads(trainer, batch)
+    T, comp = batch.completion_ids.shape[1], batch.completion_mask
+    s = completion_outputs(trainer.model, batch.input_ids, batch.attention_mask, T, hidden=False) / m.temperature
+    logp, ref = token_logprobs(s, batch.completion_ids), _initial_logp(trainer, batch)
+    assert float(((logp.detach() - ref) * comp).abs().max()) > 0.1, "π_θ must differ from π_ref on the batch"
+    surrogate = aggregate(coef(m, logp.detach(), ref).detach() * logp, comp, m.loss_type, trainer.training.max_new_tokens)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    surrogate.backward()
+    want = {n: p.grad.clone() for n, p in trainer.unwrapped.named_parameters() if p.grad is not None}
+    assert not lora or all("lora_" in n for n in want)
+    # the same per-position terms summed in two float32 orders (the k3 term's autograd vs the closed form c_t, the
+    # fused path's chunks): assert_grads_close's atol positions·eps·max|g| (Higham's bound on a float32 sum)
+    assert_grads_close([got], [want], batch_positions(trainer.recipe))
+
+
+@pytest.mark.parametrize("overrides", [
+    {"method__ref_beta": 0.5},  # ema teacher: the reference's own frozen copy
+    {"method__ref_beta": 0.5, "method__teacher_kind": "frozen", "training__fused_loss": True},  # the teacher's copy
+    {"method__name": "grpo", "method__ref_anchor": 0.5, "model__lora": LORA},  # the base without adapters
+    {"method__ref_beta": 0.5, "model__lora": LORA, "training__fused_loss": True, "training__micro_batch_size": 4},
+], ids=["full-ema", "full-frozen-fused", "lora-grpo", "lora-fused-micro"])
+def test_the_reference_is_the_initial_policy_at_step_0(tiny_dir, tmp_path, overrides):
+    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, **overrides))
+    batch = trainer.rollout(0)[0]
+    T = batch.completion_ids.shape[1]
+    ref = trainer.reference_logprobs(batch)
+    head = trainer.unwrapped.get_output_embeddings().weight if trainer.fused else None
+    with torch.no_grad():
+        own = token_logprobs(completion_outputs(trainer.model, batch.input_ids, batch.attention_mask, T, hidden=trainer.fused,
+                                                share_prefix=trainer.share_prefix) / trainer.method.temperature,
+                             batch.completion_ids, head)
+    comp = batch.completion_mask.bool()
+    # the same forward on the same weights (LoRA: the adapters add B·A·x = 0 while B = 0): equal up to one rounding
+    # of a log-probability of size ≤ ln V at most, eps·ln V (observed: bit for bit)
+    tol = EPS32 * math.log(batch_vocab(trainer))
+    assert float((ref - own)[comp].abs().max()) <= tol
+    assert float((ref - _initial_logp(trainer, batch))[comp].abs().max()) <= 1e-5  # the model on disk: another object,
+    # another forward (fused: chunked LM-head matmuls), ~T·H·eps for these sizes
+    row = trainer.train()[0]  # one update per batch: the first row's kl is measured at the initial weights
+    assert 0.0 <= row["kl"] <= tol  # k3 ≥ 0; a mean of values ≤ eps·ln V
+    assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
+
+
+@pytest.mark.parametrize("overrides", [
+    {"method__ref_beta": 0.5, "training__updates_per_batch": 2},
+    {"method__name": "hybrid", "method__ref_beta": 0.5, "method__use_bias_correction_kl": False, "training__micro_batch_size": 4},
+    {"method__ref_anchor": 1.0, "training__fused_loss": True},
+    {"method__name": "grpo", "method__ref_beta": 0.5, "model__lora": LORA},
+    {"method__ref_beta": 0.5, "method__use_bias_correction_kl": False, "model__lora": LORA, "training__updates_per_batch": 2},
+    {"method__name": "blend", "method__ref_anchor": 1.0, "model__lora": LORA, "training__fused_loss": True},
+], ids=["full-kl-reuse", "full-hybrid-plain-kl-micro", "full-anchor-fused", "lora-grpo-kl", "lora-plain-kl-reuse", "lora-blend-anchor"])
+def test_a_short_run_with_a_reference_term_trains(tiny_dir, tmp_path, overrides):
+    trainer = Trainer(tiny_recipe(tiny_dir, tmp_path, training__learning_rate=3e-2, **overrides))
+    before = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+    rows = trainer.train()
+    assert len(rows) == 2
+    for r in rows:
+        for key in ("loss", "reward", "entropy", "grad_norm", "kl"):
+            assert math.isfinite(r[key]), key
+    assert rows[1]["kl"] > 0  # the policy has moved from π_ref by the second step
+    assert any(not torch.equal(before[n], p) for n, p in trainer.unwrapped.named_parameters() if p.requires_grad)
+
+
+def test_no_reference_copy_exists_unless_a_reference_term_is_on(tiny_dir, tmp_path):
+    off = Trainer(tiny_recipe(tiny_dir, tmp_path / "off", method__use_bias_correction_kl=False))  # no coefficient: off
+    assert off.reference is None and not off.method.uses_reference
+    batch = off.rollout(0)[0]
+    assert batch.ref_logp is None and "kl" not in off.train()[0]
+    own = Trainer(tiny_recipe(tiny_dir, tmp_path / "ema", method__ref_beta=0.1))  # ema teacher: a frozen copy of θ_0
+    assert own.reference.owns_copy and set(own.reference.copy.weights) == {n for n, p in own.unwrapped.named_parameters()}
+    shared = Trainer(tiny_recipe(tiny_dir, tmp_path / "frozen", method__ref_beta=0.1, method__teacher_kind="frozen"))
+    assert shared.reference.copy is shared.teacher and not shared.reference.owns_copy  # θ_0 already held by the teacher
+    lora = Trainer(tiny_recipe(tiny_dir, tmp_path / "lora", method__ref_anchor=0.1, model__lora=LORA))
+    assert lora.reference.copy is None and not lora.reference.owns_copy  # peft's disable_adapter(): no copy
+    # the memory plan counts the reference's copy exactly when the trainer makes one
+    for trainer, copies in ((off, 0), (own, 1), (shared, 0), (lora, 0)):
+        plan = memory_plan(trainer.recipe, gpus_per_node=1, gpu_memory_gb=80, strategy="single", device="cpu")
+        assert plan["reference_gb"] == pytest.approx(copies * plan["teacher_gb"], rel=1e-12)
+    assert LLM_UNWIRED_VARIANTS == ()  # nothing of docs/variants.md is refused any more
 
 
 @pytest.mark.slow
@@ -223,3 +379,24 @@ def test_two_processes_with_routing_confidence_and_gate_match_a_single_process(t
     tiny_recipe(model_dir, tmp_path / "ddp", **common).save(tmp_path / "ddp.yaml")
     _run("ddp_cpu_run.py", [str(tmp_path / "ddp.yaml"), str(tmp_path / "kept")], tmp_path)
     _follow_and_compare(tiny_recipe(model_dir, tmp_path / "single", **common), tmp_path / "kept", metrics_rows(tmp_path / "ddp"))
+
+
+@pytest.mark.slow
+def test_fsdp2_reference_terms_match_a_single_process(tmp_path):
+    """The reference's frozen copy in FSDP2 local shards (an ema teacher beside it, so two copies) and the fused path's
+    LM head read while θ_0 is swapped in: a two-rank FSDP2 run computes the gradients, loss and ``kl`` of a single
+    process following its weights (the harness of test_llm_distributed)."""
+    model_dir = build_tiny(tmp_path / "tiny", hidden_size=32, num_layers=2, seed=4)
+    common = dict(training__steps=2, training__prompts_per_step=4, training__learning_rate=3e-2, training__fused_loss=True,
+                  method__teacher_kind="ema", method__teacher_rate=0.2, method__ref_beta=0.5, method__ref_anchor=0.2)
+    tiny_recipe(model_dir, tmp_path / "sharded", **common).save(tmp_path / "sharded.yaml")
+    _run("fsdp2_cpu_run.py", [str(tmp_path / "sharded.yaml"), "--keep", str(tmp_path / "kept")], tmp_path)
+    sharded = metrics_rows(tmp_path / "sharded")
+    recipe = tiny_recipe(model_dir, tmp_path / "single", **common)
+    single = _follow_and_compare(recipe, tmp_path / "kept", sharded)
+    # kl is a per-token mean like the entropy: metric_tolerance's n·eps·ln V (n = completions·max_new_tokens, Higham)
+    t, vocab = recipe.training, AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size
+    tol = t.prompts_per_step * recipe.method.num_generations * t.max_new_tokens * EPS32 * math.log(vocab)
+    assert sharded[0]["kl"] == pytest.approx(0.0, abs=tol) and sharded[1]["kl"] > 10 * tol  # θ_0 at the first update
+    for a, b in zip(single, sharded):
+        assert a["kl"] == pytest.approx(b["kl"], rel=0, abs=tol)
