@@ -113,10 +113,11 @@ def measure_step(trainer: Trainer, step: int, truth_cache: dict, *, n_continuati
     if missing:
         sampling = Sampling(temperature=trainer.method.temperature, max_new_tokens=t.max_new_tokens, eos_id=tok.eos_token_id,
                             pad_id=tok.pad_token_id, top_k=trainer.recipe.generation.top_k, top_p=trainer.recipe.generation.top_p)
-        c_t = counterfactual_contributions([comps[i] for i in missing], missing, score, decode, len(tok), vocab_sample=vocab_sample,
+        group_row = [i - i % g for i in missing]  # a group's rows share prompt and columns: one V̂(prompt) per group
+        c_t = counterfactual_contributions([comps[i] for i in missing], group_row, score, decode, len(tok), vocab_sample=vocab_sample,
                                            seed=seed)
         stats: dict = {}
-        adv = mc_advantages(trainer.unwrapped, [p_ids[i] for i in missing], [comps[i] for i in missing], missing, score, decode,
+        adv = mc_advantages(trainer.unwrapped, [p_ids[i] for i in missing], [comps[i] for i in missing], group_row, score, decode,
                             sampling, n_continuations=n_continuations, seed=seed, stats=stats)
         for i, c, a in zip(missing, c_t, adv):
             truth_cache[keys[i]] = (c, a)
