@@ -3,16 +3,28 @@
 ``DIR/runs/<run_id>.parquet`` (its history, ok runs only) is written before ``DIR/runs/<run_id>.json`` (status,
 full config, summary or error), the marker that makes a run count as done. Ctrl-C stops the workers and raises
 :class:`Interrupted` with the number of finished runs kept.
+
+On Ray (:class:`RayBackend`, docs/cluster.md) each program is one task; ``DIR/runs/<run_id>.log`` beside the
+record holds, per attempt, the node, host and pid that ran it, the run's own output and how it ended. A task whose
+worker dies is retried ``max_retries`` times (skipping what the killed attempt already finished), then its runs
+are recorded failed with Ray's reason. Before anything runs, one task per node checks that it can read and write
+the runs directory (a results path every node must reach).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import importlib
 import importlib.util
+import io
 import json
+import os
+import socket
 import time
 import traceback
+import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
@@ -28,6 +40,8 @@ from .sweep_spec import Planned
 from .workers import WorkerPool, exit_if_stopping, sigint_ignored
 
 BACKENDS = ("process", "serial", "ray")
+RAY_STOP_GRACE_S = 3.0  # Ctrl-C: how long cancelled Ray tasks may take to unwind (atomic writes clean up) before they are killed
+RAY_PROBE_TIMEOUT_S = 120.0  # how long the per-node check of the runs directory may wait for a worker on every node
 META_COLUMNS = ("block", "run_id", "status", "package_version", "git_commit", "code_hash")
 
 RunFn = Callable[[dict], "tuple[pd.DataFrame, dict]"]  # full config -> (history, summary)
@@ -130,8 +144,58 @@ def kept_runs(out: Union[str, Path]) -> int:
     return sum(1 for meta in runs_dir.glob("*.json") if is_done(runs_dir, meta.stem)) if runs_dir.is_dir() else 0
 
 
-def check_backend(workers: Any, backend: str) -> None:
+@dataclass(frozen=True)
+class RayBackend:
+    """The ``ray`` backend with its settings (``backend="ray"`` is ``RayBackend()``).
+
+    ``address``: ``None`` starts a local cluster of ``workers`` CPUs (shut down with this process, or at once on
+    Ctrl-C); ``"auto"`` joins the cluster ``ray start`` runs on this machine; ``"HOST:PORT"`` (or ``ray://...``)
+    joins that one. ``cpus_per_run`` / ``gpus_per_run``: the resources each task (one program) asks for, so a node
+    of C CPUs runs ``floor(C / cpus_per_run)`` at a time. ``max_retries``: how often a task whose worker or node
+    died is run again before its runs are recorded failed."""
+
+    address: Optional[str] = None
+    cpus_per_run: float = 1.0
+    gpus_per_run: float = 0.0
+    max_retries: int = 1
+
+    def check(self) -> None:
+        """Refuse settings that cannot run (one line each), and an explicit ``HOST:PORT`` nobody listens on."""
+        for name, value, low in (("cpus_per_run", self.cpus_per_run, "> 0"), ("gpus_per_run", self.gpus_per_run, ">= 0")):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 if low == "> 0" else value >= 0) or value != value or value == float("inf"):
+                raise ValueError(f"ray {name}={value!r} must be a finite number {low} (the CPUs/GPUs each run's task asks for)")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int) or self.max_retries < 0:
+            raise ValueError(f"ray max_retries={self.max_retries!r} must be an integer >= 0 (0: a run whose worker dies is recorded failed)")
+        if self.address is not None:
+            _check_reachable(self.address)
+
+
+def _check_reachable(address: str) -> None:
+    """``HOST:PORT`` must accept a TCP connection (``ray.init`` would otherwise retry for a long while); ``auto`` and
+    ``ray://`` addresses are left to Ray."""
+    if address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"ray_address={address!r} is not allowed; give 'auto' (the cluster `ray start` runs here), HOST:PORT of a "
+                         "head node, a ray:// client address, or none to start a local cluster")
+    try:
+        socket.create_connection((host, int(port)), timeout=3.0).close()
+    except OSError as err:
+        raise ValueError(f"ray_address={address!r} is not reachable ({err.strerror or err}); start a head node there "
+                         "(`ray start --head`), or give no address to start a local cluster") from None
+
+
+def backend_name(backend: Union[str, RayBackend]) -> str:
+    """``"ray"`` for a :class:`RayBackend`, else the backend string itself."""
+    return "ray" if isinstance(backend, RayBackend) else backend
+
+
+def check_backend(workers: Any, backend: Union[str, RayBackend]) -> None:
     """Refuse a worker count or backend that cannot run, before anything is created (Ray must be importable)."""
+    if isinstance(backend, RayBackend):
+        backend.check()
+    backend = backend_name(backend)
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not allowed; choose one of {', '.join(map(repr, BACKENDS))}")
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
@@ -147,7 +211,7 @@ def execute(
     *,
     run_fn: RunFn,
     workers: int = 1,
-    backend: str = "process",
+    backend: Union[str, RayBackend] = "process",
     progress: bool = True,
     desc: str = "runs",
     pool: Optional[WorkerPool] = None,
@@ -155,8 +219,8 @@ def execute(
     """Run every planned config not yet finished; returns counts and failures.
 
     ``backend``: ``process`` (``workers`` spawned processes; ``workers=1`` runs in this process),
-    ``serial`` (in this process), ``ray`` (a Ray cluster; needs the ``ray`` extra and a filesystem
-    shared by the workers). ``pool`` lets several calls share the worker processes.
+    ``serial`` (in this process), ``ray`` or a :class:`RayBackend` (a Ray cluster; needs the ``ray`` extra and a
+    filesystem shared by the nodes). ``pool`` lets several calls share the worker processes.
     """
     check_backend(workers, backend)
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -176,8 +240,8 @@ def execute(
 
     programs = groups(pending, run_fn)
     try:
-        if backend == "ray":
-            _execute_ray(programs, runs_dir, run_fn, meta, record)
+        if backend_name(backend) == "ray":
+            _execute_ray(programs, runs_dir, run_fn, meta, record, backend if isinstance(backend, RayBackend) else RayBackend(), workers)
         elif backend == "serial" or workers == 1 or len(programs) <= 1:
             with one_thread():  # tabular runs are many tiny ops: extra threads only contend
                 for group in programs:
@@ -211,13 +275,7 @@ def _execute_pool(programs: Sequence[Sequence[Planned]], runs_dir: Path, run_fn:
                 results = fut.result()
             except Exception as err:  # the worker process itself died (e.g. killed, out of memory)
                 broken = True
-                error = f"worker process failed: {type(err).__name__}: {err}"
-                results = []
-                for p in futures[fut]:
-                    if not is_done(runs_dir, p.run_id):
-                        rec = {"run_id": p.run_id, "config": p.config, **meta, "status": "failed", "summary": None, "error": error}
-                        atomic_write_text(record_paths(runs_dir, p.run_id)[0], json.dumps(rec, indent=1, default=str))
-                    results.append({"run_id": p.run_id, "status": "failed", "error": error})
+                results = _record_lost(futures[fut], runs_dir, meta, f"worker process failed: {type(err).__name__}: {err}")
             for res in results:
                 record(res)
         if broken:
@@ -228,16 +286,185 @@ def _execute_pool(programs: Sequence[Sequence[Planned]], runs_dir: Path, run_fn:
         raise
 
 
-def _execute_ray(programs: Sequence[Sequence[Planned]], runs_dir: Path, run_fn: RunFn, meta: dict, record: Callable[[dict], None]) -> None:
-    import ray  # check_backend made sure it is installed
+def _record_lost(group: Sequence[Planned], runs_dir: Path, meta: dict, error: str) -> list[dict]:
+    """The runs of a program whose worker died: each one not finished meanwhile is recorded failed with ``error``."""
+    results = []
+    for p in group:
+        if not is_done(runs_dir, p.run_id):
+            rec = {"run_id": p.run_id, "config": p.config, **meta, "status": "failed", "summary": None, "error": error}
+            atomic_write_text(record_paths(runs_dir, p.run_id)[0], json.dumps(rec, indent=1, default=str))
+        results.append({"run_id": p.run_id, "status": "failed", "error": error})
+    return results
 
-    ray.init(ignore_reinit_error=True)
-    remote = ray.remote(execute_group)
-    refs = [remote.remote(run_fn, _items(group), str(runs_dir), meta) for group in programs]
-    while refs:
-        done, refs = ray.wait(refs, num_returns=1)
-        for res in ray.get(done[0]):
-            record(res)
+
+# ----------------------------------------------------------------------------- Ray
+_ray_session: dict = {}  # the Ray connection this process made: {"key": (address, num_cpus), "started": bool}
+
+
+def _ray():
+    """The ``ray`` module, imported on first use: it is an optional extra and takes about a second to import."""
+    return importlib.import_module("ray")  # check_backend made sure it is installed
+
+
+def ray_connect(backend: RayBackend, workers: int) -> bool:
+    """Connect this process to the cluster ``backend`` names (start a local one of ``workers`` CPUs when it names
+    none); an existing connection is kept: one this process made with the same settings, or one its caller made
+    (``ray.init`` before the sweep). Returns whether the cluster is one this process started. Failing to connect is
+    a ``ValueError`` of one line."""
+    ray = _ray()
+    key = (backend.address, workers if backend.address is None else None)
+    if ray.is_initialized():
+        if not _ray_session:
+            return False  # the caller's own connection
+        if _ray_session["key"] == key:
+            return _ray_session["started"]
+        ray.shutdown()
+        _ray_session.clear()
+    kwargs = dict(log_to_driver=False, include_dashboard=False, configure_logging=True, logging_level="warning")
+    try:
+        if backend.address is None:
+            ray.init(address="local", num_cpus=workers, **kwargs)  # "local": a new cluster, never one found running here
+        else:
+            ray.init(address=backend.address, **kwargs)
+    except (ConnectionError, RuntimeError) as err:
+        raise ValueError(f"cannot connect to the Ray cluster at {backend.address!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    _ray_session.update(key=key, started=backend.address is None)
+    return _ray_session["started"]
+
+
+def ray_disconnect() -> None:
+    """Leave the cluster this process connected to (and stop it, if it started it); a caller's own connection stays."""
+    if _ray_session:
+        _ray_session.clear()
+        _ray().shutdown()
+
+
+def _probe_node(runs_dir: str, token: str) -> Optional[str]:
+    """On one node: read the driver's probe file and write this node's; ``None`` if both work, else why not."""
+    runs = Path(runs_dir)
+    try:
+        seen = (runs / f".ray-probe-{token}").read_text()
+    except OSError as err:
+        return f"cannot read what the driver writes there ({type(err).__name__}: {err.strerror or err})"
+    if seen != token:
+        return "sees a different file there than the driver wrote"
+    try:
+        (runs / f".ray-probe-{token}-{os.getpid()}-{socket.gethostname()}").write_text(token)
+    except OSError as err:
+        return f"cannot write there ({type(err).__name__}: {err.strerror or err})"
+    return None
+
+
+def check_shared_dir(runs_dir: Path) -> None:
+    """One zero-CPU task pinned to each live node reads a file the driver wrote in ``runs_dir`` and writes one back:
+    a ``ValueError`` of one line names the first node that cannot (results must go where every node can reach)."""
+    ray = _ray()
+    token = uuid.uuid4().hex
+    probe = runs_dir / f".ray-probe-{token}"
+    probe.write_text(token)
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        task = ray.remote(_probe_node)
+        refs = [task.options(num_cpus=0, max_retries=0, scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(str(runs_dir), token) for n in nodes]
+        for node, problem in zip(nodes, ray.get(refs, timeout=RAY_PROBE_TIMEOUT_S)):
+            if problem is not None:
+                raise ValueError(f"results directory {str(runs_dir)!r} is not usable from Ray node {node.get('NodeManagerAddress')} "
+                                 f"({node['NodeID'][:8]}): it {problem}; give --out a path every node mounts (e.g. NFS), writable by the workers")
+        written = len(list(runs_dir.glob(f".ray-probe-{token}-*")))
+        if written != len(nodes):
+            raise ValueError(f"results directory {str(runs_dir)!r}: {len(nodes)} Ray nodes wrote there but the driver sees {written} of "
+                             "their files; give --out a path every node mounts at the same place (e.g. NFS)")
+    finally:
+        for path in runs_dir.glob(f".ray-probe-{token}*"):
+            path.unlink(missing_ok=True)
+
+
+class _Tee(io.TextIOBase):
+    """A text stream writing to several open files (a shared program's output goes to each of its runs' logs)."""
+
+    def __init__(self, files: Sequence[Any]) -> None:
+        self.files = files
+
+    def write(self, text: str) -> int:
+        for f in self.files:
+            f.write(text)
+            f.flush()
+        return len(text)
+
+
+def _log_line(text: str) -> str:
+    return f"[{datetime.now(timezone.utc).isoformat(timespec='seconds')}] {text}\n"
+
+
+def ray_group(run_fn: RunFn, items: Sequence[tuple[str, dict]], runs_dir: str, meta: dict) -> list[dict]:
+    """Ray task body: :func:`execute_group` on one torch thread (as the local backends run), skipping runs an
+    earlier, killed attempt of this task already finished, with each run's output appended to ``<run_id>.log``."""
+    runs = Path(runs_dir)
+    done = [{"run_id": rid, "status": "ok", "error": None} for rid, _ in items if is_done(runs, rid)]
+    todo = [(rid, c) for rid, c in items if not is_done(runs, rid)]
+    if not todo:
+        return done
+    node = _ray().get_runtime_context().get_node_id()
+    with contextlib.ExitStack() as stack:
+        logs = [stack.enter_context(open(runs / f"{rid}.log", "a", encoding="utf-8")) for rid, _ in todo]
+        for f in logs:
+            f.write(_log_line(f"attempt on node {node[:8]} host {socket.gethostname()} pid {os.getpid()}: {len(todo)} run(s) as one program"))
+            f.flush()
+        tee = _Tee(logs)
+        with one_thread(), contextlib.redirect_stdout(tee), contextlib.redirect_stderr(tee):
+            results = execute_group(run_fn, todo, runs_dir, meta)
+        for f, res in zip(logs, results):
+            f.write(_log_line(f"{res['status']}" + ("" if res["error"] is None else f": {res['error']}")))
+    return done + results
+
+
+def _execute_ray(programs: Sequence[Sequence[Planned]], runs_dir: Path, run_fn: RunFn, meta: dict, record: Callable[[dict], None],
+                 backend: RayBackend, workers: int) -> None:
+    """Each program as one Ray task (``backend``'s resources and retries); results recorded as they come back. A task
+    that fails for good (its worker or node died more than ``max_retries`` times) has its runs recorded failed with
+    Ray's reason. Ctrl-C cancels every outstanding task and stops a cluster this process started."""
+    if not programs:
+        return
+    ray = _ray()
+    started = ray_connect(backend, workers)
+    pending: list = []
+    try:
+        check_shared_dir(runs_dir)
+        task = ray.remote(ray_group).options(num_cpus=backend.cpus_per_run, num_gpus=backend.gpus_per_run, max_retries=backend.max_retries,
+                                             retry_exceptions=False)
+        owner = {}
+        for group in programs:
+            owner[task.remote(run_fn, _items(group), str(runs_dir), meta)] = group
+        pending = list(owner)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                results = ray.get(done[0])
+            except ray.exceptions.RayError as err:  # the worker or its node died, more often than max_retries allows
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                results = _record_lost(owner[done[0]], runs_dir, meta, f"Ray task failed after {backend.max_retries} retries: {type(err).__name__}: {reason}")
+            for res in results:
+                record(res)
+        remove_stale_temporaries(runs_dir)  # left by a worker killed mid-write (its task was retried or its runs failed)
+    except KeyboardInterrupt:
+        with sigint_ignored():
+            _cancel(pending)
+            if started:
+                ray_disconnect()
+            remove_stale_temporaries(runs_dir)
+        raise
+
+
+def _cancel(refs: Sequence[Any]) -> None:
+    """Cancel Ray tasks: a KeyboardInterrupt in those running (their atomic writes clean up), then, after
+    :data:`RAY_STOP_GRACE_S`, their workers killed."""
+    ray = _ray()
+    for ref in refs:
+        ray.cancel(ref)
+    _, left = ray.wait(list(refs), num_returns=len(refs), timeout=RAY_STOP_GRACE_S) if refs else ([], [])
+    for ref in left:
+        ray.cancel(ref, force=True)
 
 
 def _jsonable(value: Any) -> Any:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .sweep import add_workers
+from .sweep import add_workers, backend_of
 
 
 def add_parser(subparsers) -> None:
@@ -35,7 +35,7 @@ def main(args: argparse.Namespace) -> int:
         check_output_file(args.record_walltime, "--record-walltime file")
     out = Path(args.out or ("outputs/claims" if args.scale == "canonical" else f"outputs/claims-{args.scale}"))
     res = run_claims(args.scale, out=out, report_dir=args.report and Path(args.report), figures_dir=args.figures and Path(args.figures),
-                     workers=args.workers, progress=args.progress, spec=args.spec, sweep_kwargs={"backend": args.backend},
+                     workers=args.workers, progress=args.progress, spec=args.spec, sweep_kwargs={"backend": backend_of(args)},
                      figures=args.draw_figures)
     for c in res["claims"]:
         print(f"{c.id:4s} {c.verdict:36s} {c.statement}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .sweep import add_workers
+from .sweep import add_workers, backend_of
 
 
 def add_parser(subparsers) -> None:
@@ -20,7 +20,7 @@ def main(args: argparse.Namespace) -> int:
 
     out = check_output_dir(args.out, "output directory")  # before the banner: a refused run prints only its error
     print(f"sdpo-sim main: the claims experiments at small scale (spec sdpo_sim/specs/main.yaml) into {out}/ ...", flush=True)
-    res = run_claims("main", out=out, workers=args.workers, progress=args.progress, command="sdpo-sim main", sweep_kwargs={"backend": args.backend})
+    res = run_claims("main", out=out, workers=args.workers, progress=args.progress, command="sdpo-sim main", sweep_kwargs={"backend": backend_of(args)})
     print()
     for c in res["claims"]:
         print(f"  {c.id:4s} {c.verdict:36s} {c.statement}")
