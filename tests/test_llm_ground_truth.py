@@ -116,8 +116,9 @@ def test_mc_advantages_match_exact_within_4_se(model):
     """Every token: |Â_t − A_t| ≤ 4·SE(Â_t) (and every value), fixed seed, 400 continuations per prefix.
 
     The exact A_t enumerates every completion with the model's probabilities; a 4σ miss on one of the ~15 estimates has
-    probability ~1e-3 for a correct estimator, while a biased one (e.g. Q from y_<t, or the first token not resampled)
-    misses by ~0.1, ≫ 4·SE ≈ 0.04."""
+    probability ~1e-3 for a correct estimator, while an estimator off by one prefix (Q read from y_<t+1's successor, or
+    V from y_≤t) misses here by the difference of neighbouring exact advantages, ~0.15 for "att" (A = 0.30, 0.15, 0.14),
+    ≫ 4·SE ≈ 0.05."""
     score = judge_scorer(judge_word, [PROMPT])
     stats = {}
     est = mc_advantages(model, [PROMPT_IDS] * 4, COMPLETIONS, [0] * 4, score, decode, SAMPLING, n_continuations=400, seed=1,
