@@ -5,7 +5,8 @@
 - ``sdpo-llm plan --recipe R --gpus-per-node N --nodes M --gpu-memory-gb G``: per-GPU memory plan, no weights loaded;
 - ``sdpo-llm make-tiny [--out DIR]``: build (and pretrain) the tiny CPU model (``llm.make_tiny``);
 - ``sdpo-llm proof``: the proof-that-it-learns script (``llm.proof``);
-- ``sdpo-llm credit-truth --recipe R --out DIR``: feedback credit per channel vs ground-truth credit (``llm.credit_truth``).
+- ``sdpo-llm credit-truth --recipe R --out DIR``: feedback credit per channel vs ground-truth credit (``llm.credit_truth``);
+- ``sdpo-llm grid SPEC --out DIR [--backend ray]``: a grid of recipes, one run (Ray task) per point, resumable (``llm.grid``).
 
 Every recipe field is reachable two ways, in ``train`` and ``plan`` alike: its own flag (``--training.steps 3``,
 ``--method.alpha 0.5``, ``--model.lora.r 8``; help from the field's metadata) and ``--set training.steps=3`` (YAML
@@ -41,7 +42,7 @@ from sdpo_sim.core.config_fields import (
 from .recipe import Recipe, load_recipe, resolve_recipe_path
 
 # subcommands owned by other modules, imported when run (they import torch): main(argv) -> int
-DISPATCH = {"make-tiny": "llm.make_tiny", "proof": "llm.proof"}
+DISPATCH = {"make-tiny": "llm.make_tiny", "proof": "llm.proof", "grid": "llm.grid"}
 
 
 def _interrupted_train(trainer) -> str:
