@@ -6,6 +6,7 @@
 - ``sdpo-llm make-tiny [--out DIR]``: build (and pretrain) the tiny CPU model (``llm.make_tiny``);
 - ``sdpo-llm proof``: the proof-that-it-learns script (``llm.proof``);
 - ``sdpo-llm credit-truth --recipe R --out DIR``: feedback credit per channel vs ground-truth credit (``llm.credit_truth``);
+- ``sdpo-llm testtime --out DIR``: test-time discovery on hard prompts, best-of-k vs SDPO (``llm.testtime``);
 - ``sdpo-llm grid SPEC --out DIR [--backend ray]``: a grid of recipes, one run (Ray task) per point, resumable (``llm.grid``).
 
 Every recipe field is reachable two ways, in ``train`` and ``plan`` alike: its own flag (``--training.steps 3``,
@@ -42,7 +43,7 @@ from sdpo_sim.core.config_fields import (
 from .recipe import Recipe, load_recipe, resolve_recipe_path
 
 # subcommands owned by other modules, imported when run (they import torch): main(argv) -> int
-DISPATCH = {"make-tiny": "llm.make_tiny", "proof": "llm.proof", "grid": "llm.grid"}
+DISPATCH = {"make-tiny": "llm.make_tiny", "proof": "llm.proof", "testtime": "llm.testtime", "grid": "llm.grid"}
 
 
 def _interrupted_train(trainer) -> str:

@@ -13,7 +13,7 @@ linear interpolation between integer ``k`` (continuous in ``L``); best-of-k's is
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import matplotlib
 
@@ -55,28 +55,46 @@ def wilson_interval(successes: np.ndarray, n: int, z: float = Z95) -> tuple[np.n
     denom = 1 + z**2 / n
     centre = (p + z**2 / (2 * n)) / denom
     half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-    return np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
+    lo = np.where(p == 0, 0.0, np.clip(centre - half, 0, 1))  # exactly 0 and 1 at the ends (rounding leaves ~1e-17)
+    return lo, np.where(p == 1, 1.0, np.clip(centre + half, 0, 1))
 
 
-def check_probability(p: float, what: str = "p") -> float:
-    """``p`` as a float in (0, 1) (a best-of-k curve of p = 0 never rises; of p = 1 it is 1 from the first attempt)."""
-    if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p < 1:
-        raise ValueError(f"{what}={p!r} must be a probability in (0, 1)")
-    return float(p)
+def check_probability(p: Union[float, Sequence[float]], what: str = "p") -> np.ndarray:
+    """``p`` as a float array ``[m]`` (one probability per prompt) in [0, 1) with a positive mean: a best-of-k curve of
+    p = 0 never rises, of p = 1 it is 1 from the first attempt."""
+    arr = np.atleast_1d(np.asarray(p, dtype=float))
+    if arr.ndim != 1 or arr.size == 0 or not np.all((arr >= 0) & (arr < 1)) or not arr.mean() > 0:
+        raise ValueError(f"{what}={p!r} must be probabilities in [0, 1), not all 0")
+    return arr
 
 
-def best_of_k(p: float, k_max: int) -> np.ndarray:
-    """``1 − (1 − p)^k`` for ``k = 1..k_max`` (as ``−expm1(k·log1p(−p))``, exact to rounding for tiny p)."""
-    p = check_probability(p)
-    return -np.expm1(np.arange(1, k_max + 1) * math.log1p(-p))
+def best_of_k(p: Union[float, Sequence[float]], k_max: int) -> np.ndarray:
+    """``D(k) = mean_i [1 − (1 − p_i)^k]`` for ``k = 1..k_max`` (one ``p``: ``1 − (1 − p)^k``; several: the pooled curve of
+    prompts with success probabilities ``p_i``, each tried k times), as ``−expm1(k·log1p(−p_i))`` (exact for tiny p)."""
+    arr = check_probability(p)
+    k = np.arange(1, k_max + 1)[None, :]
+    return -np.expm1(k * np.log1p(-arr)[:, None]).mean(0)
 
 
-def best_of_k_attempts(p: float, level: float) -> float:
-    """Attempts best-of-k needs to reach discovery ``level``: ``log(1 − L) / log(1 − p)`` (continuous k)."""
-    p = check_probability(p)
+def best_of_k_attempts(p: Union[float, Sequence[float]], level: float) -> float:
+    """Attempts (continuous k) best-of-k needs to reach discovery ``level``: ``log(1 − L) / log(1 − p)`` for one p; for
+    several, the root of ``mean_i [1 − (1 − p_i)^k] = L`` by bisection (``inf`` when the prompts with p_i = 0 make L
+    unreachable; NaN for a level outside (0, 1))."""
+    arr = check_probability(p)
     if not 0 < level < 1:
         return math.nan
-    return math.log1p(-level) / math.log1p(-p)
+    if arr.size == 1:
+        return math.log1p(-level) / math.log1p(-float(arr[0]))
+    if np.mean(arr > 0) <= level:
+        return math.inf
+    f = lambda k: float(-np.expm1(k * np.log1p(-arr)).mean()) - level  # noqa: E731 — increasing in k
+    lo, hi = 0.0, 1.0
+    while f(hi) < 0:
+        hi *= 2
+    for _ in range(100):  # 100 halvings: far below one attempt's width
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+    return 0.5 * (lo + hi)
 
 
 def attempts_to_reach(curve: np.ndarray, level: float) -> float:
@@ -93,7 +111,7 @@ def attempts_to_reach(curve: np.ndarray, level: float) -> float:
     return (k - 1) + (level - lo) / (hi - lo)
 
 
-def ratios(curve: np.ndarray, p: float, levels: Sequence[float]) -> dict[str, float]:
+def ratios(curve: np.ndarray, p: Union[float, Sequence[float]], levels: Sequence[float]) -> dict[str, float]:
     """The attempts ratios of one method's curve ``D(1..K)`` against best-of-k with success probability ``p``:
 
     - ``budget``: ``k_best(D(K)) / K``, best-of-k's attempts to reach what the method reached at its budget, per
@@ -109,29 +127,39 @@ def ratios(curve: np.ndarray, p: float, levels: Sequence[float]) -> dict[str, fl
     return out
 
 
-def bootstrap_ratios(first: np.ndarray, k_max: int, p: float, levels: Sequence[float], *, p_trials: Optional[int] = None,
+def bootstrap_ratios(first: np.ndarray, k_max: int, p: Union[float, Sequence[float]], levels: Sequence[float], *,
+                     p_trials: Optional[Union[int, Sequence[int]]] = None, groups: Optional[np.ndarray] = None,
                      n_boot: int = 2000, seed: int = 0, level_ci: float = 0.95) -> dict[str, dict[str, float]]:
     """Point value and percentile-bootstrap CI of :func:`ratios`: ``{name: {"value", "lo", "hi", "unreached"}}``.
 
-    Each draw resamples the method's runs (``first`` ``[n]``) with replacement; with ``p_trials`` (``p`` estimated from
-    that many fixed-policy attempts, the LLM case) it also redraws ``p* ~ Binomial(p_trials, p)/p_trials`` (a draw of 0
-    becomes ``0.5/p_trials``, the usual continuity correction). ``unreached`` is the share of draws in which the method
-    did not reach the level (their ratio 0 is kept: it is a true "fewer than" lower bound, never dropped)."""
+    Each draw resamples the method's runs (``first`` ``[n]``) with replacement, within each of ``groups`` (``[n]``, the
+    prompt of each run, so each prompt keeps its weight) when given. With ``p_trials`` (each ``p_i`` estimated from that
+    many fixed-policy attempts, the LLM case) it also redraws ``p*_i ~ Binomial(p_trials_i, p_i)/p_trials_i``. A draw in
+    which the method does not reach a level within ``K`` gives that level's ratio 0 (kept: it is a true lower bound);
+    ``unreached`` is their share. Draws whose baseline is undefined (every ``p*_i`` = 0) are skipped."""
     first = np.asarray(first, dtype=float)
+    p_arr = np.atleast_1d(np.asarray(p, dtype=float))
+    trials = None if p_trials is None else np.broadcast_to(np.asarray(p_trials), p_arr.shape)
+    groups = np.zeros(first.size, dtype=int) if groups is None else np.asarray(groups)
+    members = [np.nonzero(groups == g)[0] for g in np.unique(groups)]
     rng = np.random.default_rng(seed)
     point = ratios(discovery_curve(first, k_max), p, levels)
     draws = {name: [] for name in point}
     for _ in range(n_boot):
-        sample = first[rng.integers(0, first.size, first.size)]
-        p_b = p if p_trials is None else max(rng.binomial(p_trials, p), 0.5) / p_trials
-        for name, value in ratios(discovery_curve(sample, k_max), min(p_b, 1 - 1e-12), levels).items():
+        sample = first[np.concatenate([idx[rng.integers(0, idx.size, idx.size)] for idx in members])]
+        p_b = p_arr if trials is None else rng.binomial(trials, p_arr) / trials
+        if not p_b.mean() > 0:
+            continue
+        for name, value in ratios(discovery_curve(sample, k_max), p_b if p_b.size > 1 else float(p_b[0]), levels).items():
             draws[name].append(value)
     q = (1 - level_ci) / 2
     out = {}
     for name, value in point.items():
         v = np.asarray(draws[name], dtype=float)
-        out[name] = {"value": value, "lo": float(np.nanquantile(v, q)), "hi": float(np.nanquantile(v, 1 - q)),
-                     "unreached": float(np.mean(v == 0))}
+        v = v[~np.isnan(v)]  # undefined draws (best-of-k's level ≥ 1: a method that discovered in every run)
+        # inverted_cdf: order statistics, no interpolation (a draw may be inf: best-of-k cannot reach D = 1 with some p_i = 0)
+        lo, hi = (float(np.quantile(v, q, method="inverted_cdf")), float(np.quantile(v, 1 - q, method="inverted_cdf"))) if v.size else (math.nan, math.nan)
+        out[name] = {"value": value, "lo": lo, "hi": hi, "unreached": float(np.mean(v == 0)) if v.size else math.nan}
     return out
 
 
@@ -143,20 +171,28 @@ def curve_table(method: str, first: np.ndarray, k_max: int) -> pd.DataFrame:
     return pd.DataFrame({"method": method, "k": np.arange(1, k_max + 1), "discovery": d, "lo": lo, "hi": hi, "runs": n})
 
 
-def best_of_k_table(p: float, k_max: int, *, p_trials: Optional[int] = None) -> pd.DataFrame:
-    """Best-of-k's rows ``COLUMNS``. Exact ``p`` (``p_trials=None``): ``lo = hi = D(k)``, ``runs`` 0. Estimated ``p``
-    (``p_trials`` attempts): the curve at the ends of ``p``'s Wilson interval (``D`` is monotone in p)."""
+def best_of_k_table(p: Union[float, Sequence[float]], k_max: int, *, p_trials: Optional[Union[int, Sequence[int]]] = None,
+                    n_boot: int = 2000, seed: int = 0, level_ci: float = 0.95) -> pd.DataFrame:
+    """Best-of-k's rows ``COLUMNS``. Exact ``p`` (``p_trials=None``): ``lo = hi = D(k)``, ``runs`` 0. Estimated ``p_i``
+    (from ``p_trials`` attempts each): a parametric-bootstrap band, the pointwise ``(1 ± level_ci)/2`` quantiles of
+    ``mean_i [1 − (1 − p*_i)^k]`` over ``n_boot`` draws ``p*_i ~ Binomial(p_trials_i, p_i)/p_trials_i`` (the same draws
+    :func:`bootstrap_ratios` makes); ``runs`` the fixed-policy attempts summed over prompts."""
     d = best_of_k(p, k_max)
+    k = np.arange(1, k_max + 1)
     if p_trials is None:
-        return pd.DataFrame({"method": BEST_OF_K, "k": np.arange(1, k_max + 1), "discovery": d, "lo": d, "hi": d, "runs": 0})
-    p_lo, p_hi = wilson_interval(np.array(round(p * p_trials)), p_trials)
-    lo = best_of_k(float(p_lo), k_max) if p_lo > 0 else np.zeros(k_max)
-    return pd.DataFrame({"method": BEST_OF_K, "k": np.arange(1, k_max + 1), "discovery": d, "lo": lo,
-                         "hi": best_of_k(min(float(p_hi), 1 - 1e-12), k_max), "runs": p_trials})
+        return pd.DataFrame({"method": BEST_OF_K, "k": k, "discovery": d, "lo": d, "hi": d, "runs": 0})
+    p_arr = np.atleast_1d(np.asarray(p, dtype=float))
+    trials = np.broadcast_to(np.asarray(p_trials), p_arr.shape)
+    rng = np.random.default_rng(seed)
+    draws = rng.binomial(trials, p_arr, size=(n_boot, p_arr.size)) / trials  # [n_boot, m]
+    curves = -np.expm1(k[None, None, :] * np.log1p(-draws)[:, :, None]).mean(1)  # [n_boot, K]
+    q = (1 - level_ci) / 2
+    return pd.DataFrame({"method": BEST_OF_K, "k": k, "discovery": d, "lo": np.quantile(curves, q, axis=0),
+                         "hi": np.quantile(curves, 1 - q, axis=0), "runs": int(trials.sum())})
 
 
 def plot_discovery(table: pd.DataFrame, *, colors: Optional[Mapping[str, str]] = None, title: str = "",
-                   levels: Sequence[float] = ()) -> plt.Figure:
+                   levels: Sequence[float] = (), ylabel: str = "P(discovered R > τ within k attempts)") -> plt.Figure:
     """Discovery probability vs attempts, one line and 95% band per method (``table``: rows :data:`COLUMNS`), dotted
     horizontal lines at the matched ``levels``. ``colors``: ``{method: colour}`` (default seaborn's "colorblind")."""
     methods = list(dict.fromkeys(table["method"]))
@@ -170,7 +206,7 @@ def plot_discovery(table: pd.DataFrame, *, colors: Optional[Mapping[str, str]] =
     for level in levels:
         ax.axhline(level, color="0.5", linestyle=":", linewidth=1)
     ax.set_xlabel("attempts k (sampled completions)")
-    ax.set_ylabel("P(discovered R > τ within k attempts)")
+    ax.set_ylabel(ylabel)
     ax.set_xlim(1, int(table["k"].max()))
     ax.set_ylim(0, min(1.0, float(table["hi"].max()) * 1.1 + 0.02))
     ax.set_title(title, fontsize=9)
