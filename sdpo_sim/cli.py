@@ -23,6 +23,7 @@ COMMANDS = {
     "claims": "sdpo_sim.commands.claims",
     "promote": "sdpo_sim.commands.promote",
     "testtime": "sdpo_sim.commands.testtime",
+    "variants": "sdpo_sim.commands.variants",
 }
 
 

@@ -54,7 +54,9 @@ CI = ("ci", 95)
 BOOT_SEED = 0  # seaborn's bootstrap of the CIs: fixed, so the same tables give the same figure
 # one colour per method in every figure (seaborn "colorblind"); "hybrid" is the arm when no controller column exists
 ARM_COLORS = {"reinforce": "#0173b2", "grpo": "#de8f05", "sdpo": "#029e73", "hybrid-constant": "#cc78bc",
-              "hybrid-divergence": "#d55e00", "hybrid-entropy": "#ca9161", "hybrid": "#949494"}
+              "hybrid-divergence": "#d55e00", "hybrid-entropy": "#ca9161", "hybrid": "#949494",
+              # the variants study's arms (sdpo_sim.variants_study.ARMS): distinct from the methods above and from each other
+              "blend": "#56b4e9", "srpo": "#ece133", "sc-sdpo": "#fbafe4", "sdpg": "#8c613c", "forward-ce": "#4b0082", "ref-kl": "#dc143c"}
 # one colour per feedback type, in order of richness (seaborn "mako"); distinct from the method colours
 FEEDBACK_COLORS = {"binary": "#332345", "ordinal": "#40498e", "continuous": "#357ba3", "critique": "#38aaac", "demo": "#79d6ae"}
 SPARE_COLORS = ("#fbafe4", "#ece133", "#56b4e9", "#8c613c", "#dc143c", "#4b0082")  # names outside the fixed palettes

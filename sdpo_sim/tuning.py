@@ -4,7 +4,7 @@ A sweep spec's ``tuning`` block::
 
     tuning:
       lr: [0.03, 0.1, 0.3]     # candidates
-      beta: [0.5, 1.0, 2.0]    # optional: candidates of the self-teacher's β, for the methods that distill (sdpo, hybrid)
+      beta: [0.5, 1.0, 2.0]    # optional: candidates of the self-teacher's β, for the methods that distill (sdpo, hybrid, blend, srpo)
       seeds: 4                 # tuning seeds seed_start .. seed_start+seeds-1 ...
       seed_start: 1000         # ... must not overlap any evaluation run's seeds
       criterion: auc           # auc (mean exact reward over the step budget) | final (final exact reward)
@@ -37,6 +37,7 @@ from typing import Any, Mapping, Optional, Sequence
 import pandas as pd
 
 from .core.io import atomic_write_text
+from .core.method import DISTILLING  # the methods whose loss reads the teacher, so β matters (sdpo, hybrid, blend, srpo)
 from .execution import execute
 from .stats import per_seed_metrics, summarize
 from .sweep_spec import expand, validate_points
@@ -46,7 +47,6 @@ CRITERIA = ("auc", "final")
 TUNING_KEYS = ("lr", "beta", "seeds", "seed_start", "criterion", "per", "where", "blocks", "steps", "margin", "alternatives")
 # name -> what it is (for the reports): alternative choices of (lr, β) per group, see alternative_choices()
 ALTERNATIVES = {"other": "the other tuning criterion", "low": "the smallest near-best lr", "high": "the largest near-best lr"}
-DISTILLING = ("sdpo", "hybrid")  # the methods whose loss reads the teacher, so β matters
 
 
 @dataclass
