@@ -197,11 +197,13 @@ def teacher_outputs(trainer, ids: torch.Tensor, mask: torch.Tensor, T: int) -> t
     """The teacher weights of ``trainer`` (a :class:`~llm.trainer.Trainer`; swapped in and out) reading rows ``ids``/``mask``
     ``[b, L]``: outputs ``[b, T, V]`` (or hidden states ``[b, T, H]`` on the fused path) at the last ``T`` positions over the
     temperature, and the teacher's own LM head when it has stored weights (fused path; else ``None``)."""
-    head = trainer.unwrapped.get_output_embeddings().weight if trainer.fused else None
-
     def forward():
         out = completion_outputs(trainer.model, ids, mask, T, hidden=trainer.fused, share_prefix=trainer.share_prefix)
-        return (out, head.detach().clone()) if trainer.fused and trainer.teacher.has_copy else (out, None)
+        if not (trainer.fused and trainer.teacher.has_copy):
+            return out, None
+        # the head as this forward left it: FSDP2 gathers the root unit in the forward, so read before it may be a
+        # DTensor shard (after a reshard, e.g. the reference forward's weight swap)
+        return out, trainer.unwrapped.get_output_embeddings().weight.detach().clone()
 
     terms = trainer.teacher.outputs(trainer.unwrapped, forward)
     # trust_region mixes two outputs with weights (1 − r, r): in float32, so a bfloat16 r·ℓ term is not rounded away

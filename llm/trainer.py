@@ -142,6 +142,13 @@ class Trainer:
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         no_forward_buffer_sync(self.model)
         self.sharded = is_sharded(self.unwrapped)
+        reads_logp = self.method.uses_policy_gradient or self.method.uses_reference or self.training.updates_per_batch > 1
+        if self.sharded and self.fused and reads_logp and self.training.feedback_credit_every > 0:
+            # the fused path's log π(y_t) recomputes LM-head matmuls in backward; the credit's teacher forward, between
+            # the loss and the backward, swaps weights and so reshards that head (a two-rank FSDP2 run crashed)
+            raise ValueError(f"training.feedback_credit_every={self.training.feedback_credit_every} is not available with a sharded "
+                             f"model, the fused loss and a term that reads log π(y_t) (method {self.method.name!r}, ref_beta/ref_anchor "
+                             f"or updates_per_batch > 1): set training.feedback_credit_every: 0 or training.fused_loss: false")
         self.teacher = make_teacher(self.method.teacher_kind, self.method.teacher_rate, self.unwrapped)
         # π_ref = θ_0: LoRA's base without adapters, or a frozen copy (the teacher's when it keeps θ_0); None when off
         self.reference = make_reference(self.method.uses_reference, self.unwrapped, self.teacher, lora=recipe.model.lora is not None)
@@ -241,7 +248,9 @@ class Trainer:
         counts = self._counts(batch) if counts is None else counts
         m, temp, T = self.method, self.method.temperature, batch.completion_ids.shape[1]
         max_len = self.training.max_new_tokens
-        head = self.unwrapped.get_output_embeddings().weight if self.fused else None
+        # π_ref first (normally done by step's pre-pass): its weight swap reshards an FSDP2 model, which must not
+        # happen while this loss holds the gathered LM head
+        ref_logp = batch.ref_logp if batch.ref_logp is not None or not m.uses_reference else self.reference_logprobs(batch)
         stats: dict[str, Any] = {}
         teacher_out = teacher_head = None
         if self.method.distills:  # the teacher reads its context, then the same completion; its weights are swapped in and out
@@ -254,6 +263,8 @@ class Trainer:
                 teacher_out, teacher_head = teacher_outputs(self, *select_rows(batch.teacher_input_ids, batch.teacher_attention_mask, rows), T)
         student_out = completion_outputs(self.model, batch.input_ids, batch.attention_mask, T, hidden=self.fused,
                                          share_prefix=self.share_prefix) / temp
+        # the LM head as the student's forward left it (FSDP2: gathered; a reshard before it would leave a DTensor shard)
+        head = self.unwrapped.get_output_embeddings().weight if self.fused else None
         if self.method.distills and rows.numel() < student_out.shape[0]:  # rows the teacher skipped: the student's own outputs
             own = student_out.detach().to(teacher_out.dtype if rows.numel() else student_out.dtype)  # float32 trust-region mix
             teacher_out = own.index_copy(0, rows, teacher_out) if rows.numel() else own
@@ -294,7 +305,6 @@ class Trainer:
             terms_loss["pg"] = pg * self._share(self._count(pg_mask), counts["pg"])
         if m.uses_reference:  # docs/variants.md §4 (anchor), §6 (KL): the core's terms over the policy-gradient's tokens
             ref_mask = comp_mask * batch.judged.unsqueeze(-1)
-            ref_logp = batch.ref_logp if batch.ref_logp is not None else self.reference_logprobs(batch)
             ref = reference_loss(logp, ref_logp, ref_mask, m, max_len=max_len, old_logp=batch.old_logp)
             ref_share = self._share(self._count(ref_mask), counts["ref"])
             k3 = reference_kl(logp.detach(), ref_logp, bias_correction=False)  # the `kl` metric: KL(π_θ‖π_ref) in expectation

@@ -388,7 +388,8 @@ def test_fsdp2_reference_terms_match_a_single_process(tmp_path):
     process following its weights (the harness of test_llm_distributed)."""
     model_dir = build_tiny(tmp_path / "tiny", hidden_size=32, num_layers=2, seed=4)
     common = dict(training__steps=2, training__prompts_per_step=4, training__learning_rate=3e-2, training__fused_loss=True,
-                  method__teacher_kind="ema", method__teacher_rate=0.2, method__ref_beta=0.5, method__ref_anchor=0.2)
+                  method__teacher_kind="ema", method__teacher_rate=0.2, method__ref_beta=0.5, method__ref_anchor=0.2,
+                  training__feedback_credit_every=0)  # see docs/variants.md: the credit's reshard before the backward
     tiny_recipe(model_dir, tmp_path / "sharded", **common).save(tmp_path / "sharded.yaml")
     _run("fsdp2_cpu_run.py", [str(tmp_path / "sharded.yaml"), "--keep", str(tmp_path / "kept")], tmp_path)
     sharded = metrics_rows(tmp_path / "sharded")
