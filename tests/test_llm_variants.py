@@ -16,7 +16,7 @@ from test_llm_distributed import _follow_and_compare, _run
 from transformers import AutoModelForCausalLM
 
 from llm.losses import token_logprobs
-from llm.memory_plan import memory_plan
+from llm.memory_plan import format_plan, memory_plan
 from llm.models import completion_outputs, teacher_outputs
 from llm.recipe import LLM_UNWIRED_VARIANTS
 from llm.rollout import completion_variants
@@ -358,6 +358,8 @@ def test_no_reference_copy_exists_unless_a_reference_term_is_on(tiny_dir, tmp_pa
     for trainer, copies in ((off, 0), (own, 1), (shared, 0), (lora, 0)):
         plan = memory_plan(trainer.recipe, gpus_per_node=1, gpu_memory_gb=80, strategy="single", device="cpu")
         assert plan["reference_gb"] == pytest.approx(copies * plan["teacher_gb"], rel=1e-12)
+        assert ("reference_forward" in plan["phases"]) == trainer.method.uses_reference  # its no-gradient forward
+        assert ("\n    reference  " in format_plan(plan)) == bool(copies)  # a held line only for a copy
     assert LLM_UNWIRED_VARIANTS == ()  # nothing of docs/variants.md is refused any more
 
 
