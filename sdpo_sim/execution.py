@@ -321,15 +321,23 @@ def ray_connect(backend: RayBackend, workers: int) -> bool:
         ray.shutdown()
         _ray_session.clear()
     kwargs = dict(log_to_driver=False, include_dashboard=False, configure_logging=True, logging_level="warning")
-    try:
-        if backend.address is None:
+    if backend.address is None:
+        try:
             ray.init(address="local", num_cpus=workers, **kwargs)  # "local": a new cluster, never one found running here
-        else:
+        except Exception as err:  # Ray raises a bare Exception when its raylet misses its 30 s start-up window (an overloaded machine)
+            raise OSError(f"Ray could not start a local cluster: {_first_line(err)}") from None
+    else:
+        try:
             ray.init(address=backend.address, **kwargs)
-    except (ConnectionError, RuntimeError) as err:
-        raise ValueError(f"cannot connect to the Ray cluster at {backend.address!r}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        except (ConnectionError, RuntimeError) as err:
+            raise ValueError(f"cannot connect to the Ray cluster at {backend.address!r}: {_first_line(err)}") from None
     _ray_session.update(key=key, started=backend.address is None)
     return _ray_session["started"]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def ray_disconnect() -> None:
@@ -442,8 +450,10 @@ def _execute_ray(programs: Sequence[Sequence[Planned]], runs_dir: Path, run_fn: 
             try:
                 results = ray.get(done[0])
             except ray.exceptions.RayError as err:  # the worker or its node died, more often than max_retries allows
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                results = _record_lost(owner[done[0]], runs_dir, meta, f"Ray task failed after {backend.max_retries} retries: {type(err).__name__}: {reason}")
+                results = _record_lost(owner[done[0]], runs_dir, meta, f"Ray task failed after {backend.max_retries} retries: {type(err).__name__}: {_first_line(err)}")
+                for res in results:  # the dead worker could not say so in the run's log
+                    with open(runs_dir / f"{res['run_id']}.log", "a", encoding="utf-8") as log:
+                        log.write(_log_line(f"failed: {res['error']}"))
             for res in results:
                 record(res)
         remove_stale_temporaries(runs_dir)  # left by a worker killed mid-write (its task was retried or its runs failed)

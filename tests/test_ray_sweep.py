@@ -100,6 +100,19 @@ def can_unshare() -> bool:
     return shutil.which("unshare") is not None and subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
 
 
+def start(groups: list, cmd: list, env: dict) -> None:
+    """Run a `ray start` command in a process group of its own (appended to ``groups``); once more if it fails: Ray gives
+    a raylet 30 s to register, which an overloaded shared machine can miss."""
+    for attempt in range(2):
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        groups.append(proc.pid)
+        out, _ = proc.communicate(timeout=DEADLINE_S)
+        if proc.returncode == 0:
+            return
+        stop_group(proc.pid)
+    pytest.fail(f"`{' '.join(cmd)}` failed twice: {out[-2000:]}")
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """A head node (1 CPU) and a worker node (1 CPU) on loopback, each in its own process group, stopped after the
@@ -114,21 +127,14 @@ def cluster(tmp_path_factory):
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats"]
     groups = []
     try:
-        head = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
-                                env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        groups.append(head.pid)
-        out, _ = head.communicate(timeout=DEADLINE_S)
-        assert head.returncode == 0, out
+        start(groups, [str(BIN / "ray"), "start", "--head", f"--port={port}", "--include-dashboard=false", *common], env)
         worker_cmd = [str(BIN / "ray"), "start", f"--address={address}", *common]
         readonly = can_unshare()
         if readonly:  # the worker node sees <base>/readonly read-only (the same files, no writes)
             ro = str(base / "readonly")
             script = f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && exec " + " ".join(worker_cmd)
             worker_cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c", script]
-        worker = subprocess.Popen(worker_cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        groups.append(worker.pid)
-        out, _ = worker.communicate(timeout=DEADLINE_S)
-        assert worker.returncode == 0, out
+        start(groups, worker_cmd, env)
         ray.init(address=address, log_to_driver=False, logging_level="warning")
         wait_for(lambda: len([n for n in ray.nodes() if n["Alive"]]) == 2, "both nodes alive")
         ray.shutdown()
@@ -216,6 +222,7 @@ def test_a_worker_killed_with_no_retries_left_fails_its_run_with_the_reason_and_
     assert [f["run_id"] for f in result.failed] == [rid] and result.counts["ok"] == 2
     rec = records(out)[rid]
     assert rec["status"] == "failed" and rec["error"].startswith("Ray task failed after 0 retries:") and "Error" in rec["error"], rec["error"]
+    assert (out / "runs" / f"{rid}.log").read_text().splitlines()[-1].endswith(rec["error"])  # the reason in its log too
     again = sweep(KILL_SPEC, out, workers=2, backend=RayBackend(address=address))
     assert again.failed == [] and again.counts == {"total": 3, "skipped": 2, "ok": 1, "failed": []}
     _exactly_once(out, KILL_SPEC)
