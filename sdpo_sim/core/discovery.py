@@ -13,6 +13,7 @@ linear interpolation between integer ``k`` (continuous in ``L``); best-of-k's is
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Mapping, Optional, Sequence, Union
 
 import matplotlib
@@ -209,7 +210,7 @@ def plot_discovery(table: pd.DataFrame, *, colors: Optional[Mapping[str, str]] =
     ax.set_ylabel(ylabel)
     ax.set_xlim(1, int(table["k"].max()))
     ax.set_ylim(0, min(1.0, float(table["hi"].max()) * 1.1 + 0.02))
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 90)), fontsize=9)
     ax.legend(title="method (95% CI band)")
     fig.tight_layout()
     return fig
