@@ -24,6 +24,7 @@ COMMANDS = {
     "promote": "sdpo_sim.commands.promote",
     "testtime": "sdpo_sim.commands.testtime",
     "variants": "sdpo_sim.commands.variants",
+    "calibrate": "sdpo_sim.commands.calibrate",
 }
 
 

@@ -20,13 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import pandas as pd
-import yaml
+import matplotlib
 
-from .core.io import atomic_write_text, check_output_file, read_yaml_file
-from .stats import bootstrap_ci
-from .tables import load_tables
-from .train import RunConfig
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from .calibration import LLM_TO_TOY, calibrated_rho  # noqa: E402
+from .core.io import atomic_write_text, check_output_file, read_yaml_file  # noqa: E402
+from .plots import FEEDBACK_COLORS, save_figure  # noqa: E402
+from .stats import bootstrap_ci  # noqa: E402
+from .tables import load_tables  # noqa: E402
+from .train import RunConfig, run  # noqa: E402
 
 METRICS = ("final_reward", "auc")
 NOT_IN_LLM = ("oracle", "seed-paper", "null")
@@ -46,6 +52,55 @@ TOY_ONLY = {
     "updates_per_batch": "rollout reuse of the toy loop; the recipe's counterpart, training.updates_per_batch, is not copied",
 }
 DEFAULT_RECIPE = "recipes/tiny-cpu.yaml"  # inside the llm package (pyproject: [tool.setuptools.package-data] llm)
+DEFAULT_CALIBRATION = Path(__file__).resolve().parent.parent / "CALIBRATION.json"  # the committed study, in a source checkout
+PREDICTION_FILES = ("-predicted-curve.csv", "-predicted-curve.png", "-agreement.json")  # written beside the recipe: STEM + these
+
+
+def default_calibration() -> Optional[Path]:
+    """The committed ``CALIBRATION.json`` of the source checkout, or None where there is none (an installed wheel)."""
+    return DEFAULT_CALIBRATION if DEFAULT_CALIBRATION.is_file() else None
+
+
+def read_calibration(path: Union[str, Path]) -> dict:
+    """A ``sdpo-sim calibrate`` JSON file (CALIBRATION.json), checked to hold a per-channel fit."""
+    try:
+        payload = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"--calibration {str(path)!r} does not exist; give a CALIBRATION.json written by `sdpo-sim calibrate` (or none)") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--calibration {str(path)!r} is not readable JSON ({err}); give a CALIBRATION.json written by `sdpo-sim calibrate`") from None
+    rows = payload.get("fit", {}).get("per_channel") if isinstance(payload, dict) and isinstance(payload.get("fit"), dict) else None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"channel", "step", "truth", "status"} <= set(r) for r in rows):
+        raise ValueError(f"--calibration {str(path)!r} has no fit.per_channel list (channel, step, truth, status); is it sdpo-sim calibrate's JSON?")
+    return payload
+
+
+def predicted_curve(config: dict, rho: float, steps: int) -> pd.DataFrame:
+    """The toy world's learning curve of ``config`` at self-knowledge ``rho`` over ``steps`` steps: per evaluated step the
+    mean exact reward and per-token entropy over the config's seeds with percentile-bootstrap 95% CIs
+    (:func:`sdpo_sim.stats.bootstrap_ci`)."""
+    cfg = RunConfig.from_dict({**config, "rho": float(rho), "steps": int(steps), "eval_every": max(1, int(steps) // 50)})
+    h = run(cfg).history
+    rows = []
+    for step, g in h.groupby("step"):
+        r, e = bootstrap_ci(g["reward"], n_boot=1000), bootstrap_ci(g["entropy"], n_boot=1000)
+        rows.append({"step": int(step), "reward": r[0], "reward_lo": r[1], "reward_hi": r[2], "entropy": e[0], "entropy_lo": e[1],
+                     "entropy_hi": e[2], "rho": float(rho), "feedback": cfg.feedback, "seeds": cfg.seeds})
+    return pd.DataFrame(rows)
+
+
+def fig_predicted(curve: pd.DataFrame, title: str) -> plt.Figure:
+    """Predicted reward and entropy against the step, mean and 95% CI band over seeds."""
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.2))
+    colour = FEEDBACK_COLORS.get(str(curve.feedback.iloc[0]), "#029e73")
+    for ax, what, label in zip(axes, ("reward", "entropy"), ("exact reward (toy world)", "per-token entropy (nats)")):
+        ax.plot(curve.step, curve[what], color=colour)
+        ax.fill_between(curve.step, curve[f"{what}_lo"], curve[f"{what}_hi"], color=colour, alpha=0.25)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def default_base() -> Path:
@@ -72,6 +127,7 @@ class Promotion:
     candidates: pd.DataFrame  # every configuration with its scores, ranked
     not_transferred: list  # (setting, toy value, recipe value / note)
     rule: str
+    prediction: Optional[dict] = None  # with a calibration: the channel, ρ, its status, the curve and the files written
 
 
 def candidates(seeds: pd.DataFrame, metric: str = "final_reward") -> pd.DataFrame:
@@ -143,13 +199,18 @@ def _absolute_spec(spec: str) -> str:
 def promote(sweep_dir: Union[str, Path], *, base: Optional[Union[str, Path]] = None, out: Optional[Union[str, Path]] = None,
             entropy_floor: float = 0.5, metric: str = "final_reward", method: Optional[str] = None,
             dataset: Optional[str] = None, reward_funcs: Sequence[str] = (), reward_weights: Optional[Sequence[float]] = None,
-            eval_dataset: Optional[str] = None) -> Promotion:
+            eval_dataset: Optional[str] = None, calibration: Optional[Union[str, Path]] = None) -> Promotion:
     """Select a configuration from a sweep and build (and optionally write) the LLM recipe.
 
     With ``dataset`` and ``reward_funcs`` the recipe runs on the user's task (``task.dataset``, ``task.reward_funcs``,
     ``task.reward_weights``, ``task.eval_dataset``; paths written absolute so the recipe runs from any directory).
     Checked in this order, before anything is written: the sweep directory, the user task, the base recipe (``None``:
-    :func:`default_base`), the output path, the rule."""
+    :func:`default_base`), the output path, the rule, the calibration.
+
+    With ``calibration`` (a ``sdpo-sim calibrate`` JSON, e.g. the committed CALIBRATION.json) the chosen configuration is
+    simulated at the calibrated ρ of its feedback channel for the recipe's ``training.steps`` and, beside the recipe
+    (``STEM`` + :data:`PREDICTION_FILES`), the predicted curve (CSV, PNG) and the measured toy-vs-LLM agreement (JSON)
+    are written. The channel must be calibrated (else ValueError, before anything is written)."""
     tables = load_tables(sweep_dir)
     check_user_task(dataset, list(reward_funcs), reward_weights, eval_dataset)
     base = default_base() if base is None else Path(base)
@@ -159,6 +220,13 @@ def promote(sweep_dir: Union[str, Path], *, base: Optional[Union[str, Path]] = N
     if out is not None:
         check_output_file(out, "recipe output file")
     chosen, table, rule = select(tables["seeds"], entropy_floor=entropy_floor, metric=metric, method=method)
+    cal = rho_status = None
+    if calibration is not None:
+        cal = read_calibration(calibration)
+        rho, rho_status = calibrated_rho(cal, chosen.get("feedback", "continuous"))
+        if out is not None:
+            for suffix in PREDICTION_FILES:
+                check_output_file(Path(out).with_name(Path(out).stem + suffix), "prediction file")
     method_block = RunConfig.from_dict(chosen).method.to_dict()
     recipe = {**recipe, "method": method_block}
     notes = []
@@ -183,4 +251,28 @@ def promote(sweep_dir: Union[str, Path], *, base: Optional[Union[str, Path]] = N
                   f"# Toy-world result: {metric} {table[table.eligible].iloc[0][metric]:.3f}, final entropy {table[table.eligible].iloc[0]['entropy']:.3f} nats.\n"
                   f"# The method block is exactly the chosen MethodConfig; the learning rate does not transfer (see the command's output).\n")
         atomic_write_text(out, header + yaml.safe_dump(recipe, sort_keys=False))
-    return Promotion(recipe, chosen, table, notes, rule)
+    prediction = None
+    if cal is not None:
+        steps = int(training.get("steps") or chosen.get("steps") or 300)
+        curve = predicted_curve(chosen, rho, steps)
+        toy_channel = chosen.get("feedback", "continuous")
+        llm_channel = {v: k for k, v in LLM_TO_TOY.items()}.get(toy_channel, toy_channel)
+        trust = {"channel": llm_channel, "rho": rho, "rho_status": rho_status, "calibration": str(calibration),
+                 "calibration_scale": cal.get("scale"), "steps": steps,
+                 "agreement": {k: cal["transfer"][k] for k in ("kendall", "signs", "steps", "llm_points", "llm_seeds_per_point")
+                               if k in cal["transfer"]} if "transfer" in cal else None,
+                 "how_to_read": "kendall: rank agreement (Kendall tau, 95% CI) of the toy world's and the tiny LLM's means over the "
+                                "calibration grid; signs: how many method differences (sdpo-grpo, hybrid-grpo, sdpo-hybrid per channel x noise) "
+                                "had the same sign in both worlds. Near 0 or negative: do not trust the predicted curve's ranking.",
+                 "note": "the toy world's learning rate, world size and reward scale do not transfer: read the curve's shape and the "
+                         "ranking, not its numbers"}
+        prediction = {**trust, "curve": curve}
+        if out is not None:
+            stem = Path(out).with_name(Path(out).stem)
+            atomic_write_text(stem.with_name(stem.name + PREDICTION_FILES[0]), curve.to_csv(index=False))
+            title = f"toy world's prediction: {chosen['method']} on {toy_channel} at ρ = {rho:g} ({rho_status}), {curve.seeds.iloc[0]} seeds"
+            save_figure(fig_predicted(curve, title), stem.with_name(stem.name + "-predicted-curve"))
+            stem.with_name(stem.name + "-predicted-curve.svg").unlink(missing_ok=True)  # the PNG is the file promised
+            atomic_write_text(stem.with_name(stem.name + PREDICTION_FILES[2]), json.dumps(trust, indent=2) + "\n")
+            prediction["files"] = [str(stem.with_name(stem.name + s)) for s in PREDICTION_FILES]
+    return Promotion(recipe, chosen, table, notes, rule, prediction)

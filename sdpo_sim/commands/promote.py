@@ -23,6 +23,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dataset", default=None, help="your prompts (.jsonl/.json, .parquet, .csv or a save_to_disk directory with a prompt column): the recipe trains on them")
     p.add_argument("--reward-funcs", nargs="+", default=[], metavar="SPEC", help="your reward functions: module:function, path/to/file.py:function or a model directory (with --dataset)")
     p.add_argument("--reward-weights", nargs="+", type=float, default=None, metavar="W", help="one weight > 0 per reward function (default: equal)")
+    p.add_argument("--calibration", default=None, metavar="FILE|none",
+                   help="a `sdpo-sim calibrate` JSON: simulate the chosen config at its channel's calibrated ρ and write the predicted "
+                        "curve (CSV, PNG) and the measured toy-vs-LLM agreement beside the recipe (default: the committed CALIBRATION.json "
+                        "if present; none: skip)")
     p.add_argument("--eval-dataset", default=None, help="held-out prompts for training.eval_steps (same formats as --dataset)")
     p.set_defaults(func=main)
 
@@ -30,11 +34,13 @@ def add_parser(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..promote import promote
+    from ..promote import default_calibration, promote
 
     out = Path(args.out or Path(args.sweep) / "promoted-recipe.yaml")
+    calibration = None if args.calibration == "none" else (args.calibration or default_calibration())
     res = promote(args.sweep, base=args.base, out=out, entropy_floor=args.entropy_floor, metric=args.metric, method=args.method,
-                  dataset=args.dataset, reward_funcs=args.reward_funcs, reward_weights=args.reward_weights, eval_dataset=args.eval_dataset)
+                  dataset=args.dataset, reward_funcs=args.reward_funcs, reward_weights=args.reward_weights, eval_dataset=args.eval_dataset,
+                  calibration=calibration)
     cols = ["method", "feedback", "teacher", "controller", args.metric, "entropy", "n", "eligible"]
     print(f"rule: {res.rule}\n")
     print(res.candidates[cols].head(args.top).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -46,5 +52,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {name} = {value!r}: {why}")
     if args.dataset is not None:
         print(f"\ntask: your dataset {res.recipe['task']['dataset']} with reward functions {', '.join(res.recipe['task']['reward_funcs'])}")
+    if res.prediction is not None:
+        pr = res.prediction
+        print(f"\nexpect (toy world at the calibrated ρ = {pr['rho']:g} of {pr['channel']}, {pr['rho_status']}): reward "
+              f"{pr['curve'].reward.iloc[0]:.3f} → {pr['curve'].reward.iloc[-1]:.3f} over {pr['steps']} steps")
+        for k in (pr["agreement"] or {}).get("kendall", []):
+            print(f"  measured toy-vs-LLM rank agreement, {k['metric']}: Kendall τ {k['tau']:+.2f} [{k['ci_lo']:+.2f}, {k['ci_hi']:+.2f}]")
+        for f in pr.get("files", []):
+            print(f"  wrote {f}")
     print(f"\nwrote {out}")
     return 0
