@@ -135,7 +135,8 @@ def run_study(credit_truth: Union[str, Path], out: Union[str, Path], *, llm_grid
         for ch in sorted(set(grid_long.feedback)):
             rho_of[ch] = cal.calibrated_rho({"fit": fitted}, ch)[0]
         K = int(grid_long.step.max())
-        toy_long = transfer.simulate(grid_long, blocks, rho_of, steps=K, seeds=grid_seeds, task_seeds=grid_tasks, progress=progress)
+        toy_long = transfer.simulate(grid_long, blocks, rho_of, steps=K, seeds=grid_seeds, task_seeds=grid_tasks, progress=progress,
+                                      vocab_size=config.vocab_size, seq_len=config.seq_len)
         llm_seeds = transfer.per_seed(grid_long, range(1, K + 1))
         toy_seeds = transfer.per_seed(toy_long, range(0, K))
         result = transfer.agreement(llm_seeds, toy_seeds, n_boot=n_boot)

@@ -70,14 +70,16 @@ def toy_config(method_block: Mapping, feedback: str, noise: float, rho: float, *
 
 
 def simulate(points: pd.DataFrame, blocks: Mapping[str, Mapping], rho_of: Mapping[str, float], *, steps: int, seeds: int = 8,
-             task_seeds: int = 2, progress: bool = True) -> pd.DataFrame:
+             task_seeds: int = 2, progress: bool = True, **world) -> pd.DataFrame:
     """Toy learning curves of each ``(method, feedback, noise)`` of ``points``: long table like :func:`read_llm_grid`'s with
-    ``task_seed`` (exact reward and per-token entropy at steps 0…steps)."""
+    ``task_seed`` (exact reward and per-token entropy at steps 0…steps). ``world``: RunConfig fields (vocab_size, seq_len,
+    batch_size, ...); without ``batch_size`` a batch holds 8 groups of the method block's ``num_generations``."""
     rows = []
     keys = points[list(POINT)].drop_duplicates().itertuples(index=False)
     for method, feedback, noise in tqdm(list(keys), desc="toy grid", unit="point", disable=not progress):
         for task_seed in range(task_seeds):
-            cfg = toy_config(blocks[method], feedback, noise, rho_of[feedback], steps=steps, eval_every=1, seeds=seeds, task_seed=task_seed)
+            size = {"batch_size": 8 * int(blocks[method].get("num_generations", 4)), **world}
+            cfg = toy_config(blocks[method], feedback, noise, rho_of[feedback], steps=steps, eval_every=1, seeds=seeds, task_seed=task_seed, **size)
             h = run(cfg).history
             rows.append(pd.DataFrame({"method": method, "feedback": feedback, "noise": float(noise), "task_seed": task_seed,
                                       "seed": h["seed"].to_numpy(), "step": h["step"].to_numpy(), "reward": h["reward"].to_numpy(),

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
 from sdpo_sim.core.method import MethodConfig
 from sdpo_sim.promote import promote
 from sdpo_sim.sweep import Spec, run_sweep
-from sdpo_sim.train import RunConfig
+from sdpo_sim.train import RunConfig, run
 
 BASE = {"model": {"path": "m"}, "task": {"name": "t", "feedback": "binary", "noise": 0.0},
         "method": {"name": "grpo"}, "training": {"learning_rate": 1e-5, "steps": 3}}
@@ -94,3 +100,47 @@ def test_promote_refuses_a_user_task_that_cannot_run_and_writes_nothing(sweep_di
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         promote(sweep_dir / "sweep", base=sweep_dir / "base.yaml", out=tmp_path / "r.yaml", entropy_floor=0.0, **kwargs)
     assert not (tmp_path / "r.yaml").exists()
+
+
+def _calibration(tmp_path, channel="critique", status="ok", rho=0.3, name="cal.json"):
+    payload = {"scale": "test", "fit": {"per_channel": [{"channel": channel, "step": 0, "truth": "counterfactual", "status": status,
+                                                          "rho_hat": rho if status == "ok" else None, "nearest_rho": 0.0}]},
+               "transfer": {"kendall": [{"metric": "auc", "tau": 0.5, "ci_lo": 0.1, "ci_hi": 0.8, "points": 24}],
+                            "signs": [{"metric": "auc", "agree": 5, "pairs": 24}], "steps": 10}}
+    path = tmp_path / name
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def test_promote_with_a_calibration_writes_the_predicted_curve_and_the_agreement(sweep_dir, tmp_path):
+    out = tmp_path / "recipe.yaml"
+    res = promote(sweep_dir / "sweep", base=sweep_dir / "base.yaml", out=out, entropy_floor=0.0, calibration=_calibration(tmp_path))
+    curve = pd.read_csv(tmp_path / "recipe-predicted-curve.csv")
+    assert list(curve.step) == [0, 1, 2, 3]  # the base recipe's training.steps = 3, every step evaluated
+    assert (curve.reward_lo <= curve.reward).all() and (curve.reward <= curve.reward_hi).all() and set(curve.rho) == {0.3}
+    assert (tmp_path / "recipe-predicted-curve.png").stat().st_size > 0
+    trust = json.loads((tmp_path / "recipe-agreement.json").read_text())
+    assert trust["channel"] == "critique" and trust["rho"] == 0.3 and trust["agreement"]["kendall"][0]["tau"] == 0.5
+    # the curve is the toy run of the chosen config at ρ = 0.3 for 3 steps, on the chosen config's seeds
+    want = run(RunConfig.from_dict({**res.chosen, "rho": 0.3, "steps": 3, "eval_every": 1})).history
+    np.testing.assert_allclose(curve.reward, want.groupby("step").reward.mean().to_numpy(), rtol=0, atol=1e-12)
+
+
+def test_a_below_range_channel_uses_the_nearest_toy_teacher_and_says_so(sweep_dir, tmp_path):
+    res = promote(sweep_dir / "sweep", base=sweep_dir / "base.yaml", entropy_floor=0.0, calibration=_calibration(tmp_path, status="below"))
+    assert res.prediction["rho"] == 0.0 and res.prediction["rho_status"].startswith("below")
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda p: p / "missing.json", "does not exist"),
+    (lambda p: (p / "bad.json").write_text("{") and p / "bad.json", "not readable JSON"),
+    (lambda p: (p / "nofit.json").write_text("{}") and p / "nofit.json", "fit.per_channel"),
+    (lambda p: _calibration(p, channel="binary"), "not calibrated"),
+    (lambda p: _calibration(p, status="not identifiable"), "no calibrated"),
+])
+def test_bad_calibrations_exit_2_with_one_line_and_write_nothing(sweep_dir, tmp_path, make, says):
+    cal, out = make(tmp_path), tmp_path / "r.yaml"
+    proc = subprocess.run([sys.executable, "-m", "sdpo_sim", "promote", str(sweep_dir / "sweep"), "--base", str(sweep_dir / "base.yaml"),
+                           "--out", str(out), "--entropy-floor", "0", "--calibration", str(cal)], capture_output=True, text=True)
+    assert proc.returncode == 2 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not out.exists() and not list(tmp_path.glob("r-*"))
