@@ -39,12 +39,7 @@ def main(args: argparse.Namespace) -> int:
                      figures=args.draw_figures)
     for c in res["claims"]:
         print(f"{c.id:4s} {c.verdict:36s} {c.statement}")
-    print(f"report: {res['markdown']}  {res['json']}")
-    if res["figures"]:
-        print(f"figures: {next(iter(res['figures'].values()))[0].parent}/ ({', '.join(sorted(res['figures']))})")
-    print(f"wall time: {res['wall_time_s']:.0f} s with {args.workers} worker(s)")
-    if res["sweep"].failed:
-        print(res["sweep"].report())
+    print_outcome(res, args.workers)
     if args.record_walltime:
         atomic_write_text(args.record_walltime, json.dumps(walltime_record(args, res), indent=1) + "\n")
     return 1 if res["sweep"].failed else 0
@@ -75,3 +70,14 @@ def walltime_record(args: argparse.Namespace, res: dict) -> dict:
                 "load_average_1m_at_end": round(os.getloadavg()[0], 2)}
     return {"name": Path(args.record_walltime).stem, "title": "The claims report: wall time of `sdpo-sim claims`", "settings": settings,
             "figures": [figure], "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "wall_time_s": wall}
+
+
+def print_outcome(res: dict, workers: int) -> None:
+    """The lines a report job (claims, variants) prints after its verdicts: where the report and figures went, the
+    wall time, and the sweep's failures."""
+    print(f"report: {res['markdown']}  {res['json']}")
+    if res["figures"]:
+        print(f"figures: {next(iter(res['figures'].values()))[0].parent}/ ({', '.join(sorted(res['figures']))})")
+    print(f"wall time: {res['wall_time_s']:.0f} s with {workers} worker(s)")
+    if res["sweep"].failed:
+        print(res["sweep"].report())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .claims import print_outcome
 from .sweep import add_workers, backend_of
 
 
@@ -31,10 +32,5 @@ def main(args: argparse.Namespace) -> int:
                        figures=args.draw_figures)
     for v in res["study"].verdicts:
         print(f"{v.arm:11s} {v.verdict:36s} {v.robustness}")
-    print(f"report: {res['markdown']}  {res['json']}")
-    if res["figures"]:
-        print(f"figures: {next(iter(res['figures'].values()))[0].parent}/ ({', '.join(sorted(res['figures']))})")
-    print(f"wall time: {res['wall_time_s']:.0f} s with {args.workers} worker(s)")
-    if res["sweep"].failed:
-        print(res["sweep"].report())
+    print_outcome(res, args.workers)
     return 1 if res["sweep"].failed else 0
