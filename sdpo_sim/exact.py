@@ -198,11 +198,20 @@ def chain_tables(rewards: torch.Tensor, conditionals: torch.Tensor, markov: bool
             return table.reshape(table.shape[0], -1, V, V), conditionals[:, k].unsqueeze(1)  # [., V**(k-1), c, v], [R, 1, c, v]
         return table.reshape(table.shape[0], -1, V), conditionals[:, k, :1]  # [., V**k, v], [R, 1, v]
 
-    values = [rewards.unsqueeze(0)]
-    for k in range(T - 1, -1, -1):
+    # The last position first. R is shared by all runs, so Q_{T−1}(p) = Σ_v π(v | ctx(p))·R(p·v) is a matrix product
+    # per run, never a [runs, V**T] table of products; the calls have the same shapes for every run, so a run's bits do
+    # not depend on how many runs share the tensor (a product over the runs axis would). Shallower levels are V× smaller.
+    if markov and T >= 2:
+        table = rewards.view(-1, V, V).transpose(0, 1).contiguous()  # [c, V**(T−2), v]
+        last = torch.stack([torch.bmm(table, pi.unsqueeze(-1)).squeeze(-1).T for pi in conditionals[:, T - 1]])  # [R, a, c]
+    else:
+        table = rewards.view(-1, V)  # [V**(T−1), v]
+        last = torch.stack([table @ pi for pi in conditionals[:, T - 1, 0]])  # [R, V**(T−1)]
+    values = [last.reshape(runs, -1)]
+    for k in range(T - 2, -1, -1):
         q, pi = step(values[0], k)
         values.insert(0, (q * pi).sum(-1).reshape(runs, -1))
-    values[-1] = values[-1].expand(runs, -1)
+    values.append(rewards.unsqueeze(0).expand(runs, -1))
     masses = [torch.ones(runs, 1, dtype=conditionals.dtype)]
     for k in range(T if full_masses else T - 1):
         last = masses[-1]
@@ -235,8 +244,13 @@ def chain_gradient(masses: list[torch.Tensor], values: list[torch.Tensor], condi
     for t in range(T):
         if markov and t >= 1:
             P = masses[t].view(runs, -1, V)  # [R, V**(t−1), c]
-            q_next, q_here = values[t + 1].view(runs, -1, V, V), values[t].view(runs, -1, V)
-            grad[:, t] = conditionals[:, t] * (torch.einsum("rac,racv->rcv", P, q_next) - (P * q_here).sum(1).unsqueeze(-1))
+            q_here = values[t].view(runs, -1, V)
+            if t == T - 1 and (runs == 1 or values[T].stride(0) == 0):  # Q_T = R, shared: a product per run (see chain_tables)
+                table = values[T][0].view(-1, V, V).transpose(0, 1)  # [c, V**(t−1), v]
+                weighted = torch.stack([torch.bmm(p.T.unsqueeze(1), table).squeeze(1) for p in P])  # [R, c, v]
+            else:
+                weighted = torch.einsum("rac,racv->rcv", P, values[t + 1].view(runs, -1, V, V))
+            grad[:, t] = conditionals[:, t] * (weighted - (P * q_here).sum(1).unsqueeze(-1))
         else:
             P, q_next, q_here = masses[t].view(runs, -1), values[t + 1].view(runs, -1, V), values[t].view(runs, -1)
             grad[:, t, 0] = conditionals[:, t, 0] * (torch.einsum("ra,rav->rv", P, q_next) - (P * q_here).sum(1, keepdim=True))

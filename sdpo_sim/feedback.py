@@ -74,9 +74,10 @@ class Judge:
         base = sequence_index(sequences, V).unsqueeze(-1) - sequences * place  # index with y_t removed, [..., T]
         return base.unsqueeze(-1) + torch.arange(V) * place.unsqueeze(-1)
 
-    def contributions(self, sequences: torch.Tensor) -> torch.Tensor:
-        """``c_t(v; y) = R(y with y_t := v) − mean_v' R(y with y_t := v')``, ``[..., T] → [..., T, V]``."""
-        r = self.task.rewards[self.swapped_index(sequences)]
+    def contributions(self, sequences: torch.Tensor, swapped: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``c_t(v; y) = R(y with y_t := v) − mean_v' R(y with y_t := v')``, ``[..., T] → [..., T, V]``
+        (``swapped``: ``swapped_index(sequences)`` if the caller has it already)."""
+        r = self.task.rewards.take(self.swapped_index(sequences) if swapped is None else swapped)
         return r - r.mean(-1, keepdim=True)
 
     def __call__(

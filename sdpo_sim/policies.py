@@ -33,21 +33,24 @@ class TabularPolicy:
         return torch.cat([torch.zeros_like(sequences[..., :1]), sequences[..., :-1]], dim=-1)
 
     def logits(self, theta: torch.Tensor, sequences: torch.Tensor) -> torch.Tensor:
-        """Per-position logits of given sequences ``[runs, B, T]`` → ``[runs, B, T, V]`` (differentiable)."""
-        runs = torch.arange(theta.shape[0]).view(-1, 1, 1)
-        pos = torch.arange(self.seq_len).view(1, 1, -1)
-        return theta[runs, pos, self.contexts(sequences)] / self.temperature
+        """Per-position logits of given sequences ``[runs, B, T]`` → ``[runs, B, T, V]`` (differentiable):
+        row ``θ[r, t, ctx_t]`` for every token, read as rows of ``θ`` flattened to ``[runs·T·C, V]`` (one
+        ``index_select``: the same values and gradient as indexing ``θ[r, t, ctx]``, several times faster)."""
+        runs = torch.arange(sequences.shape[0]).view(-1, *([1] * (sequences.dim() - 1)))
+        row = (runs * self.seq_len + torch.arange(self.seq_len)) * self.num_contexts + self.contexts(sequences)
+        rows = theta.reshape(-1, self.vocab_size).index_select(0, row.reshape(-1))
+        return rows.view(*sequences.shape, self.vocab_size) / self.temperature
 
     def sample(self, theta: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         """Sample sequences by inverse CDF from uniforms ``[runs, B, T]`` → LongTensor ``[runs, B, T]``."""
         runs, batch, _ = uniforms.shape
         probs = torch.softmax(theta.detach().double() / self.temperature, dim=-1)  # [runs, T, C, V]
-        cdf = probs.cumsum(-1)
-        run_idx = torch.arange(runs).view(-1, 1)
+        cdf = probs.cumsum(-1).view(-1, self.vocab_size)  # rows (run, t, c)
+        run_row = (torch.arange(runs) * self.seq_len).view(-1, 1)
         ctx = torch.zeros(runs, batch, dtype=torch.long)
         tokens = []
         for t in range(self.seq_len):
-            c = cdf[run_idx, t, ctx]  # [runs, B, V]
+            c = cdf.index_select(0, ((run_row + t) * self.num_contexts + ctx).view(-1)).view(runs, batch, -1)  # [runs, B, V]
             tok = (c < uniforms[..., t : t + 1]).sum(-1).clamp(max=self.vocab_size - 1)
             tokens.append(tok)
             if self.kind == "markov":

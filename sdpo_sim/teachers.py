@@ -56,8 +56,9 @@ class SelfKnowledge:
         """Prior mean ``[runs, B, T, V]`` and variance (a float, or ``[runs, 1, 1]`` for per-run ρ) of the credits
         ``c_t(v; y)`` of ``attempt [runs, B, T]``."""
         V, T = self.judge.task.vocab_size, self.judge.task.seq_len
-        c = self.judge.contributions(attempt)
-        z = self._z[self.judge.swapped_index(attempt), torch.arange(T).unsqueeze(-1)]
+        swapped = self.judge.swapped_index(attempt)  # [runs, B, T, V]
+        c = self.judge.contributions(attempt, swapped)
+        z = self._z.view(-1).take(swapped * T + torch.arange(T).unsqueeze(-1))  # _z[swapped, t]
         z = (z - z.mean(-1, keepdim=True)) * math.sqrt(V / (V - 1))  # centred over v like c, unit variance
         s, d = self.scale, c.dim() - 1
         rho = per_run(self.rho, dims=d)

@@ -327,7 +327,7 @@ def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunR
     teacher = teacher(beta) if teacher else SeedPaperTeacher(task.q, beta)
     controller = m.make_controller()
 
-    def update_loss(theta: torch.Tensor, logits: torch.Tensor, logp: torch.Tensor, seqs: torch.Tensor, fb, step: int,
+    def update_loss(theta: torch.Tensor, logits: torch.Tensor, logp: Optional[torch.Tensor], seqs: torch.Tensor, fb, step: int,
                     success: Optional[torch.Tensor], old_logp: Optional[torch.Tensor], evaluate: bool) -> dict:
         """Steps 3-5 for one update on this step's batch: the method's loss ``[]`` (summed over runs, which never
         interact), and for evaluation steps the credit, divergence and feedback credit. ``old_logp`` (rollout reuse):
@@ -416,6 +416,8 @@ def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunR
             teacher_theta.add_(m.teacher_rate * (_joined(parts) - teacher_theta))  # EMA teacher: θ_T ← θ_T + rate·(θ − θ_T)
 
     reuse = cfg.updates_per_batch > 1
+    # log π_θ(y_t) of the sampled tokens, where a term reads it (pure distillation on fresh rollouts does not)
+    needs_logp = m.uses_policy_gradient or m.uses_reference or reuse
     rows = []
     for step in tqdm(range(cfg.steps + 1), disable=not progress, desc=f"{m.name}/{cfg.teacher}", unit="step"):
         evaluate = step % cfg.eval_every == 0 or step == cfg.steps
@@ -423,7 +425,7 @@ def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunR
         # 1. sample a group of completions per run
         seqs = policy.sample(theta, rng.uniform(seeds, rng.SAMPLE, step, (B, T)))  # [R, B, T]
         logits = policy.logits(theta, seqs)  # [R, B, T, V]
-        logp = _token_logp(logits, seqs)  # [R, B, T]
+        logp = _token_logp(logits, seqs) if needs_logp else None  # [R, B, T]
         # 2. the judge's feedback about each completion
         fb = judge(seqs, cfg.feedback, group_size=m.num_generations, noise=noise, hint_noise=hint_noise, seeds=seeds, step=step)
         success = fb.success(judge.threshold) if m.needs_success else None  # [R, B]: the interval of R + ε lies above τ
