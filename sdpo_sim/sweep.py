@@ -141,8 +141,9 @@ def _run_sweep(spec: Union[Spec, str, Path], out: Path, *, workers: int, backend
         check_compatible(out, spec, {p.run_id for p in planned})
     else:
         tspec = TuningSpec.from_dict(spec.tuning, known_fields(config_fn))
-        wanted = {p.run_id for p in tspec.plan(expand(spec), config_fn, exempt_blocks(spec))} | {p.run_id for p in planned} | {loose_id(p.config, ["lr"]) for p in planned}
-        check_compatible(out, spec, wanted, ignore=["lr"])  # refuse before running anything
+        tuned = ["lr"] if tspec.beta is None else ["lr", "beta"]  # the fields tuning chooses: a stored run may differ in them
+        wanted = {p.run_id for p in tspec.plan(expand(spec), config_fn, exempt_blocks(spec))} | {p.run_id for p in planned} | {loose_id(p.config, tuned) for p in planned}
+        check_compatible(out, spec, wanted, ignore=tuned)  # refuse before running anything
     # everything is validated: from here on the sweep creates its directory
     atomic_write_text(out / "spec.yaml", yaml.safe_dump(spec.raw, sort_keys=False))
     remove_stale_temporaries(out)  # tables half-written by a sweep that was killed

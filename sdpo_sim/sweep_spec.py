@@ -193,7 +193,7 @@ def check_compatible(out: Path, spec: Spec, wanted: set, *, ignore: Sequence[str
     """Refuse a directory holding finished runs that the new spec would not contain.
 
     A stored run is part of the spec if its id is in ``wanted`` — ids computed from configs with the
-    fields in ``ignore`` removed (``lr`` when tuning chooses it), see :func:`loose_id`.
+    fields in ``ignore`` removed (``lr``, and ``beta`` where tuning chooses them), see :func:`loose_id`.
     """
     runs_dir = out / "runs"
     if not runs_dir.is_dir():

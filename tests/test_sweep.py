@@ -244,6 +244,10 @@ def test_tuning_chooses_beta_for_distilling_methods_only(tmp_path, runlog):
     assert len([line for line in runlog() if line.split()[2] == "100"]) == 2 * 3 + 2  # sdpo: lr × beta; reinforce: lr
     assert dict(res.summary.groupby("method")["beta"].first()) == {"reinforce": 1.0, "sdpo": 2.0}
     assert "β in [1.0, 2.0, 4.0]" in record["rule"]
+    ran = len(runlog())
+    again = sweep(spec, tmp_path / "out")  # resumed: the stored runs carry the tuned β, and are found rather than refused
+    assert len(runlog()) == ran and again.counts["skipped"] == again.counts["total"] > 0
+    pd.testing.assert_frame_equal(again.summary, res.summary)
 
 
 @pytest.mark.parametrize("tuning, needle", [
