@@ -15,7 +15,9 @@ variance into a CI. The point statistics come from scipy (``trim_mean``, ``mannw
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Union
+import warnings
+
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
@@ -193,26 +195,54 @@ def per_seed_metrics(history: pd.DataFrame, budgets: Sequence[Union[int, str]] =
     if keep is None:
         constant = history.groupby("run_id", sort=False).nunique(dropna=False).max() <= 1
         keep = [c for c in history.columns if constant.get(c, False) and c not in (*UNIT, "step")]
-    rows = []
-    for (run_id, seed), g in history.groupby(list(UNIT), sort=False):
-        g = g.sort_values("step")
-        s, r, h = g["step"].to_numpy(), g["reward"].to_numpy(), g["entropy"].to_numpy()
-        row = {"run_id": run_id, "seed": seed, **{c: g[c].iloc[0] for c in keep}}
+    # Vectorised over the (run, seed) units, in order of first appearance: each unit's rows sorted by step, units of equal
+    # length stacked into [units, steps] arrays; every number is the same numpy reduction of one unit's row as before.
+    unit = history.groupby(list(UNIT), sort=False).ngroup().to_numpy()
+    order = np.lexsort((history["step"].to_numpy(), unit))
+    h = history.iloc[order]
+    sizes = np.bincount(unit)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    first = h.iloc[starts]
+    out: dict[str, Any] = {"run_id": first["run_id"].tolist(), "seed": first["seed"].tolist(), **{c: first[c].tolist() for c in keep}}
+    metrics: dict[str, np.ndarray] = {}
+    names = [f"reward_at_{b}" for b in budgets] + ["final_reward", "initial_reward", "auc", "entropy_initial", "entropy", "entropy_drop",
+                                                  "credit_corr", "credit_corr_within", "feedback_credit_corr", "grad_cos", "alpha_mix", "kl_init"]
+    for name in names:
+        metrics[name] = np.full(len(sizes), np.nan)
+    last_step = np.zeros(len(sizes), dtype=np.int64)
+    for size in np.unique(sizes):
+        units = np.nonzero(sizes == size)[0]
+        rows = starts[units][:, None] + np.arange(size)  # [units, steps]
+        column = lambda c: h[c].to_numpy(dtype=float)[rows]  # noqa: E731
+        s, r, e = column("step"), column("reward"), column("entropy")
         for b in budgets:
-            row[f"reward_at_{b}"] = value_at_budget(s, r, b)
-        row["final_reward"] = float(r[-1])
-        row["initial_reward"] = float(r[0])
-        row["auc"] = auc(s, r)
-        row["entropy_initial"] = float(h[0])
-        row["entropy"] = float(h[-1])
-        row["entropy_drop"] = float(1 - h[-1] / h[0]) if h[0] > 0 else float("nan")
+            if b == "last":
+                metrics["reward_at_last"][units] = r[:, -1]
+                continue
+            if not isinstance(b, (int, np.integer)) or b < 0:
+                raise ValueError(f"budget={b!r} must be a non-negative integer step or 'last'")
+            at = (s <= b).sum(1) - 1  # the last evaluation step <= b (steps sorted)
+            metrics[f"reward_at_{b}"][units] = np.where(b > s[:, -1], np.nan, r[np.arange(len(units)), np.maximum(at, 0)])
+        metrics["final_reward"][units], metrics["initial_reward"][units] = r[:, -1], r[:, 0]
+        span = s[:, -1] - s[:, 0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            area = np.sum((r[:, 1:] + r[:, :-1]) / 2 * np.diff(s, axis=1), axis=1) / span
+        metrics["auc"][units] = np.where((span == 0) | (size == 1), r.mean(1), area)
+        metrics["entropy_initial"][units], metrics["entropy"][units] = e[:, 0], e[:, -1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            metrics["entropy_drop"][units] = np.where(e[:, 0] > 0, 1 - e[:, -1] / e[:, 0], np.nan)
         for name, col in (("credit_corr", "credit_pearson"), ("credit_corr_within", "credit_pearson_within"),
                           ("feedback_credit_corr", "feedback_credit_pearson"), ("grad_cos", "grad_cos"), ("alpha_mix", "alpha_mix")):
-            row[name] = float(np.nanmean(g[col].to_numpy(dtype=float))) if col in g and g[col].notna().any() else float("nan")
-        row["kl_init"] = float(g["kl_init"].iloc[-1]) if "kl_init" in g else float("nan")
-        row["last_step"] = int(s[-1])
-        rows.append(row)
-    return pd.DataFrame(rows)
+            if col in h:
+                x = column(col)
+                seen = ~np.isnan(x).all(1)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # a unit without any value stays NaN
+                    metrics[name][units] = np.where(seen, np.nanmean(x, axis=1), np.nan)
+        if "kl_init" in h:
+            metrics["kl_init"][units] = column("kl_init")[:, -1]
+        last_step[units] = s[:, -1].astype(np.int64)
+    return pd.DataFrame({**out, **metrics, "last_step": last_step})
 
 
 def entropy_at_matched_reward(history: pd.DataFrame, levels: Sequence[float], by: Sequence[str] = ("method",), **kwargs) -> pd.DataFrame:
