@@ -16,7 +16,6 @@ variance into a CI. The point statistics come from scipy (``trim_mean``, ``mannw
 from __future__ import annotations
 
 import warnings
-
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
