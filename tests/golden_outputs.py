@@ -8,9 +8,12 @@ Three outputs (issue 12, "results are unchanged"):
 
 Floating-point results depend on which CPU kernels torch dispatches to (vector width changes the order of sums) and
 on the thread count, so the outputs are computed in a child process with ``ATEN_CPU_CAPABILITY=default`` (ATen's
-scalar kernels, the same instructions on every x86-64/arm64 CPU), one OpenMP thread and MKL's conditional numerical
-reproducibility in its compatible mode. Under those settings the same code gives the same bits on any machine with
-the pinned torch build, which is what lets ``tests/test_golden.py`` compare the toy world bitwise.
+scalar kernels), one OpenMP thread and MKL's conditional numerical reproducibility in its compatible mode. That is
+not enough across CPUs: goldens written on one x86-64 machine differed on an AMD EPYC (AVX2, no AVX-512) in the last
+float32 bits of the training trajectories (entropy by 6e-8), so the machine that wrote them is recorded beside them
+(:func:`machine`: the torch build, the CPU model and vector extensions, the C library). On that machine
+``tests/test_golden.py`` compares the toy world bitwise; on any other it compares at the rounding bound of float32
+training (``TOY_RTOL`` there), which still catches any change of method, a dropped term or a factor.
 
 Regenerate (only when a change is *meant* to change results, and say so in the commit)::
 
@@ -84,6 +87,24 @@ def llm_steps(out: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if not any(t in k for t in timing)} for row in rows]
 
 
+def machine() -> dict:
+    """What decides the bits beyond the code and :data:`PINNED_ENV`: the torch build, the CPU and the C library."""
+    import hashlib
+    import platform
+
+    import torch
+
+    cpu = {"model": platform.processor() or platform.machine(), "extensions": []}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        lines = cpuinfo.read_text().splitlines()
+        model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu["model"])
+        flags = set(next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), []))
+        cpu = {"model": model, "extensions": sorted(f for f in flags if f.startswith(("avx", "fma", "sse", "amx")))}
+    return {"torch": torch.__version__, "torch_build": hashlib.sha256(torch.__config__.show().encode()).hexdigest()[:16],
+            "cpu": cpu, "libc": "-".join(platform.libc_ver())}
+
+
 def emit(out: Path) -> None:
     """Compute the three outputs under the pinned environment (this process must already run in it) into ``out``."""
     for name, value in PINNED_ENV.items():
@@ -99,6 +120,7 @@ def emit(out: Path) -> None:
             frame.to_csv(out / f"toy_sweep_{name}.csv", index=False)
         (out / "toy_run.json").write_text(json.dumps(toy_run(), indent=1, sort_keys=True) + "\n")
         (out / "llm_steps.json").write_text(json.dumps(llm_steps(Path(tmp)), indent=1, sort_keys=True) + "\n")
+    (out / "machine.json").write_text(json.dumps(machine(), indent=1, sort_keys=True) + "\n")
 
 
 def compute_in_child(out: Path, timeout: float = 900) -> None:
