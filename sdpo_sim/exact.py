@@ -178,6 +178,7 @@ def chain_tables(rewards: torch.Tensor, conditionals: torch.Tensor, markov: bool
     """Prefix masses ``P(y_≤k)`` and values ``Q(y_≤k)`` for k = 0..T (``[runs, V**k]`` each), as :func:`prefix_tables`
     gives them, for a policy whose next-token distribution depends only on the position and the previous token
     (``full_masses=False``: masses for k = 0..T−1 only, all that :func:`chain_gradient` needs; it saves the largest table).
+    ``rewards`` is one table ``[V**T]`` for every run, or each run's own ``[runs, V**T]``.
 
     ``conditionals [runs, T, C, V]`` is ``π_t(v | c)`` with context ``c = y_{t−1}`` (``markov``, t ≥ 1; C = V) or
     ``c = 0`` (position 0, or a factored policy; C = 1). Two passes, each ``≈ V**T·V/(V−1)`` products:
@@ -192,26 +193,30 @@ def chain_tables(rewards: torch.Tensor, conditionals: torch.Tensor, markov: bool
     rewards = rewards.to(conditionals.dtype)
     if rewards.shape[-1] != V**T:
         raise ValueError(f"rewards has {rewards.shape[-1]} entries but V**T = {V**T} for the conditionals' V={V}, T={T}")
+    if rewards.dim() == 2 and rewards.shape[0] != runs:
+        raise ValueError(f"rewards has tables for {rewards.shape[0]} runs but the conditionals have {runs}")
+    per_run = rewards if rewards.dim() == 2 else rewards.unsqueeze(0).expand(runs, -1)  # [runs, V**T]
+    shared = runs == 1 or per_run.stride(0) == 0  # one table for every run: lay it out once
 
     def step(table: torch.Tensor, k: int) -> torch.Tensor:  # [runs or 1, V**(k+1)] viewed with its last token split off
         if markov and k >= 1:
             return table.reshape(table.shape[0], -1, V, V), conditionals[:, k].unsqueeze(1)  # [., V**(k-1), c, v], [R, 1, c, v]
         return table.reshape(table.shape[0], -1, V), conditionals[:, k, :1]  # [., V**k, v], [R, 1, v]
 
-    # The last position first. R is shared by all runs, so Q_{T−1}(p) = Σ_v π(v | ctx(p))·R(p·v) is a matrix product
-    # per run, never a [runs, V**T] table of products; the calls have the same shapes for every run, so a run's bits do
-    # not depend on how many runs share the tensor (a product over the runs axis would). Shallower levels are V× smaller.
+    # The last position first: Q_{T−1}(p) = Σ_v π(v | ctx(p))·R(p·v) is a matrix product per run with its reward table,
+    # never a [runs, V**T] table of products; the calls have the same shapes for every run, so a run's bits do not depend
+    # on how many runs share the tensor (a product over the runs axis would). Shallower levels are V× smaller.
     if markov and T >= 2:
-        table = rewards.view(-1, V, V).transpose(0, 1).contiguous()  # [c, V**(T−2), v]
-        last = torch.stack([torch.bmm(table, pi.unsqueeze(-1)).squeeze(-1).T for pi in conditionals[:, T - 1]])  # [R, a, c]
+        layout = lambda r: r.view(-1, V, V).transpose(0, 1).contiguous()  # noqa: E731 — [c, V**(T−2), v]
+        tables = [layout(per_run[0])] * runs if shared else [layout(r) for r in per_run]
+        last = torch.stack([torch.bmm(table, pi.unsqueeze(-1)).squeeze(-1).T for table, pi in zip(tables, conditionals[:, T - 1])])  # [R, a, c]
     else:
-        table = rewards.view(-1, V)  # [V**(T−1), v]
-        last = torch.stack([table @ pi for pi in conditionals[:, T - 1, 0]])  # [R, V**(T−1)]
+        last = torch.stack([r.view(-1, V) @ pi for r, pi in zip(per_run, conditionals[:, T - 1, 0])])  # [R, V**(T−1)]
     values = [last.reshape(runs, -1)]
     for k in range(T - 2, -1, -1):
         q, pi = step(values[0], k)
         values.insert(0, (q * pi).sum(-1).reshape(runs, -1))
-    values.append(rewards.unsqueeze(0).expand(runs, -1))
+    values.append(per_run)
     masses = [torch.ones(runs, 1, dtype=conditionals.dtype)]
     for k in range(T if full_masses else T - 1):
         last = masses[-1]
@@ -245,9 +250,9 @@ def chain_gradient(masses: list[torch.Tensor], values: list[torch.Tensor], condi
         if markov and t >= 1:
             P = masses[t].view(runs, -1, V)  # [R, V**(t−1), c]
             q_here = values[t].view(runs, -1, V)
-            if t == T - 1 and (runs == 1 or values[T].stride(0) == 0):  # Q_T = R, shared: a product per run (see chain_tables)
-                table = values[T][0].view(-1, V, V).transpose(0, 1)  # [c, V**(t−1), v]
-                weighted = torch.stack([torch.bmm(p.T.unsqueeze(1), table).squeeze(1) for p in P])  # [R, c, v]
+            if t == T - 1:  # Q_T = R, each run's table: a product per run (see chain_tables)
+                tables = values[T].view(runs, -1, V, V).transpose(1, 2)  # [R, c, V**(t−1), v]
+                weighted = torch.stack([torch.bmm(p.T.unsqueeze(1), table).squeeze(1) for p, table in zip(P, tables)])  # [R, c, v]
             else:
                 weighted = torch.einsum("rac,racv->rcv", P, values[t + 1].view(runs, -1, V, V))
             grad[:, t] = conditionals[:, t] * (weighted - (P * q_here).sum(1).unsqueeze(-1))

@@ -12,12 +12,12 @@ the reward before quantisation; critique hints get their own noise ``σ_h``.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from . import rng
-from .per_run import Setting, per_run
+from .per_run import RunTasks, Setting, per_run
 from .world import Task, sequence_index
 
 CHANNELS = ("binary", "ordinal", "continuous", "critique", "demo")
@@ -40,17 +40,19 @@ class Feedback:
     upper: torch.Tensor  # [runs, B] (+inf for open intervals)
     group_size: int
     noise: Setting  # σ of the judge's noise (public knowledge about the judge): a float or [runs]
-    threshold: Optional[float] = None  # τ for binary
+    threshold: Optional[Setting] = None  # τ for binary: a float, or [runs, 1] (each run's own)
     hints: Optional[torch.Tensor] = None  # [runs, B, T] critique hints
     hint_noise: Setting = 0.0  # σ_h: a float or [runs]
     demo: Optional[torch.Tensor] = None  # [runs, B, T] best sibling's tokens
     demo_mask: Optional[torch.Tensor] = None  # [runs, B] True when the sibling scored higher than y
 
-    def success(self, threshold: float) -> torch.Tensor:
+    def success(self, threshold: Setting) -> torch.Tensor:
         """Which completions the feedback shows to have succeeded, ``[runs, B]`` bool: the interval of ``R + ε`` it
         implies lies above ``threshold`` (``lower ≥ τ`` and ``upper > τ``): binary's pass (``R + ε > τ``), a continuous
-        score above τ, a star bin whose lower edge is at least τ. The method reads only the message, never the latent."""
-        return (self.lower >= threshold) & (self.upper > threshold)
+        score above τ, a star bin whose lower edge is at least τ. The method reads only the message, never the latent.
+        ``threshold``: a float, or ``[runs]`` (each run's τ)."""
+        tau = per_run(threshold, dims=1)
+        return (self.lower >= tau) & (self.upper > tau)
 
     def take(self, index: torch.Tensor) -> "Feedback":
         """The feedback of rollout ``index[r, i]`` given in place of rollout ``i`` (for the ``null`` control)."""
@@ -60,12 +62,14 @@ class Feedback:
 
 
 class Judge:
-    """Scores completions of one task. ``contributions`` is the local-verdict table a judge (or a
-    model re-reading its own text) can compute by looking at a completion, independent of any policy."""
+    """Scores completions of one task (a :class:`~sdpo_sim.world.Task`), or of each run's own task (a
+    :class:`~sdpo_sim.per_run.RunTasks`, with ``threshold`` a float or ``[runs]``). ``contributions`` is the
+    local-verdict table a judge (or a model re-reading its own text) can compute by looking at a completion,
+    independent of any policy."""
 
-    def __init__(self, task: Task, threshold: float) -> None:
+    def __init__(self, task: Union[Task, RunTasks], threshold: Setting) -> None:
         self.task = task
-        self.threshold = float(threshold)
+        self.threshold = threshold.double() if isinstance(threshold, torch.Tensor) else float(threshold)
 
     def swapped_index(self, sequences: torch.Tensor) -> torch.Tensor:
         """Flat index of ``y with y_t := v`` for every t, v: ``[..., T] → [..., T, V]``."""
@@ -77,7 +81,7 @@ class Judge:
     def contributions(self, sequences: torch.Tensor, swapped: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``c_t(v; y) = R(y with y_t := v) − mean_v' R(y with y_t := v')``, ``[..., T] → [..., T, V]``
         (``swapped``: ``swapped_index(sequences)`` if the caller has it already)."""
-        r = self.task.rewards.take(self.swapped_index(sequences) if swapped is None else swapped)
+        r = self.task.lookup(self.swapped_index(sequences) if swapped is None else swapped)
         return r - r.mean(-1, keepdim=True)
 
     def __call__(
@@ -93,10 +97,12 @@ class Judge:
         inf = torch.full_like(latent, float("inf"))
         common = dict(kind=kind, group_size=group_size, noise=noise)
         if kind == "binary":
-            passed = latent > self.threshold
-            lower = torch.where(passed, torch.full_like(latent, self.threshold), -inf)
-            upper = torch.where(passed, inf, torch.full_like(latent, self.threshold))
-            return Feedback(score=passed.double(), lower=lower, upper=upper, threshold=self.threshold, **common)
+            tau = per_run(self.threshold, dims=1)  # a float or [runs, 1]
+            passed = latent > tau
+            at_tau = torch.zeros_like(latent) + tau
+            lower = torch.where(passed, at_tau, -inf)
+            upper = torch.where(passed, inf, at_tau)
+            return Feedback(score=passed.double(), lower=lower, upper=upper, threshold=tau, **common)
         if kind == "ordinal":
             bins = torch.bucketize(latent, ORDINAL_EDGES)  # 0..4
             edges = torch.cat([torch.tensor([-float("inf")]), ORDINAL_EDGES, torch.tensor([float("inf")])]).double()

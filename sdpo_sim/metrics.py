@@ -6,10 +6,13 @@ input gives NaN (the correlation is undefined), never a made-up number.
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
 from . import exact
 from .core.threads import one_thread
+from .per_run import RunTasks
 from .policies import TabularPolicy
 from .world import Task
 
@@ -54,7 +57,7 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def exact_state(
-    task: Task, policy: TabularPolicy, theta: torch.Tensor, theta_init: torch.Tensor, sequences: torch.Tensor,
+    task: Union[Task, RunTasks], policy: TabularPolicy, theta: torch.Tensor, theta_init: torch.Tensor, sequences: torch.Tensor,
     *, chunk: int = 8,
 ) -> dict[str, torch.Tensor]:
     """Exact quantities of the current policies (float64), ``chunk`` runs at a time, from the chain tables of
@@ -62,6 +65,7 @@ def exact_state(
     when there are fewer rows than threads, so its rounding would depend on how many runs share the tensor; on
     one thread every run's row is reduced alone, bit for bit whatever the chunk (tested through ``run_group``).
 
+    ``task``: one task for every run, or each run's own (:class:`~sdpo_sim.per_run.RunTasks`).
     Returns ``reward, entropy (per token), seq_entropy, kl_init`` as ``[runs]``, ``grad_J`` shaped like ``theta``
     and ``advantages`` ``[runs, B, T]`` (``A*`` of the given sampled sequences). With ``m_t(c) = P(ctx_t = c)``:
     ``H(Y) = Σ_t Σ_c m_t(c)·H(π_t(·|c))`` and ``KL(π‖π_init) = Σ_t Σ_c m_t(c)·KL(π_t(·|c) ‖ π_init,t(·|c))``
@@ -71,7 +75,7 @@ def exact_state(
         return _exact_state(task, policy, theta, theta_init, sequences, chunk)
 
 
-def _exact_state(task: Task, policy: TabularPolicy, theta: torch.Tensor, theta_init: torch.Tensor, sequences: torch.Tensor,
+def _exact_state(task: Union[Task, RunTasks], policy: TabularPolicy, theta: torch.Tensor, theta_init: torch.Tensor, sequences: torch.Tensor,
                  chunk: int) -> dict[str, torch.Tensor]:
     T, markov = task.seq_len, policy.kind == "markov"
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("reward", "entropy", "seq_entropy", "kl_init", "grad_J", "advantages")}
@@ -79,7 +83,8 @@ def _exact_state(task: Task, policy: TabularPolicy, theta: torch.Tensor, theta_i
         cond = policy.conditionals(theta[lo : lo + chunk].detach().double())  # [r, T, C, V]
         log_cond = torch.log_softmax(theta[lo : lo + chunk].detach().double() / policy.temperature, -1)
         log_init = torch.log_softmax(theta_init[lo : lo + chunk].double() / policy.temperature, -1)
-        masses, values = exact.chain_tables(task.rewards, cond, markov, full_masses=False)
+        rewards = task.rewards(lo, lo + len(cond)) if isinstance(task, RunTasks) else task.rewards  # [r, V**T] or [V**T]
+        masses, values = exact.chain_tables(rewards, cond, markov, full_masses=False)
         m = exact.chain_marginals(cond, markov)  # [r, T, C]
         h_seq = (m * -(cond * log_cond).sum(-1)).sum((1, 2))
         seqs = sequences[lo : lo + chunk]

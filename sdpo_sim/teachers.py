@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 import torch.nn.functional as F
 
 from .exact import credit_scale
 from .feedback import STARS, Feedback, Judge
-from .per_run import Setting, per_run
+from .per_run import RunTasks, Setting, per_run
 
 TEACHERS = ("bayes", "demo", "oracle", "null", "seed-paper")
 LINK_SD = 0.5  # the teacher's allowance (in units of s) for what an additive credit model cannot explain
@@ -39,18 +40,25 @@ class SelfKnowledge:
     ``c = judge.contributions(y)``; the misbelief ``η`` is a fixed, seeded function of
     ``(y with y_t := v, t)`` scaled so that ``corr(m, c) = ρ``. The Bayesian prior given ``m`` is
     ``N(ρ²·m, (1 − ρ²)·s²)``, written as ``ρ·(ρ·c + √(1−ρ²)·s·z)`` so ``ρ = 0`` is finite.
-    The misbelief belongs to the (shared) initial model, so all training seeds share it.
+    The misbelief belongs to the (shared) initial model, so all training seeds share it; ``seed`` seeds it
+    (one int, or ``[runs]``: each run's own, as its task seed when the runs' tasks differ). ``s`` is the task's
+    credit scale, a float (one task) or ``[runs]`` (each run's task, :class:`~sdpo_sim.per_run.RunTasks`).
     """
 
-    def __init__(self, judge: Judge, rho: Setting, seed: int = 0) -> None:
+    def __init__(self, judge: Judge, rho: Setting, seed: Union[int, torch.Tensor] = 0) -> None:
         values = rho.tolist() if isinstance(rho, torch.Tensor) else [rho]
         if not all(isinstance(r, (int, float)) and 0.0 <= r <= 1.0 for r in values):
             raise ValueError(f"rho={rho!r} (self-knowledge fidelity) must be a number in [0, 1] (or a [runs] tensor of them)")
         task = judge.task
         self.judge, self.rho = judge, rho.double() if isinstance(rho, torch.Tensor) else float(rho)
-        self.scale = credit_scale(task.rewards, task.seq_len)  # s
-        gen = torch.Generator().manual_seed(7919 * seed + 17)
-        self._z = torch.randn(task.num_sequences, task.seq_len, generator=gen, dtype=torch.float64)
+        self.scale: Setting = task.scale if isinstance(task, RunTasks) else credit_scale(task.rewards, task.seq_len)  # s
+        seeds = seed.tolist() if isinstance(seed, torch.Tensor) else [seed]
+        distinct = sorted(set(seeds))
+        self._z = torch.stack([  # [seeds, V**T, T]: one misbelief table per distinct seed
+            torch.randn(task.num_sequences, task.seq_len, generator=torch.Generator().manual_seed(7919 * s + 17), dtype=torch.float64)
+            for s in distinct])
+        owner = torch.tensor([distinct.index(s) for s in seeds])
+        self._offset = (owner * task.num_sequences * task.seq_len).view(-1, 1, 1, 1) if isinstance(seed, torch.Tensor) else 0
 
     def prior(self, attempt: torch.Tensor) -> tuple[torch.Tensor, Setting]:
         """Prior mean ``[runs, B, T, V]`` and variance (a float, or ``[runs, 1, 1]`` for per-run ρ) of the credits
@@ -58,12 +66,12 @@ class SelfKnowledge:
         V, T = self.judge.task.vocab_size, self.judge.task.seq_len
         swapped = self.judge.swapped_index(attempt)  # [runs, B, T, V]
         c = self.judge.contributions(attempt, swapped)
-        z = self._z.view(-1).take(swapped * T + torch.arange(T).unsqueeze(-1))  # _z[swapped, t]
+        z = self._z.view(-1).take(swapped * T + torch.arange(T).unsqueeze(-1) + self._offset)  # _z[run's seed, swapped, t]
         z = (z - z.mean(-1, keepdim=True)) * math.sqrt(V / (V - 1))  # centred over v like c, unit variance
-        s, d = self.scale, c.dim() - 1
+        d = c.dim() - 1
         rho = per_run(self.rho, dims=d)
-        spread = per_run(self.rho, lambda r: math.sqrt(1.0 - r**2) * s, dims=d)
-        return rho * (rho * c + spread * z), per_run(self.rho, lambda r: (1.0 - r**2) * s**2, dims=d - 1)
+        spread = per_run((self.rho, self.scale), lambda r, s: math.sqrt(1.0 - r**2) * s, dims=d)
+        return rho * (rho * c + spread * z), per_run((self.rho, self.scale), lambda r, s: (1.0 - r**2) * s**2, dims=d - 1)
 
 
 def _leave_one_out(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -113,16 +121,16 @@ class BayesTeacher:
         self.beta = beta
 
     def __call__(self, logits: torch.Tensor, attempt: torch.Tensor, feedback: Feedback, knowledge: SelfKnowledge) -> TeacherOutput:
-        s, T = knowledge.scale, attempt.shape[-1]
+        s, T = knowledge.scale, attempt.shape[-1]  # s: a float or [runs]
         mu, var0 = knowledge.prior(attempt)  # [runs, B, T, V], σ0²
         m = mu.gather(-1, attempt.unsqueeze(-1)).squeeze(-1)  # [runs, B, T]
         v = var0 + torch.zeros_like(m)
         if feedback.hints is not None:  # per-token Gaussian update: m ← m + σ0²/(σ0²+σh²)·(h − m)
-            var_h = per_run(feedback.hint_noise, lambda h: h**2 + (HINT_FLOOR * s) ** 2, dims=2)
+            var_h = per_run((feedback.hint_noise, s), lambda h, s: h**2 + (HINT_FLOOR * s) ** 2, dims=2)
             m = m + var0 / (var0 + var_h) * (feedback.hints - m)
             v = v * var_h / (var0 + var_h)
-        var_e = per_run(feedback.noise, lambda n: n**2 + (LINK_SD * s) ** 2, dims=1)  # σ² + (LINK_SD·s)²
-        spread = per_run(feedback.noise, lambda n: math.sqrt(T * s**2 + (n**2 + (LINK_SD * s) ** 2)), dims=1)
+        var_e = per_run((feedback.noise, s), lambda n, s: n**2 + (LINK_SD * s) ** 2, dims=1)  # σ² + (LINK_SD·s)²
+        spread = per_run((feedback.noise, s), lambda n, s: math.sqrt(T * s**2 + (n**2 + (LINK_SD * s) ** 2)), dims=1)
         total_var = v.sum(-1) + var_e  # Var(w) = Σ_t v_t + σ_e²
         offset = expected_score(feedback, spread=spread) + m.sum(-1)  # E[score] under the prior
         if feedback.kind in ("binary", "ordinal"):  # censored: E[w | lower < w < upper]
@@ -131,7 +139,7 @@ class BayesTeacher:
         else:
             innovation = feedback.score - offset
         posterior = m + v / total_var.unsqueeze(-1) * innovation.unsqueeze(-1)  # E[x_t | obs]
-        credit = mu.scatter(-1, attempt.unsqueeze(-1), posterior.unsqueeze(-1)) / s
+        credit = mu.scatter(-1, attempt.unsqueeze(-1), posterior.unsqueeze(-1)) / per_run(s, dims=3)
         mask = torch.ones(attempt.shape[:-1], dtype=torch.bool)
         return TeacherOutput(logits + per_run(self.beta, dims=3, dtype=logits.dtype) * credit.to(logits.dtype), credit, mask)
 
@@ -160,7 +168,7 @@ class OracleTeacher:
         self, logits: torch.Tensor, attempt: torch.Tensor, feedback: Feedback, knowledge: SelfKnowledge,
         *, true_advantages: torch.Tensor,
     ) -> TeacherOutput:
-        credit = true_advantages / knowledge.scale
+        credit = true_advantages / per_run(knowledge.scale, dims=3)
         mask = torch.ones(attempt.shape[:-1], dtype=torch.bool)
         return TeacherOutput(logits + per_run(self.beta, dims=3, dtype=logits.dtype) * credit.to(logits.dtype), credit, mask)
 
@@ -174,7 +182,7 @@ class SeedPaperTeacher:
     """
 
     def __init__(self, quality_table: torch.Tensor, beta: Setting = 1.0) -> None:
-        self.q, self.beta = quality_table, beta  # [T, V]
+        self.q, self.beta = quality_table, beta  # [T, V], or [runs, 1, T, V] (each run's task: RunTasks.q)
 
     def __call__(self, logits: torch.Tensor, attempt: torch.Tensor, feedback: Feedback, knowledge: SelfKnowledge) -> TeacherOutput:
         f = (feedback.score - 1) / (STARS - 1) if feedback.kind == "ordinal" else feedback.score

@@ -34,6 +34,7 @@ from .core.method import MethodConfig
 from .core.statistics import token_statistics
 from .core.validation import check_choice, check_int, check_number, fail, is_int
 from .feedback import CHANNELS, Judge
+from .per_run import RunTasks
 from .policies import POLICIES, TabularPolicy
 from .teachers import (
     TEACHERS,
@@ -271,7 +272,7 @@ def _teacher_stats(logits: torch.Tensor, teacher_logits: torch.Tensor, seqs: tor
 
 
 # Fields that may differ between the configurations of one tensor program (run_group): each run carries its own.
-PER_RUN_FIELDS = ("lr", "beta", "rho", "noise", "hint_noise", "seeds", "seed_start")
+PER_RUN_FIELDS = ("lr", "beta", "rho", "noise", "hint_noise", "threshold", "task_seed", "seeds", "seed_start")
 
 
 def group_key(cfg: RunConfig) -> str:
@@ -294,8 +295,8 @@ def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunR
 
     The configurations may differ only in :data:`PER_RUN_FIELDS` (``group_key`` equal); their runs are stacked
     along the runs axis (``[Σ seeds, B, T, V]``), each run with its own learning rate (one optimiser parameter
-    group per configuration), β, ρ and noise. Runs never interact, so a run's numbers are bit for bit those it
-    gets alone (tested).
+    group per configuration), β, ρ, noise, τ and task (:class:`~sdpo_sim.per_run.RunTasks`). Runs never interact,
+    so a run's numbers are bit for bit those it gets alone (tested).
     """
     cfgs = list(cfgs)
     if not cfgs:
@@ -311,7 +312,8 @@ def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunR
     def setting(name: str) -> torch.Tensor:  # [R]: each run's value of a per-run field
         return torch.cat([torch.full((c.seeds,), float(getattr(c, name)), dtype=torch.float64) for c in cfgs])
 
-    task = family_task(cfg.task_seed, V, T, cfg.family)
+    task_of = {c.task_seed: family_task(c.task_seed, V, T, cfg.family) for c in cfgs}  # each distinct task once
+    tasks = RunTasks([task_of[c.task_seed] for c in cfgs for _ in range(c.seeds)])
     policy = TabularPolicy(cfg.policy, V, T, m.temperature)
     parts = [policy.init_params(c.seeds).requires_grad_(True) for c in cfgs]  # one leaf per configuration
     theta = _joined(parts)
@@ -319,12 +321,15 @@ def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunR
     teacher_theta = theta.detach().clone()  # ema / frozen / trust-region reference
     opt = (torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD)([{"params": [p], "lr": c.lr} for p, c in zip(parts, cfgs)])
 
-    threshold = cfg.threshold if cfg.threshold is not None else initial_median_reward(task, policy, theta_init)
-    judge = Judge(task, threshold)
+    median = {seed: initial_median_reward(t, policy, theta_init) for seed, t in task_of.items() if any(
+        c.threshold is None and c.task_seed == seed for c in cfgs)}  # the default τ of each task that needs one
+    threshold = torch.cat([torch.full((c.seeds,), c.threshold if c.threshold is not None else median[c.task_seed], dtype=torch.float64)
+                           for c in cfgs])  # [R]
+    judge = Judge(tasks, threshold)
     noise, hint_noise, beta = setting("noise"), setting("hint_noise"), setting("beta")
-    knowledge = SelfKnowledge(judge, setting("rho"), seed=cfg.task_seed)
+    knowledge = SelfKnowledge(judge, setting("rho"), seed=tasks.seeds)  # each run's misbelief from its task seed
     teacher = {"bayes": BayesTeacher, "null": BayesTeacher, "demo": DemoTeacher, "oracle": OracleTeacher}.get(cfg.teacher)
-    teacher = teacher(beta) if teacher else SeedPaperTeacher(task.q, beta)
+    teacher = teacher(beta) if teacher else SeedPaperTeacher(tasks.q, beta)
     controller = m.make_controller()
 
     def update_loss(theta: torch.Tensor, logits: torch.Tensor, logp: Optional[torch.Tensor], seqs: torch.Tensor, fb, step: int,
@@ -343,7 +348,7 @@ def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunR
         if m.distills:
             base = _teacher_network_logits(m, policy, logits, teacher_theta, theta_init, seqs)
             if cfg.teacher == "oracle":  # the only teacher given A*
-                tables = exact.chain_tables(task.rewards, policy.conditionals(theta.detach().double()), policy.kind == "markov")[1]
+                tables = exact.chain_tables(tasks.rewards(0, R), policy.conditionals(theta.detach().double()), policy.kind == "markov")[1]
                 a_star = exact.action_values_from_tables(tables, seqs)
                 out = teacher(base, seqs, fb, knowledge, true_advantages=a_star)
             elif cfg.teacher == "null":  # control: the feedback of a different, random rollout of the batch
@@ -429,7 +434,7 @@ def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunR
         # 2. the judge's feedback about each completion
         fb = judge(seqs, cfg.feedback, group_size=m.num_generations, noise=noise, hint_noise=hint_noise, seeds=seeds, step=step)
         success = fb.success(judge.threshold) if m.needs_success else None  # [R, B]: the interval of R + ε lies above τ
-        exact_now = metrics.exact_state(task, policy, theta, theta_init, seqs) if evaluate else None
+        exact_now = metrics.exact_state(tasks, policy, theta, theta_init, seqs) if evaluate else None
         old_logp = logp.detach() if reuse else None  # behaviour policy = the policy that sampled
         res = update_loss(theta, logits, logp, seqs, fb, step, success, old_logp, evaluate)
         # 6. update (runs are independent: each run's parameters only see its own loss)
@@ -444,7 +449,7 @@ def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunR
                 "credit_pearson": metrics.pearson(credit, a_star), "credit_spearman": metrics.spearman(credit, a_star),
                 "credit_pearson_within": metrics.pearson_within(credit, a_star),
                 "feedback_credit_pearson": metrics.pearson(res["feedback_credit"], a_star) if m.distills else nan,
-                "grad_cos": metrics.cosine(-_joined([p.grad for p in parts]), exact_now["grad_J"]), "batch_reward": task.reward(seqs).mean(1),
+                "grad_cos": metrics.cosine(-_joined([p.grad for p in parts]), exact_now["grad_J"]), "batch_reward": tasks.reward(seqs).mean(1),
             })
         if step < cfg.steps:
             optimiser_step()

@@ -111,6 +111,10 @@ class Task:
         """Exact reward in [0, 1] of sequences ``[..., T]`` (a gather from the table) → ``[...]``."""
         return self.rewards[sequence_index(seqs, self.vocab_size)]
 
+    def lookup(self, index: torch.Tensor) -> torch.Tensor:
+        """``R(index)`` at flat sequence indices ``[...]`` → ``[...]`` float64 (as :meth:`RunTasks.lookup` per run)."""
+        return self.rewards.take(index)
+
 
 def family_task(seed: int, vocab_size: int, seq_len: int, family: str = "default") -> Task:
     """The task of ``seed`` in a family of :data:`FAMILIES` (its reward weights)."""

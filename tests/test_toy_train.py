@@ -173,18 +173,19 @@ GROUP_CASES = [
     dict(method="grpo", feedback="ordinal"),
     dict(method="sdpo", feedback="demo", teacher="demo", teacher_kind="trust_region"),
     dict(method="sdpo", feedback="continuous", teacher="oracle", teacher_kind="frozen"),
+    dict(method="sdpo", feedback="ordinal", teacher="seed-paper"),
 ]
 
 
 @pytest.mark.parametrize("shared", GROUP_CASES, ids=lambda d: "-".join(str(v) for v in d.values()))
 def test_a_run_in_a_group_gets_bit_for_bit_what_it_gets_alone(shared):
     """Configurations that differ in per-run fields train as one tensor program; each run's history equals, bit for
-    bit, the history of the same configuration trained alone (runs never interact)."""
+    bit, the history of the same configuration trained alone (runs never interact), its own task included."""
     base = dict(shared, steps=12, eval_every=4, batch_size=16, num_generations=4)
     cfgs = [RunConfig.from_dict({**base, **per}) for per in (
         dict(lr=0.3, beta=1.0, rho=0.5, noise=0.0, hint_noise=0.0, seeds=5, seed_start=0),  # 12 runs: more than one exact chunk
-        dict(lr=0.1, beta=0.3, rho=0.3, noise=0.1, hint_noise=0.05, seeds=6, seed_start=5),
-        dict(lr=1.0, beta=2.0, rho=0.75, noise=0.3, hint_noise=0.2, seeds=1, seed_start=0),  # same seed as the first: still its own run
+        dict(lr=0.1, beta=0.3, rho=0.3, noise=0.1, hint_noise=0.05, seeds=6, seed_start=5, task_seed=2, threshold=0.4),  # a chunk spans two tasks
+        dict(lr=1.0, beta=2.0, rho=0.75, noise=0.3, hint_noise=0.2, seeds=1, seed_start=0, task_seed=1),  # same seed as the first: still its own run
     )]
     grouped = run_group(cfgs)
     for cfg, together in zip(cfgs, grouped):
@@ -200,4 +201,4 @@ def test_run_group_refuses_configurations_that_differ_in_shared_fields():
         run_group([a, b])
     with pytest.raises(ValueError, match="at least one configuration"):
         run_group([])
-    assert group_key(a) == group_key(a.replace(lr=0.01, noise=0.2, seeds=3)) != group_key(b)
+    assert group_key(a) == group_key(a.replace(lr=0.01, noise=0.2, seeds=3, task_seed=4, threshold=0.3)) != group_key(b)
