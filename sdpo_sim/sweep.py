@@ -58,7 +58,9 @@ class ToyRun:
     configurations that differ only in per-run fields (lr, β, ρ, noise, seeds) train as one program
     (:func:`sdpo_sim.train.run_group`), bit for bit as they would alone."""
 
-    group_runs = 64  # seeds summed per program: [64, 32, 6, 8] training tensors and one run's exact tables at a time
+    # seeds summed per program: [80, 32, 6, 8] training tensors and one run's exact tables at a time; 80 holds a claims
+    # condition's eight tasks × ten evaluation seeds (task_seed is a per-run field), which train ~1.1× faster than 64 + 16
+    group_runs = 80
 
     def __call__(self, config: Mapping[str, Any]) -> "tuple[pd.DataFrame, dict]":
         return _result(run(RunConfig.from_dict(dict(config))))

@@ -8,11 +8,11 @@ import re
 import pandas as pd
 import pytest
 import yaml
+from sweep_fakes import fake_config, fake_run
 
 from sdpo_sim.execution import groups
 from sdpo_sim.sweep import Spec, plan, run_sweep, toy_run
 from sdpo_sim.tuning import TuningSpec, alternative_choices
-from sweep_fakes import fake_config, fake_run
 
 SPEC = {"name": "t", "base": {"steps": 10, "seeds": 2}, "grid": {"method": ["reinforce", "sdpo"], "noise": [0.0, 0.1]}}
 
@@ -228,10 +228,13 @@ def test_toy_runs_that_can_share_a_program_do_and_get_the_same_tables(tmp_path):
 
 
 def test_programs_hold_at_most_group_runs_seeds():
-    spec = {"name": "g", "base": {"seeds": 40}, "grid": {"lr": [0.1, 0.3, 1.0]}}
-    assert [len(g) for g in groups(plan(Spec.from_dict(spec)), toy_run)] == [1, 1, 1]  # 40 + 40 > 64
+    assert toy_run.group_runs == 80
+    spec = {"name": "g", "base": {"seeds": 41}, "grid": {"lr": [0.1, 0.3, 1.0]}}
+    assert [len(g) for g in groups(plan(Spec.from_dict(spec)), toy_run)] == [1, 1, 1]  # 41 + 41 > 80
     spec["base"]["seeds"] = 20
     assert [len(g) for g in groups(plan(Spec.from_dict(spec)), toy_run)] == [3]
+    spec = {"name": "g", "base": {"seeds": 10}, "grid": {"task_seed": list(range(8))}}  # a claims condition: one program
+    assert [len(g) for g in groups(plan(Spec.from_dict(spec)), toy_run)] == [8]
 
 
 def test_tuning_chooses_beta_for_distilling_methods_only(tmp_path, runlog):
