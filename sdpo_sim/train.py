@@ -264,11 +264,16 @@ def _teacher_network_logits(m: MethodConfig, policy: TabularPolicy, logits: torc
     return (1 - m.teacher_rate) * policy.logits(theta_init, seqs) + m.teacher_rate * logits.detach()
 
 
+def _masked_mean(tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tok [runs, B, T]`` over each run's masked tokens → ``[runs]``."""
+    return (tok * mask).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
+
+
 def _teacher_stats(logits: torch.Tensor, teacher_logits: torch.Tensor, seqs: torch.Tensor, mask: torch.Tensor, alpha: float):
     """Batch-mean divergence ``[runs]`` over masked tokens and SDPO's per-token distillation signal
     ``log p_T(y_t) − log p_θ(y_t)`` ``[runs, B, T]`` (0 where there is no distillation loss)."""
     _, div, signal = token_statistics(logits, teacher_logits, seqs, alpha, with_entropy=False)
-    return (div * mask).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1), signal * mask
+    return _masked_mean(div, mask), signal * mask
 
 
 # Fields that may differ between the configurations of one tensor program (run_group): each run carries its own.
@@ -359,6 +364,8 @@ def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunR
             mask = out.mask.unsqueeze(-1).expand(-1, -1, T)
             sd_tok = sdpo_token_loss(logits, out.logits, alpha=m.alpha, support=m.support, topk=m.topk, add_tail=m.add_tail,
                                      tokens=seqs, objective=m.distill_loss)
+            # the full-vocabulary divergence per token is this loss itself (same formula, same inputs, same bits)
+            divergence_tok = sd_tok.detach() if m.support == "full" and m.distill_loss == "alpha" else None
             carried = mask & ~success.unsqueeze(-1) if m.name == "srpo" else mask  # tokens that carry the distillation term
             weights = m.distill_weights(
                 scores=fb.score, mask=carried, success=success, step=step, total_steps=cfg.steps, dtype=sd_tok.dtype,
@@ -371,8 +378,10 @@ def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunR
             if m.name in ("sdpo", "hybrid"):
                 sd_loss = _per_run(sd_tok, mask, m.loss_type)
             sd_credit = None
-            if evaluate or m.name == "hybrid":  # the divergence feeds the hybrid controller; credit is a metric
+            if evaluate or (m.name == "hybrid" and divergence_tok is None):  # the divergence feeds the hybrid controller
                 out_["div"], sd_credit = _teacher_stats(logits, out.logits, seqs, mask, m.alpha)
+            elif m.name == "hybrid":  # between evaluations the controller needs only the batch-mean divergence
+                out_["div"] = _masked_mean(divergence_tok, mask)
             if evaluate:  # feedback credit: the teacher with feedback vs the same network without it (no teacher lag)
                 out_["feedback_credit"] = (_token_logp(out.logits, seqs) - _token_logp(base, seqs)) * mask
         # 5. combine: pure terms, the hybrid mixture with its alpha controller, the blend or the routing
@@ -381,7 +390,8 @@ def run_group(cfgs: Sequence[RunConfig], *, progress: bool = False) -> list[RunR
                 entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1).mean((1, 2))
             alpha_mix = out_["alpha_mix"] = controller.update(divergence=out_["div"], entropy=entropy)
             loss = hybrid_loss(sd_loss, pg_loss, alpha_mix)
-            credit = alpha_mix.view(-1, 1, 1) * sd_credit + (1 - alpha_mix.view(-1, 1, 1)) * credit
+            if evaluate:  # credit is a metric
+                credit = alpha_mix.view(-1, 1, 1) * sd_credit + (1 - alpha_mix.view(-1, 1, 1)) * credit
         elif m.name == "blend":
             if blend_signal:
                 signal = (_token_logp(out.logits, seqs) - logp).detach()
