@@ -137,28 +137,41 @@ def performance_profile(values: Iterable[float], thresholds: Sequence[float]) ->
     return (x[None, :] > np.asarray(thresholds, dtype=float)[:, None]).mean(axis=1)
 
 
+def _sorted_curve(steps: Sequence[float], values: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """One curve as ``[1, steps]`` rows sorted by step (what the row functions below take)."""
+    s, v = np.asarray(steps, dtype=float), np.asarray(values, dtype=float)
+    order = np.argsort(s, kind="stable")
+    return s[order][None], v[order][None]
+
+
+def auc_rows(steps: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Normalised area under each curve, ``(1/(s_last − s_0)) ∫ value d step`` (trapezoid) — a mean reward over the
+    budget: ``[units, steps]`` arrays, steps sorted within each row → ``[units]`` (the plain mean where the span is 0)."""
+    span = steps[:, -1] - steps[:, 0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        area = np.sum((values[:, 1:] + values[:, :-1]) / 2 * np.diff(steps, axis=1), axis=1) / span
+    return np.where((span == 0) | (steps.shape[1] == 1), values.mean(1), area)
+
+
 def auc(steps: Sequence[float], values: Sequence[float]) -> float:
-    """Normalised area under a curve: ``(1/(s_last − s_0)) ∫ value d step`` (trapezoid) — a mean reward over the budget."""
-    s = np.asarray(steps, dtype=float)
-    v = np.asarray(values, dtype=float)
-    order = np.argsort(s)
-    s, v = s[order], v[order]
-    if s.size == 1 or s[-1] == s[0]:
-        return float(v.mean())
-    return float(np.sum((v[1:] + v[:-1]) / 2 * np.diff(s)) / (s[-1] - s[0]))
+    """:func:`auc_rows` of one curve (any step order)."""
+    return float(auc_rows(*_sorted_curve(steps, values))[0])
+
+
+def values_at_budget_rows(steps: np.ndarray, values: np.ndarray, budget: Union[int, str]) -> np.ndarray:
+    """Value at the last evaluation step ≤ ``budget`` ("last": the final step) of each curve, NaN where the budget
+    exceeds the run: ``[units, steps]`` arrays, steps sorted within each row → ``[units]``."""
+    if budget == "last":
+        return values[:, -1]
+    if not isinstance(budget, (int, np.integer)) or isinstance(budget, bool) or budget < 0:
+        raise ValueError(f"budget={budget!r} must be a non-negative integer step or 'last'")
+    at = (steps <= budget).sum(1) - 1  # the last evaluation step <= budget
+    return np.where(budget > steps[:, -1], np.nan, values[np.arange(len(values)), np.maximum(at, 0)])
 
 
 def value_at_budget(steps: Sequence[float], values: Sequence[float], budget: Union[int, str]) -> float:
-    """Value at the last evaluation step ≤ ``budget`` ("last": the final step); NaN if budget exceeds the run."""
-    s = np.asarray(steps, dtype=float)
-    v = np.asarray(values, dtype=float)
-    if budget == "last":
-        return float(v[np.argmax(s)])
-    if not isinstance(budget, (int, np.integer)) or budget < 0:
-        raise ValueError(f"budget={budget!r} must be a non-negative integer step or 'last'")
-    if budget > s.max():
-        return float("nan")
-    return float(v[s <= budget][np.argmax(s[s <= budget])])
+    """:func:`values_at_budget_rows` of one curve (any step order)."""
+    return float(values_at_budget_rows(*_sorted_curve(steps, values), budget)[0])
 
 
 def first_crossing(steps: Sequence[float], values: Sequence[float], level: float, other: Sequence[float]) -> float:
@@ -215,18 +228,9 @@ def per_seed_metrics(history: pd.DataFrame, budgets: Sequence[Union[int, str]] =
         column = lambda c: h[c].to_numpy(dtype=float)[rows]  # noqa: E731
         s, r, e = column("step"), column("reward"), column("entropy")
         for b in budgets:
-            if b == "last":
-                metrics["reward_at_last"][units] = r[:, -1]
-                continue
-            if not isinstance(b, (int, np.integer)) or b < 0:
-                raise ValueError(f"budget={b!r} must be a non-negative integer step or 'last'")
-            at = (s <= b).sum(1) - 1  # the last evaluation step <= b (steps sorted)
-            metrics[f"reward_at_{b}"][units] = np.where(b > s[:, -1], np.nan, r[np.arange(len(units)), np.maximum(at, 0)])
+            metrics[f"reward_at_{b}"][units] = values_at_budget_rows(s, r, b)
         metrics["final_reward"][units], metrics["initial_reward"][units] = r[:, -1], r[:, 0]
-        span = s[:, -1] - s[:, 0]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            area = np.sum((r[:, 1:] + r[:, :-1]) / 2 * np.diff(s, axis=1), axis=1) / span
-        metrics["auc"][units] = np.where((span == 0) | (size == 1), r.mean(1), area)
+        metrics["auc"][units] = auc_rows(s, r)
         metrics["entropy_initial"][units], metrics["entropy"][units] = e[:, 0], e[:, -1]
         with np.errstate(invalid="ignore", divide="ignore"):
             metrics["entropy_drop"][units] = np.where(e[:, 0] > 0, 1 - e[:, -1] / e[:, 0], np.nan)

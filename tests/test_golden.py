@@ -11,7 +11,6 @@ import math
 
 import pandas as pd
 import pytest
-
 from golden_outputs import GOLDEN, compute_in_child
 
 # LLM metrics that come from sampled tokens and counts: equal, or the run took another path.

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sdpo_sim.cli import main as cli_main
-from sdpo_sim.train import DEFAULT_LR, HISTORY_COLUMNS, RunConfig, run, group_key, run_group
+from sdpo_sim.train import DEFAULT_LR, HISTORY_COLUMNS, RunConfig, group_key, run, run_group
 
 SMALL = dict(vocab_size=4, seq_len=4, seeds=2, steps=6, eval_every=3, batch_size=16)
 
