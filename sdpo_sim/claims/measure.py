@@ -154,7 +154,7 @@ def claim_margin(seeds: pd.DataFrame) -> Claim:
     c = Claim("C1", "SDPO outperforms the baselines by +0.13 to +0.18 mean reward", "+0.13 … +0.18",
               "paired difference of final exact reward J, SDPO − the best tuned baseline of that condition (REINFORCE or GRPO, "
               "whichever has the higher mean final J there; every method at its tuned lr), matched on task seed and seed",
-              "CI overlaps [0.13, 0.18]", "block main: noise 0, ρ=0.5, β=1, Bayes teacher, markov policy", value_format="signed")
+              "CI overlaps [0.13, 0.18]", "block main: noise 0, ρ=0.5, tuned lr and β, Bayes teacher, markov policy", value_format="signed")
     main = _block(seeds, "main")
     for fb in _feedbacks(main):
         part = _where(main, feedback=fb)
@@ -187,7 +187,7 @@ def claim_credit(seeds: pd.DataFrame, history: pd.DataFrame) -> Claim:
               "feedback against the same teacher network without it) with the exact advantage A*_t, pooled over a batch, averaged over "
               "evaluation steps; one value per (task seed, seed). The distillation signal log p_T − log p_θ, which also carries the lag "
               "of an EMA teacher behind the student, is in the notes",
-              "whole CI above 0.70", "blocks main (EMA teacher, rate 0.05) and live_teacher: noise 0, ρ=0.5, β=1, Bayes teacher",
+              "whole CI above 0.70", "blocks main (EMA teacher, rate 0.05) and live_teacher: noise 0, ρ=0.5, tuned lr and β, Bayes teacher",
               value_format="number")
     frame = pd.concat([_block(seeds, "main"), _block(seeds, "live_teacher")])
     frame = frame.drop_duplicates(["run_id", "seed"]) if len(frame) else frame  # a run in both blocks counts once
